@@ -1,0 +1,1 @@
+"""Scripts that reproduce benchmarks and figures; never imported by the packages."""

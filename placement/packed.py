@@ -1,0 +1,103 @@
+"""One contiguous byte buffer per expert variant.
+
+Every expert, whatever its precision, lives in a single flat ``uint8`` tensor: its weights (16-bit)
+or its HQQ-packed weights plus scales and zeros (8/4/3/2-bit) sit at aligned offsets inside it.
+One buffer means one host-to-accelerator copy per expert and accelerator slots of uniform size, and
+the bytes a tier holds are just the sum of its buffers.
+
+The layout arithmetic here mirrors hqq 0.2.8's packing (``Quantizer.quantize`` with ``axis=1``);
+``tests/test_packed.py`` checks it against hqq's real output for every bit width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 64  # bytes; keeps every field aligned for any dtype view and for vectorised copies
+QUANT_BITS = (8, 4, 3, 2)
+
+# hqq packs groups of `group_size` values as rows of a [n_groups, group_size] matrix; the packed
+# row count shrinks by the number of values per storage element (3-bit: 10 values per int32).
+_PACKED_ROWS = {
+    8: lambda g: g,
+    4: lambda g: math.ceil(g / 2),
+    2: lambda g: math.ceil(g / 4),
+    3: lambda g: math.ceil(g / 10),
+}
+_PACKED_DTYPE = {8: torch.uint8, 4: torch.uint8, 2: torch.uint8, 3: torch.int32}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of one expert variant sits in its buffer."""
+
+    bits: int
+    group_size: int
+    dtype: torch.dtype  # the model's (compute) dtype
+    matrices: tuple[tuple[str, tuple[int, int]], ...]  # (name, [out, in]) in forward order
+    fields: tuple[Field, ...]
+    nbytes: int
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of `buf` (uint8, at least `nbytes` long) for each field; no copies."""
+        out = {}
+        for f in self.fields:
+            out[f.name] = buf[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape)
+        return out
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _quant_fields(name: str, shape: tuple[int, int], bits: int, group_size: int, dtype: torch.dtype):
+    n_groups = math.prod(shape) // group_size
+    return [
+        (f"{name}.W_q", _PACKED_DTYPE[bits], (_PACKED_ROWS[bits](n_groups), group_size)),
+        (f"{name}.scale", dtype, (n_groups, 1)),
+        (f"{name}.zero", dtype, (n_groups, 1)),
+    ]
+
+
+def expert_layout(
+    hidden: int, intermediate: int, bits: int, dtype: torch.dtype, group_size: int = 64
+) -> Layout:
+    """Layout of one gated expert (fused gate_up [2I, H] and down [H, I]) at `bits`."""
+    matrices = (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate)))
+    specs = []
+    for name, shape in matrices:
+        if bits == 16:
+            specs.append((name, dtype, shape))
+        else:
+            specs.extend(_quant_fields(name, shape, bits, group_size, dtype))
+    fields, offset = [], 0
+    for name, fdtype, shape in specs:
+        fields.append(Field(name, fdtype, tuple(shape), offset))
+        offset = _align(offset + fields[-1].nbytes)
+    return Layout(bits, group_size, dtype, matrices, tuple(fields), offset)
+
+
+def pack(layout: Layout, tensors: dict[str, torch.Tensor], *, pin: bool = False) -> torch.Tensor:
+    """Copy `tensors` (named as the layout's fields) into one new host buffer."""
+    buf = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+    views = layout.views(buf)
+    for f in layout.fields:
+        src = tensors[f.name]
+        assert tuple(src.shape) == f.shape and src.dtype == f.dtype, (f, src.shape, src.dtype)
+        views[f.name].copy_(src)
+    return buf

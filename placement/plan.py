@@ -1,0 +1,341 @@
+"""Plans: which precision and which tier every expert has, and the moves between two plans.
+
+Pure data and arithmetic: nothing here touches tensors, so plans are built, compared and costed in
+microseconds (the profiler and the policy build thousands of them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from placement.packed import expert_layout
+from placement.spec import ModelSpec
+
+BITS = (16, 8, 4, 3, 2)
+TIERS = ("accel", "host")
+OFFLOAD_MODES = ("fetch", "cpu")
+SELECTIONS = ("random", "frequency")
+
+
+def _choice_error(what: str, value, allowed) -> ValueError:
+    return ValueError(f"{what}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
+
+
+@dataclass(frozen=True, order=True)
+class ExpertId:
+    layer: int  # ordinal among the model's MoE layers
+    expert: int
+
+    def __post_init__(self):
+        if self.layer < 0 or self.expert < 0:
+            raise ValueError(f"ExpertId needs non-negative layer and expert, got {self}")
+
+
+@dataclass(frozen=True)
+class ExpertState:
+    bits: int = 16
+    tier: str = "accel"
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise _choice_error("bits", self.bits, BITS)
+        if self.tier not in TIERS:
+            raise _choice_error("tier", self.tier, TIERS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every expert's state, plus how host experts are served.
+
+    `states[l][e]` is the state of expert e of MoE layer l. `offload` says how host-tier experts run:
+    `fetch` copies them into one of `cache_slots` accelerator slots (an LRU) and computes there;
+    `cpu` computes them on the host and moves activations instead.
+    """
+
+    states: tuple[tuple[ExpertState, ...], ...]
+    offload: str = "fetch"
+    cache_slots: int = 0
+    group_size: int = 64
+
+    def __post_init__(self):
+        if self.offload not in OFFLOAD_MODES:
+            raise _choice_error("offload", self.offload, OFFLOAD_MODES)
+        if self.cache_slots < 0:
+            raise ValueError(f"cache_slots={self.cache_slots} must be >= 0")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"group_size={self.group_size} must be a positive multiple of 8")
+        if not self.states or len({len(row) for row in self.states}) != 1:
+            raise ValueError("a plan needs the same, non-zero number of experts in every layer")
+        if self.offload == "fetch" and self.host_experts and self.cache_slots < 1:
+            raise ValueError("offload='fetch' with host experts needs cache_slots >= 1")
+
+    # --- identity -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "states": [[[s.bits, s.tier] for s in row] for row in self.states],
+            "offload": self.offload,
+            "cache_slots": self.cache_slots,
+            "group_size": self.group_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Plan:
+        states = tuple(tuple(ExpertState(int(b), str(t)) for b, t in row) for row in d["states"])
+        return cls(states, d["offload"], int(d["cache_slots"]), int(d["group_size"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def plan_id(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    # --- derived counts ---------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.states)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.states[0])
+
+    def items(self):
+        for l, row in enumerate(self.states):
+            for e, s in enumerate(row):
+                yield ExpertId(l, e), s
+
+    def state(self, eid: ExpertId) -> ExpertState:
+        return self.states[eid.layer][eid.expert]
+
+    @property
+    def experts_total(self) -> int:
+        return self.num_layers * self.num_experts
+
+    @property
+    def quantized(self) -> int:
+        return sum(s.bits != 16 for _, s in self.items())
+
+    @property
+    def bits_used(self) -> list[int]:
+        """Distinct precisions of quantized experts, highest first."""
+        return sorted({s.bits for _, s in self.items() if s.bits != 16}, reverse=True)
+
+    @property
+    def gpu_experts(self) -> int:
+        return sum(s.tier == "accel" for _, s in self.items())
+
+    @property
+    def host_experts(self) -> int:
+        return self.experts_total - self.gpu_experts
+
+    # --- bytes --------------------------------------------------------------------------------
+    def expert_nbytes(self, spec: ModelSpec, bits: int) -> int:
+        return expert_layout(spec.hidden, spec.intermediate, bits, spec.dtype, self.group_size).nbytes
+
+    def slot_nbytes(self, spec: ModelSpec) -> int:
+        """Size of one fetch slot: the largest host-tier expert (0 when nothing is fetched)."""
+        if self.offload != "fetch":
+            return 0
+        sizes = [self.expert_nbytes(spec, s.bits) for _, s in self.items() if s.tier == "host"]
+        return max(sizes, default=0)
+
+    def slots_used(self) -> int:
+        return self.cache_slots if self.offload == "fetch" and self.host_experts else 0
+
+    def gpu_bytes(self, spec: ModelSpec) -> int:
+        experts = sum(self.expert_nbytes(spec, s.bits) for _, s in self.items() if s.tier == "accel")
+        return spec.nonexpert_bytes + experts + self.slots_used() * self.slot_nbytes(spec)
+
+    def host_bytes(self, spec: ModelSpec) -> int:
+        return sum(self.expert_nbytes(spec, s.bits) for _, s in self.items() if s.tier == "host")
+
+    def check_fits(self, spec: ModelSpec) -> None:
+        if (self.num_layers, self.num_experts) != (spec.num_layers, spec.num_experts):
+            raise ValueError(
+                f"plan has {self.num_layers}x{self.num_experts} experts but the model has "
+                f"{spec.num_layers} MoE layers x {spec.num_experts} experts"
+            )
+        for name, (out_f, in_f) in (("gate_up", (2 * spec.intermediate, spec.hidden)),
+                                     ("down", (spec.hidden, spec.intermediate))):
+            if self.quantized and (out_f * in_f) % self.group_size:
+                raise ValueError(
+                    f"group_size={self.group_size} does not divide the {name} matrix "
+                    f"({out_f}x{in_f}) of this model"
+                )
+
+    def summary(self, spec: ModelSpec) -> dict:
+        bits = self.bits_used
+        return {
+            "plan_id": self.plan_id,
+            "experts_total": self.experts_total,
+            "quantized": self.quantized,
+            "bits": bits[0] if len(bits) == 1 else (16 if not bits else bits),
+            "gpu_experts": self.gpu_experts,
+            "host_experts": self.host_experts,
+            "offload": self.offload,
+            "cache_slots": self.slots_used(),
+            "group_size": self.group_size,
+            "gpu_bytes": self.gpu_bytes(spec),
+            "host_bytes": self.host_bytes(spec),
+            "nonexpert_bytes": spec.nonexpert_bytes,
+        }
+
+
+# --- moves between plans --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Move:
+    """One expert changing state. `src` is None when the engine holds nothing for it yet."""
+
+    expert: ExpertId
+    src: ExpertState | None
+    dst: ExpertState
+    requantize: bool = False  # the dst variant is not cached and must be derived from the master
+
+    @property
+    def frees_accel(self) -> bool:
+        return self.src is not None and self.src.tier == "accel"
+
+    @property
+    def loads_accel(self) -> bool:
+        return self.dst.tier == "accel"
+
+    @property
+    def cost(self) -> str:
+        """Cheapest first: a tier change copies bytes; a precision change may also quantize."""
+        if self.requantize:
+            return "requantize"
+        if self.src is not None and self.src.bits != self.dst.bits:
+            return "precision"
+        return "tier"
+
+
+def diff(desired: Plan, actual: Plan | None, have_variant=lambda eid, bits: True) -> list[Move]:
+    """Moves that turn `actual` into `desired`, evictions first.
+
+    Evicting every expert that leaves the accelerator (or changes precision there) before loading
+    any keeps accelerator memory at or below max(old footprint, new footprint) throughout.
+    `have_variant(eid, bits)` says whether the host already holds that precision.
+    """
+    moves = []
+    for eid, dst in desired.items():
+        src = actual.state(eid) if actual is not None else None
+        if src == dst:
+            continue
+        moves.append(Move(eid, src, dst, requantize=dst.bits != 16 and not have_variant(eid, dst.bits)))
+    return sorted(moves, key=lambda m: (not m.frees_accel, m.expert))
+
+
+# --- building plans from knobs ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Knobs:
+    """What a person asks for; `build_plan` turns it into a Plan for one model."""
+
+    quantized: int = 0
+    bits: int = 4
+    selection: str = "random"
+    seed: int = 0
+    gpu_experts: int | None = None  # None with gpu_budget None: every expert on the accelerator
+    gpu_budget: int | None = None  # bytes; the number of accelerator experts follows
+    offload: str = "fetch"
+    cache_slots: int | None = None  # None: twice the router's top-k
+    group_size: int = 64
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise _choice_error("bits", self.bits, BITS)
+        if self.selection not in SELECTIONS:
+            raise _choice_error("selection", self.selection, SELECTIONS)
+        if self.offload not in OFFLOAD_MODES:
+            raise _choice_error("offload", self.offload, OFFLOAD_MODES)
+        if self.quantized < 0:
+            raise ValueError(f"quantized={self.quantized} must be >= 0")
+        if self.quantized and self.bits == 16:
+            raise ValueError("bits=16 leaves experts unquantized: pass quantized=0 or bits in 8, 4, 3, 2")
+        if self.gpu_experts is not None and self.gpu_budget is not None:
+            raise ValueError("give gpu_experts or gpu_budget, not both")
+        if self.gpu_experts is not None and self.gpu_experts < 0:
+            raise ValueError(f"gpu_experts={self.gpu_experts} must be >= 0")
+        if self.gpu_budget is not None and self.gpu_budget < 0:
+            raise ValueError(f"gpu_budget={self.gpu_budget} must be >= 0 bytes")
+        if self.cache_slots is not None and self.cache_slots < 1:
+            raise ValueError(f"cache_slots={self.cache_slots} must be >= 1")
+
+
+def _order(spec: ModelSpec, selection: str, seed: int, frequencies: Sequence[Sequence[float]] | None):
+    """Experts in the order they are quantized: seeded shuffle, or least-routed first."""
+    ids = [ExpertId(l, e) for l in range(spec.num_layers) for e in range(spec.num_experts)]
+    if selection == "random":
+        random.Random(seed).shuffle(ids)
+        return ids
+    if frequencies is None:
+        raise ValueError("selection='frequency' needs router statistics from calibration text")
+    if (len(frequencies), len(frequencies[0])) != (spec.num_layers, spec.num_experts):
+        raise ValueError("router statistics do not match the model's MoE layers and experts")
+    return sorted(ids, key=lambda i: (frequencies[i.layer][i.expert], i))
+
+
+def build_plan(spec: ModelSpec, knobs: Knobs, frequencies=None) -> Plan:
+    """The paper's recipe: quantize `knobs.quantized` experts in selection order, then give
+    accelerator room to quantized experts first (they are smaller), then to 16-bit ones."""
+    total = spec.num_layers * spec.num_experts
+    if knobs.quantized > total:
+        raise ValueError(
+            f"quantized={knobs.quantized} exceeds the model's {total} experts "
+            f"({spec.num_layers} MoE layers x {spec.num_experts})"
+        )
+    if knobs.gpu_experts is not None and knobs.gpu_experts > total:
+        raise ValueError(f"gpu_experts={knobs.gpu_experts} exceeds the model's {total} experts")
+    order = _order(spec, knobs.selection, knobs.seed, frequencies)
+    bits = {eid: (knobs.bits if i < knobs.quantized else 16) for i, eid in enumerate(order)}
+    # Quantized experts first, each group in selection order reversed for 16-bit ones so that,
+    # with frequency stats, the most-routed 16-bit experts are the ones kept on the accelerator.
+    accel_order = order[: knobs.quantized] + order[knobs.quantized :][::-1]
+    slots = knobs.cache_slots if knobs.cache_slots is not None else min(2 * spec.top_k, total)
+
+    def make(n_accel: int) -> Plan:
+        on_accel = set(accel_order[:n_accel])
+        states = tuple(
+            tuple(ExpertState(bits[ExpertId(l, e)], "accel" if ExpertId(l, e) in on_accel else "host")
+                  for e in range(spec.num_experts))
+            for l in range(spec.num_layers)
+        )
+        # Slots only exist when something is fetched, so equal behaviour hashes to one plan_id.
+        fetching = knobs.offload == "fetch" and n_accel < total
+        return Plan(states, knobs.offload, slots if fetching else 0, knobs.group_size)
+
+    if knobs.gpu_budget is None:
+        plan = make(total if knobs.gpu_experts is None else knobs.gpu_experts)
+    else:
+        plan = _fit_budget(spec, knobs.gpu_budget, make, total)
+    plan.check_fits(spec)
+    return plan
+
+
+def _fit_budget(spec: ModelSpec, budget: int, make, total: int) -> Plan:
+    """The plan with the most accelerator experts whose accelerator bytes fit `budget`."""
+    if budget < spec.nonexpert_bytes:
+        raise ValueError(
+            f"gpu_budget={budget} bytes is smaller than the model's non-expert weights "
+            f"({spec.nonexpert_bytes} bytes), which always live on the accelerator"
+        )
+    best = None
+    for n in range(total + 1):  # bytes grow with n except where the fetch slots disappear
+        plan = make(n)
+        if plan.gpu_bytes(spec) <= budget:
+            best = plan
+    if best is None:
+        smallest = make(0)
+        raise ValueError(
+            f"gpu_budget={budget} bytes cannot hold the non-expert weights ({spec.nonexpert_bytes}) "
+            f"plus {smallest.slots_used()} fetch slots of {smallest.slot_nbytes(spec)} bytes; "
+            "raise the budget, lower cache_slots or use offload='cpu'"
+        )
+    return best

@@ -1,0 +1,1 @@
+"""Measurement: data sets, throughput and latency of generation, router statistics."""

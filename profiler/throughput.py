@@ -1,0 +1,67 @@
+"""Timed generation: time to first token and decode tokens per second on real generation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+
+class _Clock(BaseStreamer):
+    """Records when `generate` hands out the prompt and each new token (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@dataclass(frozen=True)
+class Generation:
+    ids: list[int]  # new tokens only
+    prompt_tokens: int
+    ttft_s: float  # prefill plus the first sampled token
+    decode_tok_s: float | None  # tokens after the first, per second; None with fewer than 2
+    total_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s
+
+
+@torch.no_grad()
+def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None) -> Generation:
+    """Greedy generation of up to `max_new_tokens` after `prompt_ids`, timed token by token."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty after tokenization")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    clock = _Clock(device)
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id if eos_token_id is not None else 0,
+        streamer=clock,
+    )
+    new = out[0, input_ids.shape[1]:].tolist()
+    t = clock.times  # [prompt, token 1, token 2, ...]
+    decode = (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None
+    return Generation(new, len(prompt_ids), t[1] - t[0], decode, t[-1] - t[0])

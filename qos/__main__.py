@@ -1,0 +1,3 @@
+from qos.cli import main
+
+raise SystemExit(main())

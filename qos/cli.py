@@ -1,0 +1,245 @@
+"""The `qos` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("qos")
+
+
+# --- shared options -------------------------------------------------------------------------------
+def _bytes(text: str) -> int:
+    """'80000000', '6GiB', '512MB' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for unit, scale in units.items():
+        if t.endswith(unit):
+            number = t[: -len(unit)]
+            break
+    else:
+        number, scale = t, 1
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (examples: 8000000000, 6GiB, 512MB)") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-random",
+                   help="built-in (tiny-random, mixtral-8x7b-shape, reference), local HF directory or hub id")
+    p.add_argument("--layers", type=int, help="keep only the first N decoder layers")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="the accelerator tier (auto: cuda when present)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and of random selection")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    from placement.plan import BITS, OFFLOAD_MODES, SELECTIONS
+
+    g = p.add_argument_group("plan knobs")
+    g.add_argument("--quantized", type=int, default=0, help="how many experts to quantize")
+    g.add_argument("--bits", type=int, default=4, help=f"precision of quantized experts ({', '.join(map(str, BITS))})")
+    g.add_argument("--selection", default="random", help=f"which experts are quantized ({', '.join(SELECTIONS)})")
+    g.add_argument("--group-size", type=int, default=64, help="HQQ group size")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--gpu-experts", type=int, help="experts on the accelerator (default: all)")
+    where.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes; the expert count follows")
+    g.add_argument("--offload", default="fetch", help=f"how host experts run ({', '.join(OFFLOAD_MODES)})")
+    g.add_argument("--cache-slots", type=int, help="accelerator slots for fetched experts (default: 2 x top-k)")
+    g.add_argument("--calib", help="calibration text for --selection frequency (default: PTB train in the data folder)")
+    g.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
+
+
+def _knobs(args):
+    from placement.plan import Knobs
+
+    return Knobs(quantized=args.quantized, bits=args.bits, selection=args.selection, seed=args.seed,
+                 gpu_experts=args.gpu_experts, gpu_budget=args.gpu_budget, offload=args.offload,
+                 cache_slots=args.cache_slots, group_size=args.group_size)
+
+
+def _device_and_dtype(args):
+    import torch
+
+    from placement.models import default_dtype
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    return device, dtype
+
+
+def _engine(args):
+    """Load the model, put the engine in charge of its experts, and apply the plan the knobs ask for."""
+    from placement.engine import Engine
+    from placement.models import load_model
+    from placement.plan import Knobs, build_plan
+    from profiler.data import calibration_text
+    from profiler.routing import router_frequencies
+
+    knobs = _knobs(args)  # bad knobs fail before anything heavy is loaded
+    device, dtype = _device_and_dtype(args)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
+    engine = Engine(loaded.model, accel=device)
+    log.info("loaded %s in %.1fs: %s", args.model, time.perf_counter() - t0, engine.spec)
+    frequencies = None
+    if knobs.selection == "frequency":
+        text = calibration_text(args.calib, args.data)
+        placement_only = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget,
+                               offload=knobs.offload, cache_slots=knobs.cache_slots)
+        engine.apply(build_plan(engine.spec, placement_only))
+        frequencies = router_frequencies(engine, loaded.tokenizer.encode(text))
+    plan = build_plan(engine.spec, knobs, frequencies)
+    report = engine.apply(plan)
+    return loaded, engine, plan, report
+
+
+def _spec_only(args):
+    """The model's shape facts without loading weights (weights are built on the meta device)."""
+    from placement.adapters import adapter_for
+    from placement.models import load_model
+
+    _, dtype = _device_and_dtype(args)
+    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device="meta", seed=args.seed)
+    return adapter_for(loaded.model.config).spec(loaded.model)
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cmd_plan(args) -> dict:
+    from placement.plan import build_plan
+
+    if args.selection == "frequency":
+        _, engine, plan, _ = _engine(args)
+        spec = engine.spec
+    else:
+        spec = _spec_only(args)
+        plan = build_plan(spec, _knobs(args))
+    out = {"model": args.model, "selection": args.selection, **plan.summary(spec)}
+    if args.show_states:
+        out["plan"] = plan.to_dict()
+    return out
+
+
+def cmd_generate(args) -> dict:
+    from profiler.throughput import timed_generate
+
+    loaded, engine, plan, report = _engine(args)
+    engine.reset_stats()
+    gen = timed_generate(loaded.model, loaded.tokenizer.encode(args.prompt), args.max_new_tokens,
+                         eos_token_id=loaded.tokenizer.eos_token_id)
+    return {
+        "model": args.model,
+        "plan_id": plan.plan_id,
+        "text": loaded.tokenizer.decode(gen.ids),
+        "prompt_tokens": gen.prompt_tokens,
+        "new_tokens": gen.new_tokens,
+        "ttft_s": round(gen.ttft_s, 6),
+        "prefill_tok_s": round(gen.prefill_tok_s, 3),
+        "decode_tok_s": None if gen.decode_tok_s is None else round(gen.decode_tok_s, 3),
+        **{k: v for k, v in plan.summary(engine.spec).items() if k != "plan_id"},
+        "memory": engine.memory(),
+        "expert_stats": engine.stats.as_dict(),
+        "apply": report.as_dict(),
+        "device": str(engine.accel),
+    }
+
+
+def cmd_demo(args) -> dict:
+    """Load a model, serve it under three plans in turn, and show what each switch moved."""
+    from placement.engine import Engine
+    from placement.models import REFERENCE_DIR, load_model
+    from placement.plan import Knobs, build_plan
+    from profiler.throughput import timed_generate
+
+    model = args.model or ("reference" if (REFERENCE_DIR / "config.json").exists() else "tiny-random")
+    device, dtype = _device_and_dtype(args)
+    loaded = load_model(model, dtype=dtype, device=device)
+    engine = Engine(loaded.model, accel=device)
+    spec = engine.spec
+    total = spec.num_layers * spec.num_experts
+    plans = {
+        "all 16-bit on the accelerator": Knobs(),
+        f"half the experts 4-bit, {total // 2} experts on the host (fetch)":
+            Knobs(quantized=total // 2, bits=4, gpu_experts=total // 2),
+        "all 16-bit again (nothing re-quantized)": Knobs(),
+    }
+    print(f"model {model}: {spec.num_layers} MoE layers x {spec.num_experts} experts, on {engine.accel}")
+    rows = []
+    for label, knobs in plans.items():
+        plan = build_plan(spec, knobs)
+        report = engine.apply(plan)
+        engine.reset_stats()
+        gen = timed_generate(loaded.model, loaded.tokenizer.encode(args.prompt), args.max_new_tokens,
+                             eos_token_id=loaded.tokenizer.eos_token_id)
+        s = plan.summary(spec)
+        print(f"\n== {label}  (plan {plan.plan_id})")
+        print(f"   moved {report.moves} experts ({report.bytes_to_accel / 2**20:.1f} MiB to the accelerator, "
+              f"{report.requantized} quantized) in {report.seconds:.3f}s; accelerator {s['gpu_bytes'] / 2**20:.1f} MiB, "
+              f"host {s['host_bytes'] / 2**20:.1f} MiB")
+        print(f"   {gen.decode_tok_s or 0:.1f} tok/s: {args.prompt}{loaded.tokenizer.decode(gen.ids)!r}")
+        rows.append({"label": label, "plan_id": plan.plan_id, "decode_tok_s": gen.decode_tok_s,
+                     "moved": report.moves, "requantized": report.requantized})
+    return {"model": model, "steps": rows}
+
+
+# --- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qos", description="Serve MoE models with mixed-precision, offloaded experts.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="build a plan from knobs and print what it costs")
+    _add_model_args(p)
+    _add_plan_args(p)
+    p.add_argument("--show-states", action="store_true", help="include every expert's state")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("generate", help="generate text under a plan and time it")
+    _add_model_args(p)
+    _add_plan_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the whole loop on the reference model")
+    p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--prompt", default="The company said")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _print_human(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:>16}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"qos {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    elif args.command != "demo":
+        _print_human(result)
+    return 0

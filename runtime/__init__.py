@@ -1,0 +1,1 @@
+"""The Ray serving runtime (request queue, live reconfiguration, RPC); see the runtime issue."""

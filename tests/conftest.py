@@ -1,0 +1,29 @@
+import copy
+
+import pytest
+import torch
+
+from placement.models import load_model
+
+FAMILIES = ["tiny-random", "tiny-random-qwen2_moe", "tiny-random-qwen3_moe", "tiny-random-olmoe"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Pristine tiny models by name (CPU, fp32, fixed seed); copy before handing to an engine."""
+    return {name: load_model(name, device="cpu") for name in FAMILIES}
+
+
+@pytest.fixture
+def fresh(tiny_models):
+    def make(name="tiny-random"):
+        loaded = tiny_models[name]
+        return copy.deepcopy(loaded.model), loaded.tokenizer
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 512, (2, 24), generator=g)  # [batch, seq]

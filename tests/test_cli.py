@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from qos.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_json_has_the_contract_fields(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "tiny-random", "--quantized", "6", "--bits", "3",
+                       "--gpu-experts", "9", "--json")
+    assert code == 0
+    row = json.loads(out)
+    assert {"plan_id", "experts_total", "quantized", "bits", "gpu_experts", "gpu_bytes", "host_bytes"} <= row.keys()
+    assert (row["experts_total"], row["quantized"], row["bits"], row["gpu_experts"]) == (16, 6, 3, 9)
+
+
+def test_plan_from_budget_on_the_mixtral_shape_without_loading_weights(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "mixtral-8x7b-shape", "--dtype", "bfloat16",
+                       "--quantized", "256", "--bits", "4", "--gpu-budget", "20GiB", "--json")
+    row = json.loads(out)
+    assert code == 0 and row["experts_total"] == 256
+    assert row["gpu_bytes"] <= 20 * 2**30 < row["gpu_bytes"] + row["host_bytes"]
+
+
+def test_generate_json(capsys):
+    code, out, _ = run(capsys, "generate", "--model", "tiny-random", "--quantized", "4", "--gpu-experts", "8",
+                       "--offload", "cpu", "--prompt", "hello there", "--max-new-tokens", "6", "--json")
+    assert code == 0
+    row = json.loads(out)
+    assert row["new_tokens"] == 6 and row["decode_tok_s"] > 0 and isinstance(row["text"], str)
+    assert row["plan_id"] and row["expert_stats"]["cpu_calls"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quantized", "17"], "quantized=17 exceeds the model's 16 experts"),
+        (["--quantized", "2", "--bits", "6"], "bits=6 is not supported"),
+        (["--gpu-budget", "1KB"], "smaller than the model's non-expert weights"),
+        (["--selection", "sensitivity"], "selection='sensitivity' is not supported"),
+        (["--offload", "nvme"], "offload='nvme' is not supported"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(capsys, argv, message):
+    code, out, err = run(capsys, "plan", *argv)
+    assert code == 2 and message in err and "Traceback" not in err and out == ""
+
+
+def test_bad_byte_count_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--gpu-budget", "lots"])
+    assert "not a byte count: 'lots'" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+from placement import hqq_backend
+from placement.engine import Engine
+from placement.plan import ExpertId, ExpertState, Knobs, Plan, build_plan
+from tests.conftest import FAMILIES
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def all16(spec, tier_of):
+    """An all-16-bit plan with tiers chosen per expert by `tier_of(layer, expert)`."""
+    states = tuple(tuple(ExpertState(16, tier_of(l, e)) for e in range(spec.num_experts))
+                   for l in range(spec.num_layers))
+    return states
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_16bit_plans_match_unmodified_transformers_whatever_the_tiers(fresh, tokens, name):
+    model, _ = fresh(name)
+    reference = logits(model, tokens)  # the stock transformers model, before the engine exists
+    engine = Engine(model)
+    spec = engine.spec
+    tierings = {
+        "accel": (lambda l, e: "accel", "fetch", 0),
+        "host-fetch": (lambda l, e: "host", "fetch", 3),
+        "host-cpu": (lambda l, e: "host", "cpu", 0),
+        "mixed": (lambda l, e: "accel" if (l + e) % 2 else "host", "fetch", 1),
+    }
+    for label, (tier_of, offload, slots) in tierings.items():
+        engine.apply(Plan(all16(spec, tier_of), offload, slots))
+        torch.testing.assert_close(logits(model, tokens), reference, msg=f"{name}, {label}")
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="unsupported model architecture 'llama'.*mixtral, olmoe, qwen2_moe, qwen3_moe"):
+        Engine(AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_quantized_expert_matches_hqq_linear(fresh, bits):
+    model, _ = fresh()
+    fused = model.model.layers[1].mlp.experts
+    w_gate_up, w_down, act = fused.gate_up_proj[5].detach().clone(), fused.down_proj[5].detach().clone(), fused.act_fn
+    engine = Engine(model)
+    states = [[ExpertState(16, "accel")] * 8 for _ in range(2)]
+    states[1][5] = ExpertState(bits, "accel")
+    engine.apply(Plan(tuple(map(tuple, states))))
+
+    gate_up = hqq_backend.hqq_linear(w_gate_up, bits, 64, torch.float32, "cpu")
+    down = hqq_backend.hqq_linear(w_down, bits, 64, torch.float32, "cpu")
+    x = torch.randn(7, 64)
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    expected = down(act(gate) * up)
+    got = engine.run_expert(1, 5, x, act)
+    torch.testing.assert_close(got, expected)
+    # and it really is quantized: far from the 16-bit expert at low precision
+    g16, u16 = (x @ w_gate_up.T).chunk(2, dim=-1)
+    assert not torch.allclose(got, act(g16) * u16 @ w_down.T, atol=1e-4)
+
+
+def test_apply_a_b_a_gives_a_fresh_a_and_quantizes_nothing_again(fresh, tokens):
+    a = Knobs(quantized=6, bits=4, gpu_experts=10, seed=1)
+    b = Knobs(quantized=12, bits=2, gpu_experts=4, offload="cpu", seed=2)
+
+    model, _ = fresh()
+    engine = Engine(model)
+    spec = engine.spec
+    first = engine.apply(build_plan(spec, a))
+    engine.apply(build_plan(spec, b))
+    again = engine.apply(build_plan(spec, a))
+    switched = logits(model, tokens)
+
+    fresh_model, _ = fresh()
+    Engine(fresh_model).apply(build_plan(spec, a))
+    assert torch.equal(switched, logits(fresh_model, tokens))
+    assert first.requantized == 6 and again.requantized == 0
+    assert engine.apply(build_plan(spec, a)).moves == 0  # nothing changed: zero moves
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_memory_accounting_matches_plan_and_tensors(fresh, name):
+    model, _ = fresh(name)
+    engine = Engine(model)
+    spec = engine.spec
+    for knobs in [Knobs(), Knobs(quantized=5, bits=3, gpu_experts=7, cache_slots=2),
+                  Knobs(quantized=16, bits=8, gpu_experts=0, offload="cpu")]:
+        plan = build_plan(spec, knobs)
+        engine.apply(plan)
+        mem = engine.memory()
+        assert mem["gpu_bytes"] == plan.gpu_bytes(spec)
+        assert mem["host_bytes"] == plan.host_bytes(spec)
+        # and against the tensors themselves: every parameter, buffer, resident expert and slot
+        real = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+        real += sum(buf.untyped_storage().nbytes() for _, buf, _ in engine.resident.values())
+        real += sum(s.untyped_storage().nbytes() for s in engine.slots)
+        assert real == plan.gpu_bytes(spec)
+    if name == "tiny-random-qwen2_moe":  # the shared expert is counted with the non-expert weights
+        shared = model.model.layers[0].mlp.shared_expert
+        assert spec.nonexpert_bytes > sum(p.numel() * 4 for p in shared.parameters()) > 0
+
+
+def test_apply_never_holds_more_than_the_new_footprint_while_loading(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    spec = engine.spec
+    engine.apply(build_plan(spec, Knobs()))  # everything 16-bit on the accelerator
+    small = build_plan(spec, Knobs(quantized=16, bits=4, gpu_experts=8, seed=5))
+    seen = []
+    to_accel = engine._to_accel
+
+    def watch(buf):
+        seen.append(engine.memory()["gpu_bytes"] + buf.numel())
+        return to_accel(buf)
+
+    engine._to_accel = watch
+    report = engine.apply(small)
+    assert report.loaded == 8 and seen
+    assert max(seen) <= small.gpu_bytes(spec)
+
+
+def test_fetch_cache_counts_hits_misses_and_bytes(fresh, tokens):
+    model, _ = fresh()
+    engine = Engine(model)
+    plan = build_plan(engine.spec, Knobs(gpu_experts=0, cache_slots=2))
+    engine.apply(plan)
+    logits(model, tokens)
+    s = engine.stats
+    assert s.fetch_hits + s.fetch_misses == s.expert_calls > 0
+    assert s.bytes_fetched == s.fetch_misses * plan.expert_nbytes(engine.spec, 16)
+    engine.apply(build_plan(engine.spec, Knobs(gpu_experts=0, cache_slots=16)))
+    engine.reset_stats()
+    logits(model, tokens)
+    logits(model, tokens)  # with a slot per expert, the second pass only hits
+    assert engine.stats.fetch_misses == 16 and engine.stats.hit_rate == pytest.approx(1 - 16 / engine.stats.expert_calls)
+
+
+def test_router_frequencies_drive_frequency_selection(fresh, tokens):
+    from profiler.routing import router_frequencies
+
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    freqs = router_frequencies(engine, tokens.flatten().tolist(), window=16)
+    assert all(sum(row) == pytest.approx(1.0) for row in freqs)
+    plan = build_plan(engine.spec, Knobs(quantized=4, selection="frequency"), freqs)
+    chosen = [freqs[eid.layer][eid.expert] for eid, s in plan.items() if s.bits != 16]
+    others = [freqs[eid.layer][eid.expert] for eid, s in plan.items() if s.bits == 16]
+    assert max(chosen) <= min(others)
+
+
+def test_running_without_a_plan_or_with_a_foreign_plan_is_a_clear_error(fresh, tokens):
+    model, _ = fresh()
+    engine = Engine(model)
+    with pytest.raises(RuntimeError, match="no plan yet"):
+        logits(model, tokens)
+    wrong = Plan(tuple(tuple(ExpertState() for _ in range(4)) for _ in range(2)))
+    with pytest.raises(ValueError, match="plan has 2x4 experts but the model has 2 MoE layers x 8 experts"):
+        engine.apply(wrong)
+
+
+def test_expert_ids_are_ordered():
+    assert sorted([ExpertId(1, 0), ExpertId(0, 7)]) == [ExpertId(0, 7), ExpertId(1, 0)]
