@@ -43,8 +43,14 @@ class Generation:
 
 
 @torch.no_grad()
-def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None) -> Generation:
-    """Greedy generation of up to `max_new_tokens` after `prompt_ids`, timed token by token."""
+def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None,
+                   warmup_tokens: int = 4, after_warmup=None) -> Generation:
+    """Greedy generation of up to `max_new_tokens` after `prompt_ids`, timed token by token.
+
+    A short untimed generation runs first: the first calls pick GPU kernels and fill caches, which
+    would otherwise be charged to the measured run. `after_warmup()` runs between the two
+    (to reset counters, say).
+    """
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization")
     if max_new_tokens < 1:
@@ -52,15 +58,13 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     clock = _Clock(device)
-    out = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id if eos_token_id is not None else 0,
-        streamer=clock,
-    )
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, eos_token_id=eos_token_id,
+                  pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    if warmup_tokens:
+        model.generate(input_ids, max_new_tokens=warmup_tokens, **kwargs)
+    if after_warmup is not None:
+        after_warmup()
+    out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=clock, **kwargs)
     new = out[0, input_ids.shape[1]:].tolist()
     t = clock.times  # [prompt, token 1, token 2, ...]
     decode = (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None

@@ -132,9 +132,8 @@ def cmd_generate(args) -> dict:
     from profiler.throughput import timed_generate
 
     loaded, engine, plan, report = _engine(args)
-    engine.reset_stats()
     gen = timed_generate(loaded.model, loaded.tokenizer.encode(args.prompt), args.max_new_tokens,
-                         eos_token_id=loaded.tokenizer.eos_token_id)
+                         eos_token_id=loaded.tokenizer.eos_token_id, after_warmup=engine.reset_stats)
     return {
         "model": args.model,
         "plan_id": plan.plan_id,
@@ -176,9 +175,8 @@ def cmd_demo(args) -> dict:
     for label, knobs in plans.items():
         plan = build_plan(spec, knobs)
         report = engine.apply(plan)
-        engine.reset_stats()
         gen = timed_generate(loaded.model, loaded.tokenizer.encode(args.prompt), args.max_new_tokens,
-                             eos_token_id=loaded.tokenizer.eos_token_id)
+                             eos_token_id=loaded.tokenizer.eos_token_id, after_warmup=engine.reset_stats)
         s = plan.summary(spec)
         print(f"\n== {label}  (plan {plan.plan_id})")
         print(f"   moved {report.moves} experts ({report.bytes_to_accel / 2**20:.1f} MiB to the accelerator, "
@@ -193,17 +191,18 @@ def cmd_demo(args) -> dict:
 # --- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qos", description="Serve MoE models with mixed-precision, offloaded experts.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="build a plan from knobs and print what it costs")
+    p = sub.add_parser("plan", parents=[common], help="build a plan from knobs and print what it costs")
     _add_model_args(p)
     _add_plan_args(p)
     p.add_argument("--show-states", action="store_true", help="include every expert's state")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("generate", help="generate text under a plan and time it")
+    p = sub.add_parser("generate", parents=[common], help="generate text under a plan and time it")
     _add_model_args(p)
     _add_plan_args(p)
     p.add_argument("--prompt", required=True)
@@ -211,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the whole loop on the reference model")
+    p = sub.add_parser("demo", parents=[common], help="the whole loop on the reference model")
     p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
