@@ -37,3 +37,37 @@ def calibration_text(path: str | os.PathLike | None = None, data: str | os.PathL
             f"no calibration text: looked for {default}; pass --calib FILE or set QOS_DATA_DIR"
         )
     return read_text(default)
+
+
+# --- evaluation sets (the GPTQ/HQQ protocol) ------------------------------------------------------
+DATASETS = {
+    "wikitext2": "wikitext2/wiki.test.raw",
+    "ptb": "ptb/ptb.test.txt",
+    "c4": "c4/c4-validation.00000-of-00008.first1025docs.jsonl",
+}
+
+
+def dataset_path(name: str, data: str | os.PathLike | None = None) -> Path:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    folder = data_dir(data)
+    path = folder / DATASETS[name]
+    if not path.is_file():
+        raise ValueError(
+            f"dataset {name} not found: looked for {DATASETS[name]} in {folder} "
+            "(pass --data DIR or set QOS_DATA_DIR)"
+        )
+    return path
+
+
+def eval_text(name: str, data: str | os.PathLike | None = None) -> str | list[str]:
+    """WikiText-2 and PTB test: rows joined with blank lines (one long text, tokenized once).
+    C4 validation: the list of documents (windows are drawn from single documents)."""
+    path = dataset_path(name, data)
+    if name == "c4":
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    if name == "wikitext2":  # the hub's rows keep their newline, as GPTQ's "\n\n".join saw them
+        return "\n\n".join(text.splitlines(keepends=True))
+    return "\n\n".join(line.strip() for line in text.splitlines())

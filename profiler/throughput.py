@@ -44,12 +44,12 @@ class Generation:
 
 @torch.no_grad()
 def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None,
-                   warmup_tokens: int = 4, after_warmup=None) -> Generation:
+                   warmup_tokens: int | None = None, after_warmup=None) -> Generation:
     """Greedy generation of up to `max_new_tokens` after `prompt_ids`, timed token by token.
 
-    A short untimed generation runs first: the first calls pick GPU kernels and fill caches, which
-    would otherwise be charged to the measured run. `after_warmup()` runs between the two
-    (to reset counters, say).
+    An untimed generation of `warmup_tokens` (default: as many as the timed one) runs first: first
+    calls pick GPU kernels for every new shape (each cache length), which would otherwise be charged
+    to the measured run. `after_warmup()` runs between the two (to reset counters, say).
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization")
@@ -60,6 +60,7 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     clock = _Clock(device)
     kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, eos_token_id=eos_token_id,
                   pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    warmup_tokens = max_new_tokens if warmup_tokens is None else warmup_tokens
     if warmup_tokens:
         model.generate(input_ids, max_new_tokens=warmup_tokens, **kwargs)
     if after_warmup is not None:
