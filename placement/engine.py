@@ -86,6 +86,8 @@ class EngineExperts(nn.Module):
         for e in counts.nonzero().flatten().tolist():  # the one host sync per layer
             # (k, T) order as in transformers, so per-row GEMMs see the same rows in the same order
             pos, token_idx = torch.where((top_k_index == e).T)
+            if self.engine.capture is not None:
+                self.engine.record(self.layer, e, hidden_states[token_idx], top_k_weights[token_idx, pos])
             y = self.engine.run_expert(self.layer, e, hidden_states[token_idx], self.act_fn)
             y = y * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
@@ -136,6 +138,10 @@ class Engine:
         self.slot_views: list[tuple[Layout, dict] | None] = []
         self.lru: OrderedDict[tuple[ExpertId, int], int] = OrderedDict()  # (eid, bits) -> slot
         self._host_views: dict[tuple[ExpertId, int, int], dict] = {}
+        self.act_fns = []  # per MoE layer
+        # expert -> routed inputs [n, H] and routing weights [n], while capturing (see record)
+        self.capture: dict[ExpertId, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.capture_limit = 0
 
         layout16 = self.layout(16, 64)
         for l, (_, block) in enumerate(self.adapter.moe_blocks(model)):
@@ -145,6 +151,7 @@ class Engine:
                     layout16, {"gate_up": fused.gate_up_proj[e], "down": fused.down_proj[e]}, pin=self.pin
                 )
             block.experts = EngineExperts(self, l, fused.act_fn, self.spec.num_experts)
+            self.act_fns.append(fused.act_fn)
             del fused
         model.to(self.accel)
         self.nonexpert_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
@@ -297,6 +304,20 @@ class Engine:
         counts = self.routed.double().cpu()
         totals = counts.sum(dim=1, keepdim=True).clamp(min=1)
         return (counts / totals).tolist()
+
+    def record(self, layer: int, expert: int, x: torch.Tensor, weights: torch.Tensor) -> None:
+        """Keep up to `capture_limit` routed inputs per expert (for sensitivity measurements)."""
+        kept = self.capture.setdefault(ExpertId(layer, expert), [])
+        room = self.capture_limit - sum(len(w) for _, w in kept)
+        if room > 0:
+            kept.append((x[:room].detach().clone(), weights[:room].detach().float().clone()))
+
+    def expert_output(self, eid: ExpertId, bits: int, group_size: int, x: torch.Tensor) -> torch.Tensor:
+        """`eid` at `bits` on inputs x [n, H] (on the accelerator), whatever the current plan."""
+        buf, _ = self.host_buffer(eid, bits, group_size)
+        layout = self.layout(bits, group_size)
+        dev = buf.to(self.accel, non_blocking=self.pin)
+        return expert_forward(layout, layout.views(dev), x, self.act_fns[eid.layer], self.quantizer.dequantize)
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()

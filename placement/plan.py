@@ -18,7 +18,10 @@ from placement.spec import ModelSpec
 BITS = (16, 8, 4, 3, 2)
 TIERS = ("accel", "host")
 OFFLOAD_MODES = ("fetch", "cpu")
-SELECTIONS = ("random", "frequency")
+SELECTIONS = ("random", "frequency", "sensitivity")
+# What the non-random selections rank experts by (lowest quantized first); the profiler measures it.
+SCORED_BY = {"frequency": "router statistics from calibration text",
+             "sensitivity": "per-expert quantization sensitivity scores"}
 
 
 def _choice_error(what: str, value, allowed) -> ValueError:
@@ -269,20 +272,21 @@ class Knobs:
             raise ValueError(f"cache_slots={self.cache_slots} must be >= 1")
 
 
-def _order(spec: ModelSpec, selection: str, seed: int, frequencies: Sequence[Sequence[float]] | None):
-    """Experts in the order they are quantized: seeded shuffle, or least-routed first."""
+def _order(spec: ModelSpec, selection: str, seed: int, scores: Sequence[Sequence[float]] | None):
+    """Experts in the order they are quantized: a seeded shuffle, or lowest score first (least
+    routed for `frequency`, least harmed by quantization for `sensitivity`)."""
     ids = [ExpertId(l, e) for l in range(spec.num_layers) for e in range(spec.num_experts)]
     if selection == "random":
         random.Random(seed).shuffle(ids)
         return ids
-    if frequencies is None:
-        raise ValueError("selection='frequency' needs router statistics from calibration text")
-    if (len(frequencies), len(frequencies[0])) != (spec.num_layers, spec.num_experts):
-        raise ValueError("router statistics do not match the model's MoE layers and experts")
-    return sorted(ids, key=lambda i: (frequencies[i.layer][i.expert], i))
+    if scores is None:
+        raise ValueError(f"selection={selection!r} needs {SCORED_BY[selection]}")
+    if (len(scores), len(scores[0])) != (spec.num_layers, spec.num_experts):
+        raise ValueError(f"{SCORED_BY[selection]} do not match the model's MoE layers and experts")
+    return sorted(ids, key=lambda i: (scores[i.layer][i.expert], i))
 
 
-def build_plan(spec: ModelSpec, knobs: Knobs, frequencies=None) -> Plan:
+def build_plan(spec: ModelSpec, knobs: Knobs, scores=None) -> Plan:
     """The paper's recipe: quantize `knobs.quantized` experts in selection order, then give
     accelerator room to quantized experts first (they are smaller), then to 16-bit ones."""
     total = spec.num_layers * spec.num_experts
@@ -293,10 +297,10 @@ def build_plan(spec: ModelSpec, knobs: Knobs, frequencies=None) -> Plan:
         )
     if knobs.gpu_experts is not None and knobs.gpu_experts > total:
         raise ValueError(f"gpu_experts={knobs.gpu_experts} exceeds the model's {total} experts")
-    order = _order(spec, knobs.selection, knobs.seed, frequencies)
+    order = _order(spec, knobs.selection, knobs.seed, scores)
     bits = {eid: (knobs.bits if i < knobs.quantized else 16) for i, eid in enumerate(order)}
-    # Quantized experts first, each group in selection order reversed for 16-bit ones so that,
-    # with frequency stats, the most-routed 16-bit experts are the ones kept on the accelerator.
+    # Quantized experts first; 16-bit ones in reverse selection order, so that with scores the
+    # highest-scored (most routed, most sensitive) 16-bit experts stay on the accelerator.
     accel_order = order[: knobs.quantized] + order[knobs.quantized :][::-1]
     slots = knobs.cache_slots if knobs.cache_slots is not None else min(2 * spec.top_k, total)
 

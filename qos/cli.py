@@ -80,9 +80,7 @@ def _engine(args):
     """Load the model, put the engine in charge of its experts, and apply the plan the knobs ask for."""
     from placement.engine import Engine
     from placement.models import load_model
-    from placement.plan import Knobs, build_plan
-    from profiler.data import calibration_text
-    from profiler.routing import router_frequencies
+    from placement.plan import build_plan
 
     knobs = _knobs(args)  # bad knobs fail before anything heavy is loaded
     device, dtype = _device_and_dtype(args)
@@ -90,16 +88,27 @@ def _engine(args):
     loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
     engine = Engine(loaded.model, accel=device)
     log.info("loaded %s in %.1fs: %s", args.model, time.perf_counter() - t0, engine.spec)
-    frequencies = None
-    if knobs.selection == "frequency":
-        text = calibration_text(args.calib, args.data)
-        placement_only = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget,
-                               offload=knobs.offload, cache_slots=knobs.cache_slots)
-        engine.apply(build_plan(engine.spec, placement_only))
-        frequencies = router_frequencies(engine, loaded.tokenizer.encode(text))
-    plan = build_plan(engine.spec, knobs, frequencies)
+    scores = _scores(args, loaded, engine, knobs)
+    plan = build_plan(engine.spec, knobs, scores)
     report = engine.apply(plan)
     return loaded, engine, plan, report
+
+
+def _scores(args, loaded, engine, knobs):
+    """Per-expert scores for the scored selections, measured on calibration text under a 16-bit
+    plan with the knobs' placement (so it fits wherever the final plan fits)."""
+    from placement.plan import Knobs, build_plan
+    from profiler.data import calibration_text
+    from profiler.selection import selection_scores
+
+    if knobs.selection == "random":
+        return None
+    text = calibration_text(args.calib, args.data)
+    placement_only = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget,
+                           offload=knobs.offload, cache_slots=knobs.cache_slots, group_size=knobs.group_size)
+    engine.apply(build_plan(engine.spec, placement_only))
+    return selection_scores(engine, args.model, knobs.selection, knobs.bits, knobs.group_size,
+                            loaded.tokenizer.encode(text))
 
 
 def _spec_only(args):
@@ -116,7 +125,7 @@ def _spec_only(args):
 def cmd_plan(args) -> dict:
     from placement.plan import build_plan
 
-    if args.selection == "frequency":
+    if args.selection != "random":  # scores come from running the model
         _, engine, plan, _ = _engine(args)
         spec = engine.spec
     else:

@@ -43,7 +43,7 @@ def test_generate_json(capsys):
         (["--quantized", "17"], "quantized=17 exceeds the model's 16 experts"),
         (["--quantized", "2", "--bits", "6"], "bits=6 is not supported"),
         (["--gpu-budget", "1KB"], "smaller than the model's non-expert weights"),
-        (["--selection", "sensitivity"], "selection='sensitivity' is not supported"),
+        (["--selection", "magic"], "selection='magic' is not supported"),
         (["--offload", "nvme"], "offload='nvme' is not supported"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     ],

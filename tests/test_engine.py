@@ -144,7 +144,7 @@ def test_fetch_cache_counts_hits_misses_and_bytes(fresh, tokens):
 
 
 def test_router_frequencies_drive_frequency_selection(fresh, tokens):
-    from profiler.routing import router_frequencies
+    from profiler.selection import router_frequencies
 
     model, _ = fresh()
     engine = Engine(model)

@@ -46,7 +46,7 @@ def test_random_selection_is_seeded_and_spreads_over_layers():
 
 def test_frequency_selection_quantizes_least_routed_first():
     freqs = [[(l * 8 + e) / 100 for e in range(8)] for l in range(4)]  # expert (0,0) least routed
-    plan = build_plan(SPEC, Knobs(quantized=3, selection="frequency"), frequencies=freqs)
+    plan = build_plan(SPEC, Knobs(quantized=3, selection="frequency"), scores=freqs)
     assert {eid for eid, s in plan.items() if s.bits != 16} == {ExpertId(0, 0), ExpertId(0, 1), ExpertId(0, 2)}
     with pytest.raises(ValueError, match="router statistics"):
         build_plan(SPEC, Knobs(quantized=3, selection="frequency"))
@@ -66,7 +66,7 @@ def test_gpu_budget_takes_the_most_experts_that_fit():
         (dict(quantized=33), "quantized=33 exceeds the model's 32 experts"),
         (dict(quantized=1, bits=5), "bits=5 is not supported; choose one of 16, 8, 4, 3, 2"),
         (dict(quantized=1, bits=16), "bits=16 leaves experts unquantized"),
-        (dict(selection="magic"), "selection='magic' is not supported; choose one of random, frequency"),
+        (dict(selection="magic"), "selection='magic' is not supported; choose one of random, frequency, sensitivity"),
         (dict(offload="disk"), "offload='disk' is not supported; choose one of fetch, cpu"),
         (dict(gpu_budget=99_999), "smaller than the model's non-expert weights"),
         (dict(gpu_experts=40), "gpu_experts=40 exceeds"),
