@@ -101,6 +101,12 @@ class Plan:
     def plan_id(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
+    @property
+    def precision_id(self) -> str:
+        """A hash of the precisions alone: what perplexity depends on (placement does not)."""
+        key = json.dumps({"bits": [[s.bits for s in row] for row in self.states], "group_size": self.group_size})
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
     # --- derived counts ---------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

@@ -27,10 +27,10 @@ class _Clock(BaseStreamer):
 
 @dataclass(frozen=True)
 class Generation:
-    ids: list[int]  # new tokens only
-    prompt_tokens: int
+    ids: list[int]  # new tokens of the first sequence
+    prompt_tokens: int  # over the batch
     ttft_s: float  # prefill plus the first sampled token
-    decode_tok_s: float | None  # tokens after the first, per second; None with fewer than 2
+    decode_tok_s: float | None  # tokens after the first (over the batch) per second; None with fewer than 2
     total_s: float
 
     @property
@@ -44,8 +44,10 @@ class Generation:
 
 @torch.no_grad()
 def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None,
-                   warmup_tokens: int | None = None, after_warmup=None) -> Generation:
-    """Greedy generation of up to `max_new_tokens` after `prompt_ids`, timed token by token.
+                   warmup_tokens: int | None = None, after_warmup=None, batch_size: int = 1,
+                   fixed_length: bool = False) -> Generation:
+    """Greedy generation of up to `max_new_tokens` after `prompt_ids` (the same prompt `batch_size`
+    times), timed token by token; `fixed_length` ignores end-of-sequence for fixed-size runs.
 
     An untimed generation of `warmup_tokens` (default: as many as the timed one) runs first: first
     calls pick GPU kernels for every new shape (each cache length), which would otherwise be charged
@@ -56,10 +58,14 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    input_ids = torch.tensor([prompt_ids] * batch_size, device=device)  # [B, T]
     clock = _Clock(device)
     kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, eos_token_id=eos_token_id,
                   pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    if fixed_length:
+        kwargs["min_new_tokens"] = max_new_tokens
     warmup_tokens = max_new_tokens if warmup_tokens is None else warmup_tokens
     if warmup_tokens:
         model.generate(input_ids, max_new_tokens=warmup_tokens, **kwargs)
@@ -68,5 +74,5 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=clock, **kwargs)
     new = out[0, input_ids.shape[1]:].tolist()
     t = clock.times  # [prompt, token 1, token 2, ...]
-    decode = (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None
-    return Generation(new, len(prompt_ids), t[1] - t[0], decode, t[-1] - t[0])
+    decode = batch_size * (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None
+    return Generation(new, len(prompt_ids) * batch_size, t[1] - t[0], decode, t[-1] - t[0])

@@ -160,6 +160,51 @@ def cmd_generate(args) -> dict:
     }
 
 
+def cmd_profile(args) -> dict:
+    """Measure every plan of a grid; append one row per new plan to the CSV (resumable)."""
+    from tqdm import tqdm
+
+    from placement.engine import Engine
+    from placement.models import load_model
+    from placement.plan import Knobs
+    from profiler.grid import parse_grid
+    from profiler.profile import Profiler, Settings, append_row, read_profile
+
+    settings = Settings(datasets=tuple(d for d in args.datasets.split(",") if d), data=args.data,
+                        seqlen=args.seqlen, max_windows=args.max_windows, prompt_tokens=args.prompt_tokens,
+                        new_tokens=args.new_tokens, repeats=args.repeats, batch_size=args.batch_size,
+                        calib=args.calib)
+    done = read_profile(args.out)
+    device, dtype = _device_and_dtype(args)
+    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
+    engine = Engine(loaded.model, accel=device)
+    spec = engine.spec
+    combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
+    knob_sets = [Knobs(**{"seed": args.seed, **c}) for c in combos]  # bad knobs fail before measuring
+    profiler = Profiler(args.model, loaded, engine, settings)
+    for _, r in done[done["seqlen"] == profiler.seqlen].iterrows():  # perplexity depends on precisions only
+        ppl = {f"ppl_{d}": r.get(f"ppl_{d}") for d in settings.datasets}
+        if all(v == v and v is not None for v in ppl.values()):  # no NaN
+            profiler.ppl_cache.setdefault(r["precision_id"], {**ppl, "ppl_note": r.get("ppl_note") or ""})
+    seen = set(done["plan_id"].astype(str))
+    measured = skipped = 0
+    bar = tqdm(knob_sets, desc=f"profiling {args.model}", unit="plan", disable=args.quiet)
+    for knobs in bar:
+        plan = profiler.plan(knobs)
+        if plan.plan_id in seen:
+            skipped += 1
+            continue
+        row = profiler.measure(plan, knobs)
+        append_row(args.out, row)
+        seen.add(plan.plan_id)
+        measured += 1
+        bar.set_postfix(decode=f"{row['decode_tok_s']:.1f} tok/s",
+                        ppl=f"{row.get('ppl_' + settings.datasets[0], float('nan')) or float('nan'):.3f}"
+                        if settings.datasets else "-")
+    return {"out": args.out, "combinations": len(knob_sets), "measured": measured,
+            "skipped (already in the file or duplicate plans)": skipped}
+
+
 def cmd_demo(args) -> dict:
     """Load a model, serve it under three plans in turn, and show what each switch moved."""
     from placement.engine import Engine
@@ -218,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("profile", parents=[common], help="measure throughput, memory and perplexity over a grid of plans")
+    _add_model_args(p)
+    p.add_argument("--grid", required=True,
+                   help='knob values to combine, e.g. "quantized=0,25%%,50%%;bits=4,2;gpu_experts=50%%,100%%;selection=random,sensitivity"')
+    p.add_argument("--out", required=True, help="CSV file; plans already in it are skipped")
+    p.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
+    p.add_argument("--datasets", default="wikitext2,ptb,c4", help="comma-separated; empty to skip perplexity")
+    p.add_argument("--seqlen", type=int, help="perplexity window (default: min(2048, model context))")
+    p.add_argument("--max-windows", type=int, help="cap the perplexity windows per dataset (quick runs)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
+    p.add_argument("--batch-size", type=int, default=1, help="also time decoding at this batch size")
+    p.add_argument("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", parents=[common], help="the whole loop on the reference model")
     p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")

@@ -1,0 +1,104 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from placement.engine import Engine
+from placement.plan import Knobs
+from profiler.data import DATASETS, data_dir, eval_text
+from profiler.grid import parse_grid
+from profiler.perplexity import eval_windows, mean_nll, windows_consecutive, windows_random
+from profiler.profile import COLUMNS, Profiler, Settings, read_profile
+from qos.cli import main
+
+HAVE_DATA = all((data_dir() / f).is_file() for f in DATASETS.values())
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="evaluation text not found (set QOS_DATA_DIR)")
+
+
+def test_grid_expands_every_combination_with_percentages():
+    combos = parse_grid("quantized=0,50%,100%;bits=4,2;gpu_experts=25%;selection=random,sensitivity", 16)
+    assert len(combos) == 12
+    assert {c["quantized"] for c in combos} == {0, 8, 16} and {c["gpu_experts"] for c in combos} == {4}
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("quantized=1;colour=red", "unknown knob 'colour'"),
+    ("bits=50%", "bits does not take percentages"),
+    ("quantized=abc", "quantized='abc' is not an integer"),
+    ("quantized=150%", "outside 0%..100%"),
+    ("quantized", "should look like key=v1,v2"),
+    ("gpu_experts=1;gpu_budget=2", "not both"),
+    ("bits=4;bits=2", "bits is given twice"),
+])
+def test_bad_grids_name_the_problem(grid, message):
+    with pytest.raises(ValueError, match=message):
+        parse_grid(grid, 16)
+
+
+def test_windows():
+    ids = list(range(10))
+    assert windows_consecutive(ids, 4, None) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert windows_consecutive(ids, 4, 1) == [[0, 1, 2, 3]]
+    docs = [list(range(3)), list(range(100, 120))]
+    w = windows_random(docs, 5, 10, seed=3)
+    assert len(w) == 10 and all(len(x) == 5 and x[0] >= 100 for x in w)
+    assert w == windows_random(docs, 5, 10, seed=3)
+
+
+def test_mean_nll_matches_cross_entropy_by_hand(fresh):
+    model, _ = fresh()
+    windows = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]
+    nll, count = mean_nll(model, windows, batch_size=2)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor(windows)).logits, -1)
+    by_hand = -sum(logp[b, t, windows[b][t + 1]] for b in range(2) for t in range(4)) / 8
+    assert count == 8 and nll == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_missing_dataset_names_the_folder_and_file(tmp_path):
+    with pytest.raises(ValueError, match=f"dataset ptb not found: looked for ptb/ptb.test.txt in {tmp_path}"):
+        eval_text("ptb", tmp_path)
+
+
+@needs_data
+def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    args = ["profile", "--model", "tiny-random", "--grid", "quantized=0,8;bits=4;gpu_experts=8,16",
+            "--out", str(out), "--max-windows", "2", "--seqlen", "64", "--new-tokens", "4",
+            "--repeats", "1", "--quiet"]
+    assert main(args) == 0
+    df = read_profile(out)
+    assert list(df.columns) == COLUMNS and len(df) == 4
+    assert df["plan_id"].is_unique and (df["decode_tok_s"] > 0).all()
+    for _, group in df.groupby("precision_id"):  # placement does not change perplexity
+        assert group["ppl_wikitext2"].nunique() == 1 and len(group) == 2
+    assert (df["ppl_ptb"] > 1).all() and df["ppl_note"].str.contains("2 of").all()
+    host = df[df["gpu_experts"] == 8]
+    assert (host["hit_rate"].between(0, 1)).all() and (host["fetched_bytes_per_token"] > 0).all()
+    capsys.readouterr()
+    assert main(args[:4] + ["quantized=0,8,16;bits=4;gpu_experts=8,16"] + args[5:]) == 0
+    assert "measured: 2" in capsys.readouterr().out and len(read_profile(out)) == 6
+
+
+def test_profile_rejects_a_file_that_is_not_a_profile(tmp_path):
+    bad = tmp_path / "x.csv"
+    pd.DataFrame({"a": [1]}).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="is not a moe-qos profile"):
+        read_profile(bad)
+
+
+@needs_data
+def test_sensitivity_scores_rank_plans_and_are_cached(fresh, tmp_path, monkeypatch):
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    model, tok = fresh()
+    engine = Engine(model)
+    loaded = type("L", (), {"model": model, "tokenizer": tok})()
+    prof = Profiler("tiny-random", loaded, engine, Settings(datasets=(), prompt_tokens=8, new_tokens=2, repeats=1))
+    plan = prof.plan(Knobs(quantized=4, bits=2, selection="sensitivity"))
+    scores = prof._scores[("sensitivity", 2, 64)]
+    chosen = sorted(scores[e.layer][e.expert] for e, s in plan.items() if s.bits != 16)
+    rest = sorted(scores[e.layer][e.expert] for e, s in plan.items() if s.bits == 16)
+    assert chosen[-1] <= rest[0] and rest[-1] > 0
+    assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
+    assert all(math.isfinite(v) for row in scores for v in row)
