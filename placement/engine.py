@@ -71,11 +71,10 @@ class EngineExperts(nn.Module):
     Holds no parameters, so moving the model between devices never touches the experts.
     """
 
-    def __init__(self, engine: Engine, layer: int, act_fn, num_experts: int):
+    def __init__(self, engine: Engine, layer: int, num_experts: int):
         super().__init__()
         self.engine = engine
         self.layer = layer
-        self.act_fn = act_fn
         self.num_experts = num_experts
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -88,7 +87,7 @@ class EngineExperts(nn.Module):
             pos, token_idx = torch.where((top_k_index == e).T)
             if self.engine.capture is not None:
                 self.engine.record(self.layer, e, hidden_states[token_idx], top_k_weights[token_idx, pos])
-            y = self.engine.run_expert(self.layer, e, hidden_states[token_idx], self.act_fn)
+            y = self.engine.run_expert(self.layer, e, hidden_states[token_idx])
             y = y * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
@@ -150,7 +149,7 @@ class Engine:
                 self.masters[ExpertId(l, e)] = pack(
                     layout16, {"gate_up": fused.gate_up_proj[e], "down": fused.down_proj[e]}, pin=self.pin
                 )
-            block.experts = EngineExperts(self, l, fused.act_fn, self.spec.num_experts)
+            block.experts = EngineExperts(self, l, self.spec.num_experts)
             self.act_fns.append(fused.act_fn)
             del fused
         model.to(self.accel)
@@ -191,12 +190,14 @@ class Engine:
         return dev.copy_(buf, non_blocking=self.pin)
 
     # --- serving ------------------------------------------------------------------------------
-    def run_expert(self, layer: int, expert: int, x: torch.Tensor, act_fn) -> torch.Tensor:
+    def run_expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `expert` of MoE layer `layer` on x [n, H], served as the current plan says."""
         if self.plan is None:
             raise RuntimeError("the engine has no plan yet: call engine.apply(plan) before running the model")
         eid = ExpertId(layer, expert)
         state = self.plan.states[layer][expert]
         gs = self.plan.group_size
+        act_fn = self.act_fns[layer]
         self.stats.expert_calls += 1
         if state.tier == "accel":
             layout, _, views = self.resident[eid]

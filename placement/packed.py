@@ -11,6 +11,7 @@ The layout arithmetic here mirrors hqq 0.2.8's packing (``Quantizer.quantize`` w
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ def _quant_fields(name: str, shape: tuple[int, int], bits: int, group_size: int,
     ]
 
 
+@functools.lru_cache(maxsize=None)  # asked for on every fetched expert call
 def expert_layout(
     hidden: int, intermediate: int, bits: int, dtype: torch.dtype, group_size: int = 64
 ) -> Layout:
