@@ -43,9 +43,10 @@ class Settings:
     repeats: int = 3
     batch_size: int = 1  # a second decode measurement at this batch size when > 1
     calib: str | None = None
+    ppl_batch: int = 1  # windows per forward pass when scoring perplexity
 
     def __post_init__(self):
-        for name in ("prompt_tokens", "new_tokens", "repeats", "batch_size"):
+        for name in ("prompt_tokens", "new_tokens", "repeats", "batch_size", "ppl_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.new_tokens < 2:
@@ -156,7 +157,7 @@ class Profiler:
             row, notes = {}, []
             for ds in self.settings.datasets:
                 windows, note = self.windows(ds)
-                result = perplexity(self.loaded.model, ds, windows, note=note)
+                result = perplexity(self.loaded.model, ds, windows, note=note, batch_size=self.settings.ppl_batch)
                 row[f"ppl_{ds}"] = result.ppl
                 if note:
                     notes.append(f"{ds}: {note}")

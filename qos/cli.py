@@ -173,7 +173,7 @@ def cmd_profile(args) -> dict:
     settings = Settings(datasets=tuple(d for d in args.datasets.split(",") if d), data=args.data,
                         seqlen=args.seqlen, max_windows=args.max_windows, prompt_tokens=args.prompt_tokens,
                         new_tokens=args.new_tokens, repeats=args.repeats, batch_size=args.batch_size,
-                        calib=args.calib)
+                        calib=args.calib, ppl_batch=args.ppl_batch)
     done = read_profile(args.out)
     device, dtype = _device_and_dtype(args)
     loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default="wikitext2,ptb,c4", help="comma-separated; empty to skip perplexity")
     p.add_argument("--seqlen", type=int, help="perplexity window (default: min(2048, model context))")
     p.add_argument("--max-windows", type=int, help="cap the perplexity windows per dataset (quick runs)")
+    p.add_argument("--ppl-batch", type=int, default=1, help="perplexity windows per forward pass")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
