@@ -68,6 +68,6 @@ def eval_text(name: str, data: str | os.PathLike | None = None) -> str | list[st
         with path.open(encoding="utf-8") as f:
             return [json.loads(line)["text"] for line in f if line.strip()]
     text = path.read_text(encoding="utf-8")
-    if name == "wikitext2":  # the hub's rows keep their newline, as GPTQ's "\n\n".join saw them
-        return "\n\n".join(text.splitlines(keepends=True))
+    if name == "wikitext2":  # the hub's rows: each line with its newline, blank lines (" \n") empty
+        return "\n\n".join("" if line == " \n" else line for line in text.splitlines(keepends=True))
     return "\n\n".join(line.strip() for line in text.splitlines())
