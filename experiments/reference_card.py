@@ -100,7 +100,7 @@ def main(args) -> None:
                                                   max_windows=args.max_windows or None,
                                                   c4_windows=args.c4_windows, seed=args.seed)
     counts = {k: len(v) for k, v in windows.items()}
-    print(f"{model_dir}: {n_params / 1e6:.2f}M non-expert params + {total} experts, seqlen {seqlen}; "
+    print(f"{model_dir}: {n_params / 1e6:.2f}M parameters ({total} experts), seqlen {seqlen}; "
           f"windows {counts}", flush=True)
 
     ppl = {}
