@@ -44,7 +44,7 @@ class HFTokenizer:
         self.eos_token_id = tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
