@@ -56,7 +56,8 @@ def test_mean_nll_matches_cross_entropy_by_hand(fresh):
     assert count == 8 and nll == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_missing_dataset_names_the_folder_and_file(tmp_path):
+def test_missing_dataset_names_the_folder_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=f"dataset ptb not found: looked for ptb/ptb.test.txt in {tmp_path}"):
         eval_text("ptb", tmp_path)
 
@@ -102,3 +103,34 @@ def test_sensitivity_scores_rank_plans_and_are_cached(fresh, tmp_path, monkeypat
     assert chosen[-1] <= rest[0] and rest[-1] > 0
     assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
     assert all(math.isfinite(v) for row in scores for v in row)
+
+
+def test_missing_local_file_reads_the_same_rows_from_the_hub(tmp_path, monkeypatch):
+    """Online with `datasets`, a dataset missing locally comes from the hub (the GPTQ loaders) and
+    gets the same protocol; a fake `datasets` module stands in for the network."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"sentence": ["no it was n't black monday", "but the market fell"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert eval_text("ptb", tmp_path) == "no it was n't black monday\n\nbut the market fell"
+    assert calls == [(("ptb_text_only", "penn_treebank"), {"split": "test"})]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="dataset ptb not found"):
+        eval_text("ptb", tmp_path)
+
+
+@needs_data
+def test_local_rows_follow_the_hub_layout():
+    wiki = eval_text("wikitext2")
+    assert wiki.startswith("\n\n = Robert Boulter = \n\n\n\n\n")  # "" and " = ... = \n" rows
+    assert eval_text("ptb").startswith("no it was n't black monday\n\nbut while")
+    docs = eval_text("c4")
+    assert isinstance(docs, list) and len(docs) == 1025
