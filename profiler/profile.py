@@ -16,7 +16,7 @@ import torch
 from placement.plan import Knobs, Plan, build_plan
 from profiler.data import calibration_text, eval_text
 from profiler.perplexity import eval_windows, perplexity
-from profiler.selection import selection_scores
+from profiler.selection import scores_for
 from profiler.throughput import timed_generate
 
 log = logging.getLogger(__name__)
@@ -110,19 +110,10 @@ class Profiler:
 
     # --- plans --------------------------------------------------------------------------------
     def plan(self, knobs: Knobs) -> Plan:
-        scores = None
-        if knobs.selection != "random":
-            key = (knobs.selection, knobs.bits, knobs.group_size)
-            if key not in self._scores:
-                # Scores are measured under a 16-bit plan that fits wherever the asked-for plan fits.
-                placement = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget,
-                                  offload=knobs.offload, cache_slots=knobs.cache_slots,
-                                  group_size=knobs.group_size)
-                self.engine.apply(build_plan(self.engine.spec, placement))
-                self._scores[key] = selection_scores(self.engine, self.name, knobs.selection, knobs.bits,
-                                                     knobs.group_size, self.calib_ids())
-            scores = self._scores[key]
-        return build_plan(self.engine.spec, knobs, scores)
+        key = (knobs.selection, knobs.bits, knobs.group_size)
+        if knobs.selection != "random" and key not in self._scores:
+            self._scores[key] = scores_for(self.engine, self.name, knobs, self.calib_ids())
+        return build_plan(self.engine.spec, knobs, self._scores.get(key))
 
     # --- measurements -------------------------------------------------------------------------
     def _throughput(self) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from placement.plan import ExpertId
+from placement.plan import ExpertId, Knobs, build_plan
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +102,14 @@ def selection_scores(engine, name: str, selection: str, bits: int, group_size: i
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"model": name, "bits": bits, "group_size": group_size, "scores": scores}))
     return scores
+
+
+def scores_for(engine, name: str, knobs: Knobs, token_ids: list[int]):
+    """The scores `knobs.selection` needs (None for random), measured under an all-16-bit plan with
+    the knobs' placement, so calibration fits wherever the asked-for plan fits."""
+    if knobs.selection == "random":
+        return None
+    placement = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget, offload=knobs.offload,
+                      cache_slots=knobs.cache_slots, group_size=knobs.group_size)
+    engine.apply(build_plan(engine.spec, placement))
+    return selection_scores(engine, name, knobs.selection, knobs.bits, knobs.group_size, token_ids)

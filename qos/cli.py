@@ -95,20 +95,14 @@ def _engine(args):
 
 
 def _scores(args, loaded, engine, knobs):
-    """Per-expert scores for the scored selections, measured on calibration text under a 16-bit
-    plan with the knobs' placement (so it fits wherever the final plan fits)."""
-    from placement.plan import Knobs, build_plan
+    """Per-expert scores for the scored selections, from calibration text."""
     from profiler.data import calibration_text
-    from profiler.selection import selection_scores
+    from profiler.selection import scores_for
 
     if knobs.selection == "random":
         return None
     text = calibration_text(args.calib, args.data)
-    placement_only = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget,
-                           offload=knobs.offload, cache_slots=knobs.cache_slots, group_size=knobs.group_size)
-    engine.apply(build_plan(engine.spec, placement_only))
-    return selection_scores(engine, args.model, knobs.selection, knobs.bits, knobs.group_size,
-                            loaded.tokenizer.encode(text))
+    return scores_for(engine, args.model, knobs, loaded.tokenizer.encode(text))
 
 
 def _spec_only(args):
@@ -236,7 +230,7 @@ def cmd_demo(args) -> dict:
         print(f"   moved {report.moves} experts ({report.bytes_to_accel / 2**20:.1f} MiB to the accelerator, "
               f"{report.requantized} quantized) in {report.seconds:.3f}s; accelerator {s['gpu_bytes'] / 2**20:.1f} MiB, "
               f"host {s['host_bytes'] / 2**20:.1f} MiB")
-        print(f"   {gen.decode_tok_s or 0:.1f} tok/s: {args.prompt}{loaded.tokenizer.decode(gen.ids)!r}")
+        print(f"   {gen.decode_tok_s or 0:.1f} tok/s: {args.prompt!r} -> {loaded.tokenizer.decode(gen.ids)!r}")
         rows.append({"label": label, "plan_id": plan.plan_id, "decode_tok_s": gen.decode_tok_s,
                      "moved": report.moves, "requantized": report.requantized})
     return {"model": model, "steps": rows}
