@@ -67,11 +67,11 @@ def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys)
     out = tmp_path / "p.csv"
     args = ["profile", "--model", "tiny-random", "--grid", "quantized=0,8;bits=4;gpu_experts=8,16",
             "--out", str(out), "--max-windows", "2", "--seqlen", "64", "--new-tokens", "4",
-            "--repeats", "1", "--quiet"]
+            "--repeats", "1", "--batch-size", "2", "--quiet"]
     assert main(args) == 0
     df = read_profile(out)
     assert list(df.columns) == COLUMNS and len(df) == 4
-    assert df["plan_id"].is_unique and (df["decode_tok_s"] > 0).all()
+    assert df["plan_id"].is_unique and (df["decode_tok_s"] > 0).all() and (df["decode_tok_s_batch"] > 0).all()
     for _, group in df.groupby("precision_id"):  # placement does not change perplexity
         assert group["ppl_wikitext2"].nunique() == 1 and len(group) == 2
     assert (df["ppl_ptb"] > 1).all() and df["ppl_note"].str.contains("2 of").all()
