@@ -199,6 +199,51 @@ def cmd_profile(args) -> dict:
             "skipped (already in the file or duplicate plans)": skipped}
 
 
+def _read_measured(path: str, datasets: str | None):
+    import pandas as pd
+
+    from qos.pareto import with_ppl
+
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if df.empty:
+        raise ValueError(f"{path} has no measured plans")
+    return with_ppl(df, datasets.split(",") if datasets else None)
+
+
+def cmd_front(args) -> dict:
+    """Print the Pareto-optimal plans of a profile or search file."""
+    from qos.pareto import front, parse_objectives
+
+    df = _read_measured(args.file, args.datasets)
+    objectives = parse_objectives(args.objectives)
+    best = front(df, objectives)
+    columns = ["plan_id", "quantized", "bits", "selection", "gpu_experts", "offload", "decode_tok_s", "ppl",
+               "gpu_bytes"]
+    best = best[[c for c in columns if c in best.columns]]
+    if not args.json:
+        print(f"{len(best)} of {len(df)} plans are Pareto-optimal for {args.objectives}:")
+        print(best.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return {"file": args.file, "plans": len(df), "front": best.to_dict(orient="records")}
+
+
+def cmd_plot(args) -> dict:
+    """Write the front picture and the throughput heatmap of a profile or search file."""
+    from pathlib import Path
+
+    from qos.plots import plot_front, plot_heatmap
+
+    df = _read_measured(args.file, args.datasets)
+    stem = Path(args.out_prefix or Path(args.file).with_suffix(""))
+    title = args.title or f"{df['model'].iloc[0]} on {df['device_name'].iloc[0]}"
+    paths = [plot_front(df, Path(f"{stem}_front.png"), title), plot_heatmap(df, Path(f"{stem}_heatmap.png"), title)]
+    for p in paths:
+        print(f"wrote {p}")
+    return {"pictures": [str(p) for p in paths]}
+
+
 def cmd_demo(args) -> dict:
     """Load a model, serve it under three plans in turn, and show what each switch moved."""
     from placement.engine import Engine
@@ -277,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser("front", parents=[common], help="print the Pareto-optimal plans of a profile or search file")
+    p.add_argument("file")
+    p.add_argument("--objectives", default="decode_tok_s:max,ppl:min,gpu_bytes:min",
+                   help="COLUMN:max|min, comma-separated; ppl is the mean of the datasets")
+    p.add_argument("--datasets", help="which ppl_ columns make up ppl (default: all measured)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_front)
+
+    p = sub.add_parser("plot", parents=[common], help="pictures of a profile or search file (PNG)")
+    p.add_argument("file")
+    p.add_argument("--out-prefix", help="default: the file's path without .csv")
+    p.add_argument("--datasets", help="which ppl_ columns make up ppl (default: all measured)")
+    p.add_argument("--title")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plot)
+
     p = sub.add_parser("demo", parents=[common], help="the whole loop on the reference model")
     p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -306,6 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(result, default=str))
-    elif args.command != "demo":
+    elif args.command not in ("demo", "front", "plot"):
         _print_human(result)
     return 0

@@ -1,0 +1,59 @@
+"""Pareto fronts over measured plans (rows of a profile or search file). Pure pandas, no tensors."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+DEFAULT_OBJECTIVES = (("decode_tok_s", "max"), ("ppl", "min"), ("gpu_bytes", "min"))
+
+
+def with_ppl(df: pd.DataFrame, datasets: list[str] | None = None) -> pd.DataFrame:
+    """Adds `ppl`: the mean of the chosen datasets' perplexities (all measured ones by default)."""
+    cols = [f"ppl_{d}" for d in datasets] if datasets else [c for c in df.columns
+                                                           if c.startswith("ppl_") and c != "ppl_note"]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"no column(s) {', '.join(missing)} in the file")
+    cols = [c for c in cols if df[c].notna().any()]
+    if not cols:
+        raise ValueError("the file has no perplexity measurements")
+    out = df.copy()
+    out["ppl"] = out[cols].mean(axis=1)
+    return out
+
+
+def parse_objectives(text: str) -> tuple[tuple[str, str], ...]:
+    """'decode_tok_s:max,ppl:min' -> (('decode_tok_s', 'max'), ('ppl', 'min'))."""
+    objectives = []
+    for part in text.split(","):
+        column, _, sense = part.strip().partition(":")
+        if sense not in ("max", "min"):
+            raise ValueError(f"objective {part!r} should be COLUMN:max or COLUMN:min")
+        objectives.append((column, sense))
+    return tuple(objectives)
+
+
+def pareto_mask(df: pd.DataFrame, objectives=DEFAULT_OBJECTIVES) -> pd.Series:
+    """True for rows no other row dominates (at least as good in every objective, better in one).
+    Rows missing an objective are never on the front."""
+    for column, _ in objectives:
+        if column not in df.columns:
+            raise ValueError(f"objective column {column!r} is not in the file")
+    # minimise everything: flip the maximised columns
+    values = pd.concat([df[c] if s == "min" else -df[c] for c, s in objectives], axis=1).to_numpy(dtype=float)
+    valid = ~pd.isna(values).any(axis=1)
+    mask = []
+    for i, row in enumerate(values):
+        if not valid[i]:
+            mask.append(False)
+            continue
+        others = values[valid]
+        dominated = ((others <= row).all(axis=1) & (others < row).any(axis=1)).any()
+        mask.append(not dominated)
+    return pd.Series(mask, index=df.index, name="pareto")
+
+
+def front(df: pd.DataFrame, objectives=DEFAULT_OBJECTIVES) -> pd.DataFrame:
+    """The Pareto-optimal rows, best first by the first objective."""
+    column, sense = objectives[0]
+    return df[pareto_mask(df, objectives)].sort_values(column, ascending=sense == "min")
