@@ -154,28 +154,54 @@ def cmd_generate(args) -> dict:
     }
 
 
-def cmd_profile(args) -> dict:
-    """Measure every plan of a grid; append one row per new plan to the CSV (resumable)."""
-    from tqdm import tqdm
-
+def _profiler(args):
+    """Load the model under the engine and a Profiler with the command's measurement settings."""
     from placement.engine import Engine
     from placement.models import load_model
-    from placement.plan import Knobs
-    from profiler.grid import parse_grid
-    from profiler.profile import Profiler, Settings, append_row, read_profile
+    from profiler.profile import Profiler, Settings
 
     settings = Settings(datasets=tuple(d for d in args.datasets.split(",") if d), data=args.data,
                         seqlen=args.seqlen, max_windows=args.max_windows, prompt_tokens=args.prompt_tokens,
                         new_tokens=args.new_tokens, repeats=args.repeats, batch_size=args.batch_size,
                         calib=args.calib, ppl_batch=args.ppl_batch)
-    done = read_profile(args.out)
     device, dtype = _device_and_dtype(args)
     loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
     engine = Engine(loaded.model, accel=device)
-    spec = engine.spec
+    return Profiler(args.model, loaded, engine, settings)
+
+
+def cmd_search(args) -> dict:
+    """NSGA-II over the knobs; every measured row goes to --out with the Pareto-optimal ones marked."""
+    from profiler.search import Search
+
+    if not args.datasets:
+        raise ValueError("search needs perplexity: give at least one dataset in --datasets")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    profiler = _profiler(args)
+    search = Search(profiler, args.out, gpu_budget=args.gpu_budget, known=args.profile or [],
+                    selection_seed=args.seed)
+    study = search.run(args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
+                       sweep_steps=args.sweep_steps, progress=not args.quiet)
+    df = search.write_front(study)
+    return {"out": args.out, "trials": len(study.trials), "plans": len(df), "measured_now": search.measured_here,
+            "pareto_optimal": int(df["pareto"].sum())}
+
+
+def cmd_profile(args) -> dict:
+    """Measure every plan of a grid; append one row per new plan to the CSV (resumable)."""
+    from tqdm import tqdm
+
+    from placement.plan import Knobs
+    from profiler.grid import parse_grid
+    from profiler.profile import append_row, read_profile
+
+    done = read_profile(args.out)
+    profiler = _profiler(args)
+    spec = profiler.engine.spec
     combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
     knob_sets = [Knobs(**{"seed": args.seed, **c}) for c in combos]  # bad knobs fail before measuring
-    profiler = Profiler(args.model, loaded, engine, settings)
+    settings = profiler.settings
     for _, r in done[done["seqlen"] == profiler.seqlen].iterrows():  # perplexity depends on precisions only
         ppl = {f"ppl_{d}": r.get(f"ppl_{d}") for d in settings.datasets}
         if all(v == v and v is not None for v in ppl.values()):  # no NaN
@@ -303,24 +329,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("profile", parents=[common], help="measure throughput, memory and perplexity over a grid of plans")
-    _add_model_args(p)
+    measure = argparse.ArgumentParser(add_help=False)  # what qos profile and qos search share
+    _add_model_args(measure)
+    m = measure.add_argument
+    m("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
+    m("--datasets", default="wikitext2,ptb,c4", help="comma-separated; empty to skip perplexity")
+    m("--seqlen", type=int, help="perplexity window (default: min(2048, model context))")
+    m("--max-windows", type=int, help="cap the perplexity windows per dataset (quick runs)")
+    m("--ppl-batch", type=int, default=1, help="perplexity windows per forward pass")
+    m("--prompt-tokens", type=int, default=64)
+    m("--new-tokens", type=int, default=32)
+    m("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
+    m("--batch-size", type=int, default=1, help="also time decoding at this batch size")
+    m("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
+    m("--quiet", action="store_true", help="no progress bar")
+    m("--json", action="store_true")
+
+    p = sub.add_parser("profile", parents=[common, measure], help="measure throughput, memory and perplexity over a grid of plans")
     p.add_argument("--grid", required=True,
                    help='knob values to combine, e.g. "quantized=0,25%%,50%%;bits=4,2;gpu_experts=50%%,100%%;selection=random,sensitivity"')
     p.add_argument("--out", required=True, help="CSV file; plans already in it are skipped")
-    p.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
-    p.add_argument("--datasets", default="wikitext2,ptb,c4", help="comma-separated; empty to skip perplexity")
-    p.add_argument("--seqlen", type=int, help="perplexity window (default: min(2048, model context))")
-    p.add_argument("--max-windows", type=int, help="cap the perplexity windows per dataset (quick runs)")
-    p.add_argument("--ppl-batch", type=int, default=1, help="perplexity windows per forward pass")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
-    p.add_argument("--batch-size", type=int, default=1, help="also time decoding at this batch size")
-    p.add_argument("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("search", parents=[common, measure], help="NSGA-II search for the Pareto front of plans (optuna)")
+    p.add_argument("--trials", type=int, required=True)
+    p.add_argument("--out", required=True, help="CSV of every measured plan, Pareto-optimal ones marked")
+    p.add_argument("--storage", help="optuna storage: a journal file path or an SQLite URL (resumable)")
+    p.add_argument("--study-name", default="moe-qos")
+    p.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes: a constraint of the search")
+    p.add_argument("--profile", action="append", help="profile CSV whose measurements are reused (repeatable)")
+    p.add_argument("--sweep-steps", type=int, default=8, help="points of the paper's sweep enqueued first")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("front", parents=[common], help="print the Pareto-optimal plans of a profile or search file")
     p.add_argument("file")

@@ -1,0 +1,130 @@
+"""Pareto search over plans with optuna's NSGA-II: maximise decode tok/s, minimise perplexity and
+accelerator bytes, under an optional accelerator budget (a constraint, not a filter afterwards).
+
+The paper's one-dimensional sweep (random selection, quantized count stepping over the whole
+range, as many experts on the accelerator as fit) is enqueued first, so the front can only improve
+on it. Measurements are cached by plan_id and shared with `qos profile` files: a plan measured
+before is never measured again, and samplers do propose duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from placement.plan import BITS, OFFLOAD_MODES, SELECTIONS, Knobs, build_plan
+from profiler.profile import COLUMNS, Profiler, append_row, read_profile
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial drowns the progress bar
+QUANT_BITS = [b for b in BITS if b != 16]
+
+
+def open_storage(storage: str | None):
+    """None: in memory. A URL (sqlite:///x.db): optuna's RDB storage. Anything else: a journal
+    file, which parallel writers cannot corrupt and optuna-dashboard opens too."""
+    if storage is None:
+        return None
+    if "://" in storage:
+        return storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(storage))
+
+
+def population_for(trials: int) -> int:
+    """About five generations for the trials asked, between 4 and optuna's default of 50."""
+    return max(4, min(50, trials // 5))
+
+
+def sweep_points(total: int, steps: int) -> list[int]:
+    return sorted({round(total * i / steps) for i in range(steps + 1)})
+
+
+class Search:
+    def __init__(self, profiler: Profiler, out: Path, *, gpu_budget: int | None = None,
+                 known: list[Path] = (), selection_seed: int = 0):
+        self.profiler, self.out, self.budget = profiler, Path(out), gpu_budget
+        self.selection_seed = selection_seed
+        spec = profiler.engine.spec
+        self.total = spec.num_layers * spec.num_experts
+        self.max_slots = 4 * spec.top_k
+        # every plan measured before, here or by `qos profile`, keyed by plan_id
+        self.rows: dict[str, dict] = {}
+        self.source: dict[str, str] = {}
+        for path in [*known, self.out]:
+            for row in read_profile(path).to_dict(orient="records"):
+                self.rows.setdefault(str(row["plan_id"]), row)
+        self.measured_here = 0
+
+    # --- one trial ------------------------------------------------------------------------------
+    def knobs(self, trial: optuna.Trial) -> Knobs:
+        return Knobs(
+            quantized=trial.suggest_int("quantized", 0, self.total),
+            bits=trial.suggest_categorical("bits", QUANT_BITS),
+            selection=trial.suggest_categorical("selection", list(SELECTIONS)),
+            gpu_experts=trial.suggest_int("gpu_experts", 0, self.total),
+            offload=trial.suggest_categorical("offload", list(OFFLOAD_MODES)),
+            cache_slots=trial.suggest_int("cache_slots", 1, self.max_slots),
+            seed=self.selection_seed,
+        )
+
+    def measure(self, knobs: Knobs) -> dict:
+        plan = self.profiler.plan(knobs)
+        if plan.plan_id not in self.rows:
+            row = self.profiler.measure(plan, knobs)
+            append_row(self.out, row)
+            self.rows[plan.plan_id] = row
+            self.measured_here += 1
+        return self.rows[plan.plan_id]
+
+    def objective(self, trial: optuna.Trial):
+        row = self.measure(self.knobs(trial))
+        ppl = [row[c] for c in (f"ppl_{d}" for d in self.profiler.settings.datasets)]
+        trial.set_user_attr("plan_id", str(row["plan_id"]))
+        if self.budget is not None:  # feasible when <= 0: NSGA-II ranks infeasible trials last
+            trial.set_constraint("gpu_budget", float(row["gpu_bytes"] - self.budget))
+        self.source.setdefault(str(row["plan_id"]), trial.user_attrs.get("source", "search"))
+        return float(row["decode_tok_s"]), float(sum(ppl) / len(ppl)), float(row["gpu_bytes"])
+
+    # --- the study ------------------------------------------------------------------------------
+    def sweep(self, steps: int) -> list[dict]:
+        """The paper's sweep as trial parameters: accelerator experts fill the budget (or all)."""
+        params = []
+        for q in sweep_points(self.total, steps):
+            knobs = Knobs(quantized=q, bits=4, gpu_budget=self.budget)
+            gpu = build_plan(self.profiler.engine.spec, knobs).gpu_experts
+            params.append({"quantized": q, "bits": 4, "selection": "random", "gpu_experts": gpu,
+                           "offload": "fetch", "cache_slots": 2 * self.profiler.engine.spec.top_k})
+        return params
+
+    def run(self, trials: int, *, seed: int = 0, storage: str | None = None, study_name: str = "moe-qos",
+            sweep_steps: int = 8, progress: bool = True) -> optuna.Study:
+        sampler = optuna.samplers.NSGAIISampler(population_size=population_for(trials), seed=seed)
+        study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler,
+                                    storage=open_storage(storage), study_name=study_name, load_if_exists=True)
+        if not study.trials:  # a resumed study already ran its sweep
+            for params in self.sweep(sweep_steps):
+                study.enqueue_trial(params, user_attrs={"source": "sweep"})
+        done = len([t for t in study.trials if t.state.is_finished()])
+        study.optimize(self.objective, n_trials=max(0, trials - done), show_progress_bar=progress)
+        return study
+
+    def write_front(self, study: optuna.Study) -> pd.DataFrame:
+        """Every row the study measured or reused, its source, and whether it is Pareto-optimal
+        (among the feasible ones, as optuna's best_trials)."""
+        best = {t.user_attrs["plan_id"] for t in study.best_trials}
+        ids = [t.user_attrs["plan_id"] for t in study.trials if "plan_id" in t.user_attrs]
+        for t in study.trials:  # sources of a resumed study come from its trials
+            if "plan_id" in t.user_attrs:
+                self.source.setdefault(t.user_attrs["plan_id"], t.user_attrs.get("source", "search"))
+        rows = [self.rows[i] for i in dict.fromkeys(ids) if i in self.rows]
+        df = pd.DataFrame(rows, columns=COLUMNS)
+        df["source"] = [self.source.get(str(i), "search") for i in df["plan_id"]]
+        df["pareto"] = df["plan_id"].astype(str).isin(best)
+        df.to_csv(self.out, index=False)
+        return df
