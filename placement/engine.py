@@ -81,6 +81,8 @@ class EngineExperts(nn.Module):
         # hidden_states [T, H]; top_k_index, top_k_weights [T, k]
         out = torch.zeros_like(hidden_states)
         counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)  # [E]
+        if self.engine.trace is not None:  # routing per token, for cache simulations
+            self.engine.trace.append((self.layer, top_k_index.detach().cpu()))
         self.engine.routed[self.layer] += counts.to(self.engine.routed.device)
         for e in counts.nonzero().flatten().tolist():  # the one host sync per layer
             # (k, T) order as in transformers, so per-row GEMMs see the same rows in the same order
@@ -141,6 +143,7 @@ class Engine:
         # expert -> routed inputs [n, H] and routing weights [n], while capturing (see record)
         self.capture: dict[ExpertId, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.capture_limit = 0
+        self.trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, top_k_index [T, k]) while tracing
 
         layout16 = self.layout(16, 64)
         for l, (_, block) in enumerate(self.adapter.moe_blocks(model)):

@@ -34,3 +34,22 @@ def test_search_needs_perplexity(capsys, tmp_path):
     assert main(["search", "--model", "tiny-random", "--trials", "2", "--out", str(tmp_path / "x.csv"),
                  "--datasets", ""]) == 2
     assert "needs perplexity" in capsys.readouterr().err
+
+
+def test_cost_model_adds_call_costs_and_simulates_the_fetch_lru():
+    from placement.plan import ExpertState, Plan
+    from profiler.costmodel import CostModel
+
+    trace = (((0, 1),), ((0, 2),), ((0, 1),))  # 3 tokens, 1 layer, top-2
+    model = CostModel(nonexpert_s=1.0, accel_s={16: 0.1, 4: 0.2}, host_s={16: 0.5, 4: 0.6},
+                      copy_bytes_per_s=100.0, trace=trace, expert_bytes={16: 100, 4: 30})
+    s = lambda bits, tier: ExpertState(bits, tier)  # noqa: E731
+    all_accel = Plan(((s(16, "accel"),) * 3,))
+    assert model.predict_s(all_accel) == pytest.approx(1.0 + 2 * 0.1)
+    mixed = Plan(((s(4, "accel"), s(16, "host"), s(16, "host")),), "fetch", 1)
+    # expert 0: 0.2 per call; experts 1, 2 share one slot: 1 miss, 2 miss, 1 miss -> 3 copies of 1 s
+    assert model.predict_s(mixed) == pytest.approx(1.0 + (3 * 0.2 + 3 * 0.1 + 3 * 1.0) / 3)
+    two_slots = Plan(mixed.states, "fetch", 2)  # 1 and 2 both stay: 2 misses
+    assert model.predict_s(two_slots) == pytest.approx(1.0 + (3 * 0.2 + 3 * 0.1 + 2 * 1.0) / 3)
+    on_cpu = Plan(mixed.states, "cpu")
+    assert model.predict_tok_s(on_cpu) == pytest.approx(1 / (1.0 + (3 * 0.2 + 3 * 0.5) / 3))

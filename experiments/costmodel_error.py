@@ -1,0 +1,73 @@
+"""How well does the cost model predict measured decode throughput? Calibrates it on this machine
+for a model, then for every plan of a profile measures decode tok/s again in the same process (these
+machines are noisy: compare side by side) and predicts it; prints the errors and writes a CSV.
+
+    python experiments/costmodel_error.py --model reference --profile experiments/results/profile_reference_cpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from placement.engine import Engine
+from placement.models import load_model
+from placement.plan import Knobs, build_plan
+from profiler.costmodel import decode_s, calibrate
+from profiler.data import calibration_text
+from profiler.selection import scores_for
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="reference")
+    p.add_argument("--profile", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="default: PROFILE with _costmodel.csv")
+    args = p.parse_args()
+
+    profile = pd.read_csv(args.profile)
+    loaded = load_model(args.model)
+    engine = Engine(loaded.model)
+    spec = engine.spec
+    calib = loaded.tokenizer.encode(calibration_text())
+    prompt = profile["prompt_tokens"].iloc[0]
+    new = int(profile["new_tokens"].iloc[0])
+
+    t = time.perf_counter()
+    model = calibrate(engine, calib[:prompt], calib, new_tokens=new)
+    print(f"calibrated in {time.perf_counter() - t:.1f}s: {model.as_dict()}")
+
+    rows, scores = [], {}
+    for r in profile.to_dict(orient="records"):
+        knobs = Knobs(quantized=int(r["quantized"]), bits=int(r["bits"]) if r["quantized"] else 4,
+                      selection=r["selection"], seed=int(r["seed"]), gpu_experts=int(r["gpu_experts"]),
+                      offload=r["offload"], cache_slots=int(r["cache_slots"]) or None, group_size=int(r["group_size"]))
+        key = (knobs.selection, knobs.bits)
+        if key not in scores:
+            scores[key] = scores_for(engine, args.model, knobs, calib)
+        plan = build_plan(spec, knobs, scores[key])
+        if plan.plan_id != r["plan_id"]:
+            raise SystemExit(f"plan {r['plan_id']} does not rebuild from its knobs (got {plan.plan_id})")
+        t = time.perf_counter()
+        predicted = model.predict_tok_s(plan)
+        predict_us = 1e6 * (time.perf_counter() - t)
+        measured = 1 / decode_s(engine, plan, calib[:prompt], new)[0]
+        rows.append({"plan_id": plan.plan_id, "quantized": plan.quantized, "bits": r["bits"],
+                     "gpu_experts": plan.gpu_experts, "offload": plan.offload, "measured_tok_s": measured,
+                     "profile_tok_s": r["decode_tok_s"], "predicted_tok_s": predicted,
+                     "error_%": 100 * (predicted / measured - 1), "predict_us": predict_us})
+    table = pd.DataFrame(rows)
+    print(table.round(2).to_string(index=False))
+    err = table["error_%"].abs()
+    print(f"\n|error| median {err.median():.1f}%, 90th percentile {err.quantile(0.9):.1f}%, "
+          f"within 15%: {(err <= 15).mean():.0%} of {len(table)} plans; prediction {table['predict_us'].median():.0f} us")
+    out = args.out or args.profile.with_name(args.profile.stem + "_costmodel.csv")
+    table.to_csv(out, index=False)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
