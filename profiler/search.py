@@ -57,7 +57,9 @@ class Search:
         self.rows: dict[str, dict] = {}
         self.source: dict[str, str] = {}
         for path in [*known, self.out]:
-            for row in read_profile(path).to_dict(orient="records"):
+            df = read_profile(path)
+            profiler.reuse_perplexity(df)
+            for row in df.to_dict(orient="records"):
                 self.rows.setdefault(str(row["plan_id"]), row)
         self.measured_here = 0
 

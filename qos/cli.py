@@ -202,10 +202,7 @@ def cmd_profile(args) -> dict:
     combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
     knob_sets = [Knobs(**{"seed": args.seed, **c}) for c in combos]  # bad knobs fail before measuring
     settings = profiler.settings
-    for _, r in done[done["seqlen"] == profiler.seqlen].iterrows():  # perplexity depends on precisions only
-        ppl = {f"ppl_{d}": r.get(f"ppl_{d}") for d in settings.datasets}
-        if all(v == v and v is not None for v in ppl.values()):  # no NaN
-            profiler.ppl_cache.setdefault(r["precision_id"], {**ppl, "ppl_note": r.get("ppl_note") or ""})
+    profiler.reuse_perplexity(done)
     seen = set(done["plan_id"].astype(str))
     measured = skipped = 0
     bar = tqdm(knob_sets, desc=f"profiling {args.model}", unit="plan", disable=args.quiet)

@@ -8,7 +8,7 @@ from placement.engine import Engine
 from placement.plan import Knobs
 from profiler.data import DATASETS, data_dir, eval_text
 from profiler.grid import parse_grid
-from profiler.perplexity import eval_windows, mean_nll, windows_consecutive, windows_random
+from profiler.perplexity import mean_nll, windows_consecutive, windows_random
 from profiler.profile import COLUMNS, Profiler, Settings, read_profile
 from qos.cli import main
 
