@@ -1,0 +1,109 @@
+"""Which plan to serve: the pure decision the controller makes every tick (no Ray, no tensors).
+
+From the measured plans whose accelerator bytes fit the budget, choose one that meets every active
+tenant's SLO; when none does, meet them in priority order and say which SLO is violated and by how
+much. Between plans that serve the tenants equally, `prefer` (quality or throughput) decides, and a
+switch away from the current plan must pay for itself: the gain has to beat a hysteresis margin
+plus a charge for the bytes the switch moves, so memory jitter does not make the plan flap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from qos.slo import SLOSpec, TenantSLO
+
+
+@dataclass(frozen=True)
+class Option:
+    plan_id: str
+    decode_tok_s: float
+    ppl: float
+    gpu_bytes: int
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    tenant: str
+    met: bool
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    option: Option
+    tenants: tuple[TenantStatus, ...]
+    fits: bool  # the chosen plan fits the budget
+    switch: bool  # differs from the current plan
+    reason: str
+
+    @property
+    def plan_id(self) -> str:
+        return self.option.plan_id
+
+    @property
+    def all_met(self) -> bool:
+        return all(t.met for t in self.tenants)
+
+
+def options_from_rows(rows: Iterable[dict]) -> list[Option]:
+    """Options from front/profile rows (`ppl` is the mean perplexity, see qos.pareto.with_ppl)."""
+    return [Option(str(r["plan_id"]), float(r["decode_tok_s"]), float(r["ppl"]), int(r["gpu_bytes"]))
+            for r in rows]
+
+
+def tenant_status(option: Option, tenant: TenantSLO, base_ppl: float) -> TenantStatus:
+    problems = []
+    if tenant.min_decode_tok_s is not None and option.decode_tok_s < tenant.min_decode_tok_s:
+        short = option.decode_tok_s / tenant.min_decode_tok_s - 1
+        problems.append(f"decode {option.decode_tok_s:.1f} tok/s is below {tenant.min_decode_tok_s:g} ({100 * short:+.0f}%)")
+    if tenant.max_ppl_increase is not None:
+        increase = option.ppl / base_ppl - 1
+        if increase > tenant.max_ppl_increase + 1e-12:
+            problems.append(f"perplexity {100 * increase:+.1f}% over 16-bit exceeds the allowed "
+                            f"{100 * tenant.max_ppl_increase:+.1f}%")
+    return TenantStatus(tenant.name, not problems, tuple(problems))
+
+
+def choose(options: list[Option], slos: SLOSpec, active: Iterable[str], budget_bytes: int,
+           current: str | None = None, *, base_ppl: float,
+           switch_bytes: Callable[[str], int] = lambda plan_id: 0,
+           hysteresis: float = 0.05, bytes_weight: float = 0.05) -> Decision:
+    """The plan to serve. `active`: tenants with queued or running requests; `switch_bytes(plan_id)`:
+    bytes a switch to that plan would move; a switch must gain more than `hysteresis` (relative,
+    in the preferred metric) plus `bytes_weight` x moved bytes / budget."""
+    if not options:
+        raise ValueError("no plans to choose from: the front is empty")
+    tenants = sorted((slos.tenant(n) for n in set(active)), key=lambda t: (-t.priority, t.name))
+    fitting = [o for o in options if o.gpu_bytes <= budget_bytes]
+    if not fitting:
+        smallest = min(options, key=lambda o: o.gpu_bytes)
+        return Decision(smallest, tuple(tenant_status(smallest, t, base_ppl) for t in tenants), False,
+                        smallest.plan_id != current,
+                        f"no plan fits the budget of {budget_bytes} bytes; the smallest needs {smallest.gpu_bytes}")
+
+    def met(o: Option) -> tuple[bool, ...]:  # highest priority first: lexicographic order ranks them
+        return tuple(tenant_status(o, t, base_ppl).met for t in tenants)
+
+    def preference(o: Option) -> tuple[float, float]:
+        return (-o.ppl, o.decode_tok_s) if slos.prefer == "quality" else (o.decode_tok_s, -o.ppl)
+
+    best = max(fitting, key=lambda o: (met(o), preference(o), -o.gpu_bytes))
+    now = next((o for o in fitting if o.plan_id == current), None)
+    if now is not None and now.plan_id != best.plan_id and met(now) == met(best):
+        if slos.prefer == "quality":
+            gain = (now.ppl - best.ppl) / now.ppl
+        else:
+            gain = (best.decode_tok_s - now.decode_tok_s) / now.decode_tok_s
+        charge = hysteresis + bytes_weight * switch_bytes(best.plan_id) / max(budget_bytes, 1)
+        if gain <= charge:
+            best, why = now, f"kept: switching would gain {100 * gain:.1f}% for a cost of {100 * charge:.1f}%"
+        else:
+            why = f"{slos.prefer} gain {100 * gain:.1f}% beats the switching cost {100 * charge:.1f}%"
+    elif now is not None and now.plan_id == best.plan_id:
+        why = "current plan is still the best"
+    else:
+        why = "meets every active SLO" if all(met(best)) else "best effort, by tenant priority"
+    status = tuple(tenant_status(best, t, base_ppl) for t in tenants)
+    return Decision(best, status, True, best.plan_id != current, why)
