@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -23,6 +24,17 @@ class _Clock(BaseStreamer):
 
     def end(self):
         pass
+
+
+class _EveryStep(StoppingCriteria):
+    """Never stops generation; calls `fn()` after each step, between two forward passes."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.fn()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -45,13 +57,14 @@ class Generation:
 @torch.no_grad()
 def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None,
                    warmup_tokens: int | None = None, after_warmup=None, batch_size: int = 1,
-                   fixed_length: bool = False) -> Generation:
+                   fixed_length: bool = False, between_steps=None) -> Generation:
     """Greedy generation of up to `max_new_tokens` after `prompt_ids` (the same prompt `batch_size`
     times), timed token by token; `fixed_length` ignores end-of-sequence for fixed-size runs.
 
     An untimed generation of `warmup_tokens` (default: as many as the timed one) runs first: first
     calls pick GPU kernels for every new shape (each cache length), which would otherwise be charged
-    to the measured run. `after_warmup()` runs between the two (to reset counters, say).
+    to the measured run. `after_warmup()` runs between the two (to reset counters, say);
+    `between_steps()` runs after every decode step of the timed run (to reconfigure, say).
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty after tokenization")
@@ -71,6 +84,8 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
         model.generate(input_ids, max_new_tokens=warmup_tokens, **kwargs)
     if after_warmup is not None:
         after_warmup()
+    if between_steps is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_EveryStep(between_steps)])
     out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=clock, **kwargs)
     new = out[0, input_ids.shape[1]:].tolist()
     t = clock.times  # [prompt, token 1, token 2, ...]

@@ -267,6 +267,96 @@ def cmd_plot(args) -> dict:
     return {"pictures": [str(p) for p in paths]}
 
 
+def read_prompts(path: str) -> list[dict]:
+    """A JSON-lines file of {"prompt": TEXT, "max_new_tokens": N?}; errors name the line."""
+    import json as _json
+
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read prompts file {path}: {err.strerror}") from None
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = _json.loads(line)
+        except _json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
+            raise ValueError(f'{path}:{i}: each line must be an object with a non-empty "prompt" string')
+        n = item.get("max_new_tokens", 32)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{path}:{i}: max_new_tokens must be a positive integer, got {n!r}")
+        prompts.append({"prompt": item["prompt"], "max_new_tokens": n})
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
+def cmd_serve(args) -> dict:
+    """Start the serving actor on a running Ray cluster and return; it keeps serving."""
+    from qos.slo import load_slos
+    from runtime import ray_actor
+
+    load_slos(args.slos)  # a bad file fails here, not inside the cluster
+    ray_actor.connect(args.address)
+    ray_actor.serve(args.model, args.front, args.slos, name=args.name,
+                    device=None if args.device == "auto" else args.device, tick_s=args.tick,
+                    free_bytes=args.free_memory, data=args.data)
+    return ray_actor.call(ray_actor.server(args.name), "status") | {"name": args.name}
+
+
+def cmd_status(args) -> dict:
+    from runtime import ray_actor
+
+    ray_actor.connect(args.address)
+    handle = ray_actor.server(args.name)
+    if args.set_free_memory is not None:
+        ray_actor.call(handle, "set_free_memory", args.set_free_memory)
+        ray_actor.call(handle, "tick")
+    return ray_actor.call(handle, "status")
+
+
+def cmd_submit(args) -> dict:
+    """Send a tenant's prompts to the server; one result per prompt, in order."""
+    import json as _json
+
+    import ray
+
+    from runtime import ray_actor
+
+    prompts = read_prompts(args.prompts)
+    ray_actor.connect(args.address)
+    handle = ray_actor.server(args.name)
+    ray_actor.call(handle, "status")  # reachable
+    refs = [handle.generate.remote(args.tenant, p["prompt"], p["max_new_tokens"]) for p in prompts]
+    results = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as err:
+            cause = err.as_instanceof_cause()
+            if isinstance(cause, ValueError):
+                raise ValueError(str(cause).strip().splitlines()[-1]) from None
+            raise
+    lines = "\n".join(_json.dumps(r) for r in results) + "\n"
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        print(lines, end="")
+    return {"tenant": args.tenant, "answered": len(results), "out": args.out}
+
+
+def cmd_stop(args) -> dict:
+    from runtime import ray_actor
+
+    ray_actor.connect(args.address)
+    ray_actor.stop(args.name)
+    return {"stopped": args.name}
+
+
 def cmd_demo(args) -> dict:
     """Load a model, serve it under three plans in turn, and show what each switch moved."""
     from placement.engine import Engine
@@ -358,6 +448,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-steps", type=int, default=8, help="points of the paper's sweep enqueued first")
     p.set_defaults(func=cmd_search)
 
+    ray_common = argparse.ArgumentParser(add_help=False)
+    ray_common.add_argument("--name", default="moe-qos", help="the server actor's name")
+    ray_common.add_argument("--address", help="Ray cluster address (default: auto, a local `ray start --head`)")
+    ray_common.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve", parents=[common, ray_common], help="start the serving actor on a Ray cluster")
+    p.add_argument("--model", required=True)
+    p.add_argument("--front", required=True, help="a front or profile CSV of measured plans")
+    p.add_argument("--slos", required=True, help="tenant SLOs (YAML)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
+    p.add_argument("--free-memory", type=_bytes, help="simulated free accelerator memory (CPU machines, tests)")
+    p.add_argument("--data", help="data folder, for calibration text of scored selections")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", parents=[common, ray_common], help="the server's plan, budget, tenants and history")
+    p.add_argument("--set-free-memory", type=_bytes, help="simulate this much free accelerator memory, then tick")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("submit", parents=[common, ray_common], help="send a tenant's prompts (JSON lines) to the server")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--prompts", required=True, help='JSON lines: {"prompt": "...", "max_new_tokens": 32}')
+    p.add_argument("--out", help="results as JSON lines (default: stdout)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("stop", parents=[common, ray_common], help="stop the server actor")
+    p.set_defaults(func=cmd_stop)
+
     p = sub.add_parser("front", parents=[common], help="print the Pareto-optimal plans of a profile or search file")
     p.add_argument("file")
     p.add_argument("--objectives", default="decode_tok_s:max,ppl:min,gpu_bytes:min",
@@ -403,6 +521,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         print(json.dumps(result, default=str))
-    elif args.command not in ("demo", "front", "plot"):
+    elif args.command not in ("demo", "front", "plot", "submit"):
         _print_human(result)
     return 0

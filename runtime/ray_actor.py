@@ -1,0 +1,66 @@
+"""The one module that imports ray: the Server as a named, detached Ray actor, and its clients."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+NAMESPACE = "moe-qos"
+DEFAULT_NAME = "moe-qos"
+
+
+def connect(address: str | None = None) -> None:
+    """Join a running Ray cluster (`ray start --head`; "auto" finds a local one)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
+    except ConnectionError as err:
+        raise ValueError(f"no Ray cluster at {address or 'auto'}: start one with `ray start --head` "
+                         f"(and RAY_AUTH_MODE=disabled for local use), or pass --address ({err})") from None
+
+
+def serve(model: str, front: str, slos: str, *, name: str = DEFAULT_NAME, device: str | None = None,
+          tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None, num_gpus: float | None = None):
+    """Start the server actor (detached: it outlives this process) and wait until it serves."""
+    from runtime.server import Server
+
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        pass  # the name is free
+    else:
+        raise ValueError(f"a server named {name!r} is already running; stop it or pick another --name")
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device != "cpu" else 0
+    actor_cls = ray.remote(Server).options(name=name, namespace=NAMESPACE, lifetime="detached",
+                                           max_concurrency=64, num_gpus=num_gpus, num_cpus=1)
+    handle = actor_cls.remote(model, front, slos, device=device, tick_s=tick_s, free_bytes=free_bytes, data=data)
+    ray.get(handle.ready.remote())
+    return handle
+
+
+def server(name: str = DEFAULT_NAME):
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        raise ValueError(f"no server named {name!r} in namespace {NAMESPACE!r}: start one with `qos serve`") from None
+
+
+def call(handle, method: str, *args, **kwargs):
+    """A remote call whose errors come back as the server raised them (ValueError for bad input)."""
+    try:
+        return ray.get(getattr(handle, method).remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as err:
+        cause = err.as_instanceof_cause()
+        raise (ValueError(str(cause.__cause__ or cause).splitlines()[-1]) if isinstance(cause, ValueError) else cause) from None
+
+
+def stop(name: str = DEFAULT_NAME) -> None:
+    handle = server(name)
+    try:
+        ray.get(handle.stop.remote())
+    finally:
+        ray.kill(handle)

@@ -1,0 +1,111 @@
+"""The serving loop and controller without Ray: requests answered across reconfigurations, SLO
+reloads (bad files rejected), memory squeezes."""
+
+import time
+
+import pandas as pd
+import pytest
+
+from qos.cli import main
+from runtime.server import Server
+from tests.test_profiler import needs_data
+
+SLOS = """
+tenants:
+  - name: interactive
+    min_decode_tok_s: 1
+    max_ppl_increase: 0.5
+    priority: 2
+  - name: batch
+    max_ppl_increase: 0.5
+    priority: 1
+prefer: {prefer}
+"""
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory):
+    path = tmp_path_factory.mktemp("front") / "front.csv"
+    assert main(["profile", "--model", "tiny-random", "--grid", "quantized=0,8,16;bits=4;gpu_experts=0,8,16",
+                 "--out", str(path), "--max-windows", "1", "--seqlen", "32", "--new-tokens", "3",
+                 "--repeats", "1", "--quiet"]) == 0
+    return path
+
+
+@needs_data
+def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp_path):
+    slos = tmp_path / "slos.yaml"
+    slos.write_text(SLOS.format(prefer="quality"))
+    server = Server("tiny-random", str(front), str(slos), device="cpu", tick_s=3600)  # ticks by hand
+    try:
+        df = pd.read_csv(front)
+        assert server.status()["plan"]["quantized"] == 0  # nobody active, quality preferred, no pressure
+
+        futures = [server.submit(t, "hello moe", 12) for t in ("interactive", "batch") * 3]
+        slos.write_text(SLOS.format(prefer="throughput"))
+        time.sleep(0.01)
+        server.tick()
+        smallest = int(df["gpu_bytes"].min())
+        server.set_free_memory(smallest - server.engine.memory()["gpu_bytes"] + 1)  # room for the smallest plan only
+        server.tick()
+        results = [f.result(timeout=120) for f in futures]
+        assert len(results) == 6 and all(r["new_tokens"] == 12 for r in results)
+        server.tick()
+        server._apply_pending()
+        status = server.status()
+        assert status["plan"]["gpu_bytes"] <= smallest
+        assert status["history"] and status["history"][-1]["to"] == status["plan_id"]
+        assert {r["plan_id"] for r in results} <= set(server.plans)
+
+        slos.write_text("tenants: [{name: x, priority: high}]")
+        time.sleep(0.01)
+        server.tick()
+        assert server.status()["slo_rejections"][-1]["error"].endswith("must be an integer, got 'high'")
+        assert server.slos.prefer == "throughput"  # the good SLOs stay
+
+        with pytest.raises(Exception, match="unknown tenant 'nobody'"):
+            server.submit("nobody", "hi")
+    finally:
+        server.stop()
+
+
+@needs_data
+@pytest.mark.ray
+def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front, tmp_path, monkeypatch):
+    import shutil
+    import tempfile
+
+    import ray
+
+    from runtime import ray_actor
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    slos = tmp_path / "slos.yaml"
+    slos.write_text(SLOS.format(prefer="quality"))
+    ray.init(num_cpus=4, namespace=ray_actor.NAMESPACE, _temp_dir=temp, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        handle = ray_actor.serve("tiny-random", str(front), str(slos), name="test-server", device="cpu", tick_s=0.5)
+        start = ray_actor.call(handle, "status")
+        assert start["plan"]["quantized"] == 0
+        refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
+        slos.write_text(SLOS.format(prefer="throughput"))
+        smallest = int(pd.read_csv(front)["gpu_bytes"].min())
+        ray_actor.call(handle, "set_free_memory", smallest - start["memory"]["gpu_bytes"] + 1)
+        time.sleep(1.2)  # two ticks
+        squeezed = ray_actor.call(handle, "status")
+        results = ray.get(refs, timeout=120)
+        assert len(results) == 8 and all(r["new_tokens"] == 16 for r in results)
+        after = ray_actor.call(handle, "status")
+        assert after["plan"]["gpu_bytes"] <= smallest and after["history"]
+        assert squeezed["ticks"] >= start["ticks"] + 2 and squeezed["prefer"] == "throughput"
+        with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
+            ray_actor.call(handle, "generate", "nobody", "hi")
+    finally:
+        try:
+            ray_actor.stop("test-server")
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
