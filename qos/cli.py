@@ -329,7 +329,9 @@ def cmd_submit(args) -> dict:
     prompts = read_prompts(args.prompts)
     ray_actor.connect(args.address)
     handle = ray_actor.server(args.name)
-    ray_actor.call(handle, "status")  # reachable
+    tenants = [t["name"] for t in ray_actor.call(handle, "status")["tenants"]]
+    if args.tenant not in tenants:  # the job fails at once, naming the tenants the server knows
+        raise ValueError(f"unknown tenant {args.tenant!r}; the server's tenants: {', '.join(tenants)}")
     refs = [handle.generate.remote(args.tenant, p["prompt"], p["max_new_tokens"]) for p in prompts]
     results = []
     for ref in refs:

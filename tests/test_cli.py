@@ -57,3 +57,18 @@ def test_bad_byte_count_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--gpu-budget", "lots"])
     assert "not a byte count: 'lots'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "hi"}\nnot json\n', "p.jsonl:2: not JSON"),
+    ('{"text": "hi"}\n', 'p.jsonl:1: each line must be an object with a non-empty "prompt" string'),
+    ('{"prompt": "hi", "max_new_tokens": 0}\n', "p.jsonl:1: max_new_tokens must be a positive integer, got 0"),
+    ("\n\n", "has no prompts"),
+])
+def test_malformed_prompt_files_name_the_line(tmp_path, content, message):
+    from qos.cli import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read_prompts(str(path))
