@@ -360,40 +360,12 @@ def cmd_stop(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    """Load a model, serve it under three plans in turn, and show what each switch moved."""
-    from placement.engine import Engine
-    from placement.models import REFERENCE_DIR, load_model
-    from placement.plan import Knobs, build_plan
-    from profiler.throughput import timed_generate
+    """The whole loop: profile, front, serve, two tenants' jobs, an SLO change, a memory squeeze."""
+    from placement.models import REFERENCE_DIR
+    from runtime.demo import run
 
     model = args.model or ("reference" if (REFERENCE_DIR / "config.json").exists() else "tiny-random")
-    device, dtype = _device_and_dtype(args)
-    loaded = load_model(model, dtype=dtype, device=device)
-    engine = Engine(loaded.model, accel=device)
-    spec = engine.spec
-    total = spec.num_layers * spec.num_experts
-    plans = {
-        "all 16-bit on the accelerator": Knobs(),
-        f"half the experts 4-bit, {total // 2} experts on the host (fetch)":
-            Knobs(quantized=total // 2, bits=4, gpu_experts=total // 2),
-        "all 16-bit again (nothing re-quantized)": Knobs(),
-    }
-    print(f"model {model}: {spec.num_layers} MoE layers x {spec.num_experts} experts, on {engine.accel}")
-    rows = []
-    for label, knobs in plans.items():
-        plan = build_plan(spec, knobs)
-        report = engine.apply(plan)
-        gen = timed_generate(loaded.model, loaded.tokenizer.encode(args.prompt), args.max_new_tokens,
-                             eos_token_id=loaded.tokenizer.eos_token_id, after_warmup=engine.reset_stats)
-        s = plan.summary(spec)
-        print(f"\n== {label}  (plan {plan.plan_id})")
-        print(f"   moved {report.moves} experts ({report.bytes_to_accel / 2**20:.1f} MiB to the accelerator, "
-              f"{report.requantized} quantized) in {report.seconds:.3f}s; accelerator {s['gpu_bytes'] / 2**20:.1f} MiB, "
-              f"host {s['host_bytes'] / 2**20:.1f} MiB")
-        print(f"   {gen.decode_tok_s or 0:.1f} tok/s: {args.prompt!r} -> {loaded.tokenizer.decode(gen.ids)!r}")
-        rows.append({"label": label, "plan_id": plan.plan_id, "decode_tok_s": gen.decode_tok_s,
-                     "moved": report.moves, "requantized": report.requantized})
-    return {"model": model, "steps": rows}
+    return run(model, None if args.device == "auto" else args.device)
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -497,9 +469,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="the whole loop on the reference model")
     p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
-    p.add_argument("--prompt", default="The company said")
-    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -1,1 +1,1 @@
-"""The Ray serving runtime (request queue, live reconfiguration, RPC); see the runtime issue."""
+"""The serving runtime: the request loop and controller, and the Ray actor around them."""

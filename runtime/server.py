@@ -71,8 +71,9 @@ class Server:
         quality = [r["ppl"] for r in rows if int(r["quantized"]) == 0] or [min(r["ppl"] for r in rows)]
         self.base_ppl = min(quality)
         self.tick_s, self.hysteresis = tick_s, hysteresis
-        # CUDA reports free memory itself; elsewhere a settable value stands in for it (tests, CPU)
-        self.free_override = free_bytes
+        # CUDA reports free memory itself; elsewhere (tests, CPU) a simulated device stands in: the
+        # memory the server may use in all, of which what it holds is not free
+        self.capacity_override = None
         self.lock = threading.RLock()
         self.requests: queue.Queue = queue.Queue()
         self.waiting: dict[str, int] = {}  # tenant -> queued or running requests
@@ -83,22 +84,26 @@ class Server:
         self.last_decision = None
         self.ticks = 0
         self.running = True
+        self.set_free_memory(free_bytes)
         self.tick()  # choose and apply the first plan before serving
         self._apply_pending()
         threading.Thread(target=self._serve, daemon=True, name="serve").start()
         threading.Thread(target=self._control, daemon=True, name="control").start()
 
     # --- the controller -----------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        return self.engine.memory()["gpu_bytes"] if self.engine.plan is not None else 0
+
     def free_bytes(self) -> int:
-        if self.free_override is not None:
-            return self.free_override
+        if self.capacity_override is not None:
+            return self.capacity_override - self.held_bytes()
         if self.engine.on_cuda:
             return torch.cuda.mem_get_info(self.engine.accel)[0]
         return 2 * max(o.gpu_bytes for o in self.options)  # no pressure unless told otherwise
 
     def budget(self) -> int:
-        held = self.engine.memory()["gpu_bytes"] if self.engine.plan is not None else 0
-        return self.free_bytes() - self.slos.reserve_bytes + held
+        """What a plan may take: free memory less the reserve, plus what the server holds now."""
+        return self.free_bytes() - self.slos.reserve_bytes + self.held_bytes()
 
     def _reload_slos(self) -> None:
         mtime = self.slo_path.stat().st_mtime
@@ -210,8 +215,10 @@ class Server:
 
     # --- RPC ----------------------------------------------------------------------------------
     def set_free_memory(self, free_bytes: int | None) -> None:
-        """Simulate (or stop simulating) the free accelerator memory the controller sees."""
-        self.free_override = None if free_bytes is None else int(free_bytes)
+        """Simulate (None: stop simulating) a device with `free_bytes` free now; memory the server
+        releases or takes later changes what is free, as on a real device."""
+        with self.lock:
+            self.capacity_override = None if free_bytes is None else int(free_bytes) + self.held_bytes()
 
     def status(self) -> dict:
         with self.lock:

@@ -1,0 +1,102 @@
+"""`qos demo`: the whole loop on the reference model, on a local Ray cluster started for it.
+
+A small profile, its front, a server under two tenants' SLOs, both tenants' jobs, an SLO change and
+a simulated squeeze of accelerator memory, with the server's status after each step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+SLOS = """\
+tenants:
+  - name: interactive
+    min_decode_tok_s: {floor}
+    max_ppl_increase: 0.25
+    priority: 2
+  - name: batch
+    max_ppl_increase: 0.02
+    priority: 1
+gpu:
+  reserve_gib: 0
+prefer: {prefer}
+"""
+PROMPTS = ["The company said", "Stocks fell sharply as", "In the first quarter", "The new law will"]
+
+
+def _show(step: str, status: dict) -> None:
+    plan = status["plan"]
+    print(f"\n== {step}")
+    print(f"   plan {status['plan_id']}: {plan['quantized']} of {plan['experts_total']} experts quantized "
+          f"(bits {plan['bits']}), {plan['gpu_experts']} on the accelerator, {plan['gpu_bytes'] / 2**20:.1f} MiB; "
+          f"budget {status['budget_bytes'] / 2**20:.1f} MiB")
+    print(f"   decision: {status['last_decision']}")
+    for t in status["tenants"]:
+        measured = "-" if t["measured_decode_tok_s"] is None else f"{t['measured_decode_tok_s']:.0f} tok/s"
+        state = "meets its SLO" if t["plan_meets_slo"] else ("; ".join(t["problems"]) or "idle")
+        print(f"   {t['name']:<12} active={t['active']!s:<5} measured {measured:<10} {state}")
+    for h in status["history"][-2:]:
+        print(f"   moved {h['experts_moved']} experts, {h['bytes_to_accel'] / 2**20:.1f} MiB in {h['seconds']:.3f}s: {h['reason']}")
+
+
+def run(model: str, device: str | None) -> dict:
+    import ray
+
+    from qos.cli import main as qos
+    from runtime import ray_actor
+
+    work = Path(tempfile.mkdtemp(prefix="qos-demo-"))
+    profile, slos = work / "profile.csv", work / "slos.yaml"
+    print(f"[1] profiling {model} (a small grid, 2 perplexity windows per dataset) -> {profile}")
+    qos(["profile", "--model", model, "--grid", "quantized=0,50%,100%;bits=4,2;gpu_experts=25%,100%",
+         "--out", str(profile), "--max-windows", "2", "--new-tokens", "16", "--repeats", "1", "--quiet",
+         *(["--device", device] if device else [])])
+    print("\n[2] the front")
+    qos(["front", str(profile)])
+
+    slos.write_text(SLOS.format(floor=20, prefer="quality"))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(namespace=ray_actor.NAMESPACE, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
+    try:
+        handle = ray_actor.serve(model, str(profile), str(slos), name="qos-demo", device=device, tick_s=0.5)
+        _show("[3] serving (nobody active yet: best quality that fits)", ray_actor.call(handle, "status"))
+
+        # enough work (about 10 s) that both tenants stay active through the changes below
+        refs = [handle.generate.remote(t, p, 48) for _ in range(6) for p in PROMPTS for t in ("interactive", "batch")]
+        time.sleep(1.0)
+        _show("[4] two tenants' jobs running", ray_actor.call(handle, "status"))
+
+        # a co-tenant takes the accelerator: leave room for the second-smallest plan only
+        sizes = sorted(pd.read_csv(profile)["gpu_bytes"].unique())
+        held = ray_actor.call(handle, "status")["memory"]["gpu_bytes"]
+        ray_actor.call(handle, "set_free_memory", int(sizes[1]) - held + 2**16)
+        time.sleep(1.2)
+        _show(f"[5] memory squeeze: the budget holds at most {sizes[1] / 2**20:.1f} MiB", ray_actor.call(handle, "status"))
+
+        slos.write_text(SLOS.format(floor=20, prefer="quality").replace("max_ppl_increase: 0.02", "max_ppl_increase: 0.001"))
+        time.sleep(1.2)
+        _show("[6] SLO change: batch now allows only +0.1% perplexity", ray_actor.call(handle, "status"))
+
+        ray_actor.call(handle, "set_free_memory", None)  # the co-tenant is gone
+        time.sleep(1.2)
+        _show("[7] memory freed", ray_actor.call(handle, "status"))
+
+        results = ray.get(refs)
+        print(f"\n   {len(results)} of {len(refs)} requests answered, served by plans "
+              f"{sorted({pid for r in results for pid in r['plan_ids']})}")
+        print(f"   e.g. {results[0]['tenant']}: {results[0]['prompt']!r} -> {results[0]['text']!r}")
+        final = ray_actor.call(handle, "status")
+        return {"answered": len(results), "requests": len(refs), "reconfigurations": len(final["history"]) - 1}
+    finally:
+        try:
+            ray_actor.stop("qos-demo")
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
