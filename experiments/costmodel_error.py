@@ -15,9 +15,10 @@ import pandas as pd
 
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import Knobs, build_plan
+from placement.plan import build_plan
 from profiler.costmodel import decode_s, calibrate
 from profiler.data import calibration_text
+from profiler.profile import knobs_from_row
 from profiler.selection import scores_for
 
 
@@ -42,9 +43,7 @@ def main() -> None:
 
     rows, scores = [], {}
     for r in profile.to_dict(orient="records"):
-        knobs = Knobs(quantized=int(r["quantized"]), bits=int(r["bits"]) if r["quantized"] else 4,
-                      selection=r["selection"], seed=int(r["seed"]), gpu_experts=int(r["gpu_experts"]),
-                      offload=r["offload"], cache_slots=int(r["cache_slots"]) or None, group_size=int(r["group_size"]))
+        knobs = knobs_from_row(r)
         key = (knobs.selection, knobs.bits)
         if key not in scores:
             scores[key] = scores_for(engine, args.model, knobs, calib)

@@ -183,6 +183,14 @@ class Profiler:
 
 
 # --- the profile file ------------------------------------------------------------------------------
+def knobs_from_row(row: dict) -> Knobs:
+    """The knobs that rebuild a row's plan (with the same selection scores)."""
+    return Knobs(quantized=int(row["quantized"]), bits=int(row["bits"]) if row["quantized"] else 4,
+                 selection=row["selection"], seed=int(row["seed"]), gpu_experts=int(row["gpu_experts"]),
+                 offload=row["offload"], cache_slots=int(row["cache_slots"]) or None,
+                 group_size=int(row["group_size"]))
+
+
 def read_profile(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:

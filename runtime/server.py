@@ -23,8 +23,9 @@ import torch
 
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import Knobs, Plan, build_plan
+from placement.plan import Plan, build_plan
 from profiler.data import calibration_text
+from profiler.profile import knobs_from_row
 from profiler.selection import scores_for
 from profiler.throughput import timed_generate
 from qos.pareto import with_ppl
@@ -38,10 +39,7 @@ def plans_from_front(engine: Engine, model: str, rows: list[dict], calib_ids) ->
     """Rebuild every measured plan from its knobs, checking it is the plan that was measured."""
     plans, scores = {}, {}
     for r in rows:
-        knobs = Knobs(quantized=int(r["quantized"]), bits=int(r["bits"]) if r["quantized"] else 4,
-                      selection=r["selection"], seed=int(r["seed"]), gpu_experts=int(r["gpu_experts"]),
-                      offload=r["offload"], cache_slots=int(r["cache_slots"]) or None,
-                      group_size=int(r["group_size"]))
+        knobs = knobs_from_row(r)
         key = (knobs.selection, knobs.bits, knobs.group_size)
         if knobs.selection != "random" and key not in scores:
             scores[key] = scores_for(engine, model, knobs, calib_ids())
