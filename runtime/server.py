@@ -46,7 +46,7 @@ def plans_from_front(engine: Engine, model: str, rows: list[dict], calib_ids) ->
         plan = build_plan(engine.spec, knobs, scores.get(key))
         if plan.plan_id != str(r["plan_id"]):
             raise ValueError(f"plan {r['plan_id']} of the front does not rebuild on model {model!r} "
-                             f"(got {plan.plan_id}): was the front measured on another model?")
+                             f"(got {plan.plan_id}): was the front measured on another model, or with other selection scores?")
         plans[plan.plan_id] = plan
     return plans
 
