@@ -252,7 +252,8 @@ class Engine:
             del self.resident[eid]
             evicted += 1
         n_slots, slot_bytes = plan.slots_used(), plan.slot_nbytes(self.spec)
-        if len(self.slots) != n_slots or (self.slots and self.slots[0].numel() != slot_bytes):
+        # cached slots hold (expert, bits) at the old group size: keep them only if that is unchanged
+        if base is None or len(self.slots) != n_slots or (self.slots and self.slots[0].numel() != slot_bytes):
             self.slots, self.slot_views = [], []
             self.lru.clear()
         else:  # keep cached slots whose expert is still fetched at the same precision

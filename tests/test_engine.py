@@ -169,3 +169,17 @@ def test_running_without_a_plan_or_with_a_foreign_plan_is_a_clear_error(fresh, t
 
 def test_expert_ids_are_ordered():
     assert sorted([ExpertId(1, 0), ExpertId(0, 7)]) == [ExpertId(0, 7), ExpertId(1, 0)]
+
+
+def test_changing_the_group_size_rebuilds_every_quantized_expert(fresh, tokens):
+    model, _ = fresh()
+    engine = Engine(model)
+    g64 = build_plan(engine.spec, Knobs(quantized=16, bits=4, gpu_experts=8, cache_slots=16))
+    g32 = build_plan(engine.spec, Knobs(quantized=16, bits=4, gpu_experts=8, cache_slots=16, group_size=32))
+    engine.apply(g64)
+    logits(model, tokens)  # fills the fetch slots with group-64 variants
+    engine.apply(g32)
+    switched = logits(model, tokens)
+    other, _ = fresh()
+    Engine(other).apply(g32)
+    assert torch.equal(switched, logits(other, tokens))

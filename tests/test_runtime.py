@@ -93,15 +93,20 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
         refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
         slos.write_text(SLOS.format(prefer="throughput"))
         smallest = int(pd.read_csv(front)["gpu_bytes"].min())
+        at_squeeze = ray_actor.call(handle, "status")["ticks"]
         ray_actor.call(handle, "set_free_memory", smallest - start["memory"]["gpu_bytes"] + 1)
-        time.sleep(1.2)  # two ticks
-        squeezed = ray_actor.call(handle, "status")
+        deadline = time.time() + 10
+        while time.time() < deadline:  # poll: how many controller ticks until the plan shrinks?
+            squeezed = ray_actor.call(handle, "status")
+            if squeezed["plan"]["gpu_bytes"] <= smallest:
+                break
+            time.sleep(0.05)
+        assert squeezed["plan"]["gpu_bytes"] <= smallest and squeezed["ticks"] - at_squeeze <= 2
+        assert squeezed["prefer"] == "throughput"  # the new SLO file was read
         results = ray.get(refs, timeout=120)
         assert len(results) == 8 and all(r["new_tokens"] == 16 for r in results)
         after = ray_actor.call(handle, "status")
-        assert after["plan"]["gpu_bytes"] <= smallest and after["history"]
-        assert squeezed["ticks"] <= start["ticks"] + 3  # about two ticks later ...
-        assert squeezed["plan"]["gpu_bytes"] <= smallest and squeezed["prefer"] == "throughput"  # ... it shrank
+        assert after["plan"]["gpu_bytes"] <= smallest and after["history"][-1]["to"] == after["plan_id"]
         with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
             ray_actor.call(handle, "generate", "nobody", "hi")
     finally:
