@@ -174,8 +174,10 @@ def test_expert_ids_are_ordered():
 def test_changing_the_group_size_rebuilds_every_quantized_expert(fresh, tokens):
     model, _ = fresh()
     engine = Engine(model)
-    g64 = build_plan(engine.spec, Knobs(quantized=16, bits=4, gpu_experts=8, cache_slots=16))
-    g32 = build_plan(engine.spec, Knobs(quantized=16, bits=4, gpu_experts=8, cache_slots=16, group_size=32))
+    # host experts at 16 and 4 bits: the slots are sized for 16-bit ones whatever the group size
+    g64 = build_plan(engine.spec, Knobs(quantized=12, bits=4, gpu_experts=4, cache_slots=16))
+    g32 = build_plan(engine.spec, Knobs(quantized=12, bits=4, gpu_experts=4, cache_slots=16, group_size=32))
+    assert g64.slot_nbytes(engine.spec) == g32.slot_nbytes(engine.spec)
     engine.apply(g64)
     logits(model, tokens)  # fills the fetch slots with group-64 variants
     engine.apply(g32)
