@@ -47,9 +47,11 @@ def sweep_points(total: int, steps: int) -> list[int]:
 
 class Search:
     def __init__(self, profiler: Profiler, out: Path, *, gpu_budget: int | None = None,
-                 known: list[Path] = (), selection_seed: int = 0):
+                 known: list[Path] = (), selection_seed: int = 0, cost=None, margin: float = 0.15):
         self.profiler, self.out, self.budget = profiler, Path(out), gpu_budget
         self.selection_seed = selection_seed
+        self.cost, self.margin = cost, margin  # a profiler.costmodel.CostModel screens candidates
+        self.screened_out = 0
         spec = profiler.engine.spec
         self.total = spec.num_layers * spec.num_experts
         self.max_slots = 4 * spec.top_k
@@ -84,14 +86,42 @@ class Search:
             self.measured_here += 1
         return self.rows[plan.plan_id]
 
+    def _ppl(self, row: dict) -> float:
+        return sum(row[f"ppl_{d}"] for d in self.profiler.settings.datasets) / len(self.profiler.settings.datasets)
+
+    def screened(self, plan) -> tuple[float, float] | None:
+        """With a cost model: (predicted tok/s, optimistic ppl) when a measured plan beats this one
+        even so (faster by the margin, no more bytes, no worse perplexity); None: worth measuring."""
+        if self.cost is None or not self.rows:
+            return None
+        tok_s = self.cost.predict_tok_s(plan)
+        cached = self.profiler.ppl_cache.get(plan.precision_id)
+        measured = [(float(r["decode_tok_s"]), self._ppl(r), int(r["gpu_bytes"])) for r in self.rows.values()]
+        # without its perplexity, assume the best any measured plan reached
+        ppl = self._ppl(cached) if cached else min(p for _, p, _ in measured)
+        bytes_ = plan.gpu_bytes(self.profiler.engine.spec)
+        for t, p, b in measured:
+            if t >= tok_s * (1 + self.margin) and p <= ppl and b <= bytes_:
+                return tok_s, ppl
+        return None
+
     def objective(self, trial: optuna.Trial):
-        row = self.measure(self.knobs(trial))
-        ppl = [row[c] for c in (f"ppl_{d}" for d in self.profiler.settings.datasets)]
+        knobs = self.knobs(trial)
+        plan = self.profiler.plan(knobs)
+        if plan.plan_id not in self.rows and trial.user_attrs.get("source") != "sweep":
+            guess = self.screened(plan)
+            if guess is not None:  # told to the sampler, never written as a measurement
+                trial.set_user_attr("screened", True)
+                self.screened_out += 1
+                if self.budget is not None:
+                    trial.set_constraint("gpu_budget", float(plan.gpu_bytes(self.profiler.engine.spec) - self.budget))
+                return guess[0], guess[1], float(plan.gpu_bytes(self.profiler.engine.spec))
+        row = self.measure(knobs)
         trial.set_user_attr("plan_id", str(row["plan_id"]))
         if self.budget is not None:  # feasible when <= 0: NSGA-II ranks infeasible trials last
             trial.set_constraint("gpu_budget", float(row["gpu_bytes"] - self.budget))
         self.source.setdefault(str(row["plan_id"]), trial.user_attrs.get("source", "search"))
-        return float(row["decode_tok_s"]), float(sum(ppl) / len(ppl)), float(row["gpu_bytes"])
+        return float(row["decode_tok_s"]), self._ppl(row), float(row["gpu_bytes"])
 
     # --- the study ------------------------------------------------------------------------------
     def sweep(self, steps: int) -> list[dict]:
@@ -119,7 +149,7 @@ class Search:
     def write_front(self, study: optuna.Study) -> pd.DataFrame:
         """Every row the study measured or reused, its source, and whether it is Pareto-optimal
         (among the feasible ones, as optuna's best_trials)."""
-        best = {t.user_attrs["plan_id"] for t in study.best_trials}
+        best = {t.user_attrs["plan_id"] for t in study.best_trials if "plan_id" in t.user_attrs}
         ids = [t.user_attrs["plan_id"] for t in study.trials if "plan_id" in t.user_attrs]
         for t in study.trials:  # sources of a resumed study come from its trials
             if "plan_id" in t.user_attrs:

@@ -179,13 +179,19 @@ def cmd_search(args) -> dict:
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
     profiler = _profiler(args)
+    cost = None
+    if args.screen:
+        from profiler.costmodel import calibrate
+
+        cost = calibrate(profiler.engine, profiler.prompt, profiler.calib_ids(), new_tokens=args.new_tokens)
+        log.info("cost model: %s", cost.as_dict())
     search = Search(profiler, args.out, gpu_budget=args.gpu_budget, known=args.profile or [],
-                    selection_seed=args.seed)
+                    selection_seed=args.seed, cost=cost, margin=args.screen_margin)
     study = search.run(args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
                        sweep_steps=args.sweep_steps, progress=not args.quiet)
     df = search.write_front(study)
     return {"out": args.out, "trials": len(study.trials), "plans": len(df), "measured_now": search.measured_here,
-            "pareto_optimal": int(df["pareto"].sum())}
+            "screened_out": search.screened_out, "pareto_optimal": int(df["pareto"].sum())}
 
 
 def cmd_profile(args) -> dict:
@@ -420,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes: a constraint of the search")
     p.add_argument("--profile", action="append", help="profile CSV whose measurements are reused (repeatable)")
     p.add_argument("--sweep-steps", type=int, default=8, help="points of the paper's sweep enqueued first")
+    p.add_argument("--screen", action="store_true",
+                   help="calibrate the cost model and skip measuring plans it predicts a measured plan beats")
+    p.add_argument("--screen-margin", type=float, default=0.15, help="how much faster the beating plan must be")
     p.set_defaults(func=cmd_search)
 
     ray_common = argparse.ArgumentParser(add_help=False)

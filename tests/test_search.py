@@ -53,3 +53,29 @@ def test_cost_model_adds_call_costs_and_simulates_the_fetch_lru():
     assert model.predict_s(two_slots) == pytest.approx(1.0 + (3 * 0.2 + 3 * 0.1 + 2 * 1.0) / 3)
     on_cpu = Plan(mixed.states, "cpu")
     assert model.predict_tok_s(on_cpu) == pytest.approx(1 / (1.0 + (3 * 0.2 + 3 * 0.5) / 3))
+
+
+def test_screening_skips_only_plans_a_measured_plan_beats_by_the_margin(tmp_path):
+    import types
+
+    import torch
+
+    from placement.plan import ExpertState, Plan
+    from placement.spec import ModelSpec
+    from profiler.costmodel import CostModel
+    from profiler.search import Search
+
+    spec = ModelSpec("mixtral", 1, 2, 1, 64, 128, torch.float32, nonexpert_bytes=1000)
+    profiler = types.SimpleNamespace(engine=types.SimpleNamespace(spec=spec), ppl_cache={},
+                                     settings=types.SimpleNamespace(datasets=("ptb",)),
+                                     reuse_perplexity=lambda rows: None)
+    cost = CostModel(nonexpert_s=0.01, accel_s={16: 0.001, 4: 0.002}, host_s={16: 0.05, 4: 0.05},
+                     copy_bytes_per_s=1e6, trace=(((0,),), ((1,),)), expert_bytes={16: 98304, 4: 20000})
+    search = Search(profiler, tmp_path / "out.csv", cost=cost, margin=0.15)
+    slow = Plan(((ExpertState(16, "host"), ExpertState(16, "host")),), "cpu")  # ~16.5 tok/s predicted
+    fast = Plan(((ExpertState(16, "accel"), ExpertState(16, "accel")),))  # ~91 tok/s predicted
+    search.rows = {"m": {"plan_id": "m", "decode_tok_s": 80.0, "ppl_ptb": 10.0, "gpu_bytes": 1000}}
+    assert search.screened(slow) is not None  # a measured plan is faster, as good, no bigger
+    assert search.screened(fast) is None  # the prediction beats everything measured: measure it
+    profiler.ppl_cache[slow.precision_id] = {"ppl_ptb": 9.5}  # known better perplexity: measure it
+    assert search.screened(slow) is None
