@@ -55,14 +55,17 @@ class Search:
         spec = profiler.engine.spec
         self.total = spec.num_layers * spec.num_experts
         self.max_slots = 4 * spec.top_k
-        # every plan measured before, here or by `qos profile`, keyed by plan_id
+        # every plan measured before, here or by `qos profile`, keyed by plan_id: only rows taken on
+        # this hardware with this perplexity window count as measurements of this search
         self.rows: dict[str, dict] = {}
         self.source: dict[str, str] = {}
+        same = {"device_name": profiler.fixed["device_name"], "seqlen": profiler.seqlen}
         for path in [*known, self.out]:
             df = read_profile(path)
             profiler.reuse_perplexity(df)
             for row in df.to_dict(orient="records"):
-                self.rows.setdefault(str(row["plan_id"]), row)
+                if all(row.get(k) == v for k, v in same.items()):
+                    self.rows.setdefault(str(row["plan_id"]), row)
         self.measured_here = 0
 
     # --- one trial ------------------------------------------------------------------------------

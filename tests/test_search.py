@@ -68,6 +68,7 @@ def test_screening_skips_only_plans_a_measured_plan_beats_by_the_margin(tmp_path
     spec = ModelSpec("mixtral", 1, 2, 1, 64, 128, torch.float32, nonexpert_bytes=1000)
     profiler = types.SimpleNamespace(engine=types.SimpleNamespace(spec=spec), ppl_cache={},
                                      settings=types.SimpleNamespace(datasets=("ptb",)),
+                                     fixed={"device_name": "cpu"}, seqlen=32,
                                      reuse_perplexity=lambda rows: None)
     cost = CostModel(nonexpert_s=0.01, accel_s={16: 0.001, 4: 0.002}, host_s={16: 0.05, 4: 0.05},
                      copy_bytes_per_s=1e6, trace=(((0,),), ((1,),)), expert_bytes={16: 98304, 4: 20000})
