@@ -157,9 +157,10 @@ class Profiler:
         return self.ppl_cache[plan.precision_id]
 
     def reuse_perplexity(self, rows: pd.DataFrame) -> None:
-        """Seed the perplexity cache from earlier rows with the same window length: perplexity
-        depends on the precision map only, whatever the placement."""
-        for _, r in rows[rows["seqlen"] == self.seqlen].iterrows():
+        """Seed the perplexity cache from earlier rows of this hardware (its compute dtype) with the
+        same window length: perplexity depends on the precision map only, whatever the placement."""
+        same = (rows["seqlen"] == self.seqlen) & (rows["device_name"] == self.fixed["device_name"])
+        for _, r in rows[same].iterrows():
             ppl = {f"ppl_{d}": r.get(f"ppl_{d}") for d in self.settings.datasets}
             if all(pd.notna(v) for v in ppl.values()):
                 self.ppl_cache.setdefault(r["precision_id"], {**ppl, "ppl_note": r.get("ppl_note") or ""})
