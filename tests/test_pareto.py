@@ -51,3 +51,16 @@ def test_front_and_plot_commands_on_a_profile(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert main(["front", str(tmp_path / "missing.csv")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_hypervolume_in_two_and_three_objectives():
+    from qos.pareto import hypervolume
+
+    df = pd.DataFrame({"decode_tok_s": [10.0, 20.0], "ppl": [1.0, 2.0], "gpu_bytes": [1.0, 1.0]})
+    two = (("decode_tok_s", "max"), ("ppl", "min"))
+    # reference (0 tok/s, ppl 3): [0,10]x[1,3] united with [0,20]x[2,3] = 20 + 10
+    assert hypervolume(df, (0.0, 3.0), two) == pytest.approx(30.0)
+    assert hypervolume(df, (0.0, 3.0, 2.0)) == pytest.approx(30.0)  # bytes 1 up to 2: depth 1
+    worse = df.assign(decode_tok_s=[5.0, 20.0])
+    assert hypervolume(worse, (0.0, 3.0), two) < hypervolume(df, (0.0, 3.0), two)
+    assert hypervolume(df.iloc[:0], (0.0, 3.0), two) == 0.0
