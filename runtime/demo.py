@@ -6,8 +6,6 @@ a simulated squeeze of accelerator memory, with the server's status after each s
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -61,11 +59,8 @@ def run(model: str, device: str | None) -> dict:
     qos(["front", str(profile)])
 
     slos.write_text(SLOS.format(floor=20, prefer="quality"))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(namespace=ray_actor.NAMESPACE, _temp_dir=temp, include_dashboard=False, log_to_driver=False)
-    try:
-        handle = ray_actor.serve(model, str(profile), str(slos), name="qos-demo", device=device, tick_s=0.5)
+    with ray_actor.local_cluster(), ray_actor.running("qos-demo", model, str(profile), str(slos),
+                                                      device=device, tick_s=0.5) as handle:
         _show("[3] serving (nobody active yet: best quality that fits)", ray_actor.call(handle, "status"))
 
         # enough work (about 10 s) that both tenants stay active through the changes below
@@ -94,9 +89,3 @@ def run(model: str, device: str | None) -> dict:
         print(f"   e.g. {results[0]['tenant']}: {results[0]['prompt']!r} -> {results[0]['text']!r}")
         final = ray_actor.call(handle, "status")
         return {"answered": len(results), "requests": len(refs), "reconfigurations": len(final["history"]) - 1}
-    finally:
-        try:
-            ray_actor.stop("qos-demo")
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 
 import ray
 
@@ -64,3 +67,28 @@ def stop(name: str = DEFAULT_NAME) -> None:
         ray.get(handle.stop.remote())
     finally:
         ray.kill(handle)
+
+
+@contextlib.contextmanager
+def local_cluster(**init_kwargs):
+    """A Ray cluster of this process only (demo, tests), its files in a short temporary folder
+    (Ray's socket paths have a length limit), removed afterwards."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(namespace=NAMESPACE, _temp_dir=temp, include_dashboard=False, log_to_driver=False, **init_kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(name: str, *args, **kwargs):
+    """`serve(*args, name=name, **kwargs)` for the length of a with-block, stopped afterwards."""
+    handle = serve(*args, name=name, **kwargs)
+    try:
+        yield handle
+    finally:
+        stop(name)

@@ -72,22 +72,15 @@ def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp
 @needs_data
 @pytest.mark.ray
 def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front, tmp_path, monkeypatch):
-    import shutil
-    import tempfile
-
     import ray
 
     from runtime import ray_actor
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     slos = tmp_path / "slos.yaml"
     slos.write_text(SLOS.format(prefer="quality"))
-    ray.init(num_cpus=4, namespace=ray_actor.NAMESPACE, _temp_dir=temp, include_dashboard=False,
-             log_to_driver=False)
-    try:
-        handle = ray_actor.serve("tiny-random", str(front), str(slos), name="test-server", device="cpu", tick_s=0.5)
+    with ray_actor.local_cluster(num_cpus=4), ray_actor.running(
+            "test-server", "tiny-random", str(front), str(slos), device="cpu", tick_s=0.5) as handle:
         start = ray_actor.call(handle, "status")
         assert start["plan"]["quantized"] == 0
         refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
@@ -109,9 +102,3 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
         assert after["plan"]["gpu_bytes"] <= smallest and after["history"][-1]["to"] == after["plan_id"]
         with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
             ray_actor.call(handle, "generate", "nobody", "hi")
-    finally:
-        try:
-            ray_actor.stop("test-server")
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
