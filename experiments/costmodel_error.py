@@ -15,11 +15,9 @@ import pandas as pd
 
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import build_plan
 from profiler.costmodel import decode_s, calibrate
 from profiler.data import calibration_text
-from profiler.profile import knobs_from_row
-from profiler.selection import scores_for
+from profiler.profile import Planner
 
 
 def main() -> None:
@@ -32,7 +30,6 @@ def main() -> None:
     profile = pd.read_csv(args.profile)
     loaded = load_model(args.model)
     engine = Engine(loaded.model)
-    spec = engine.spec
     calib = loaded.tokenizer.encode(calibration_text())
     prompt = profile["prompt_tokens"].iloc[0]
     new = int(profile["new_tokens"].iloc[0])
@@ -41,15 +38,9 @@ def main() -> None:
     model = calibrate(engine, calib[:prompt], calib, new_tokens=new)
     print(f"calibrated in {time.perf_counter() - t:.1f}s: {model.as_dict()}")
 
-    rows, scores = [], {}
+    rows, planner = [], Planner(engine, args.model, lambda: calib)
     for r in profile.to_dict(orient="records"):
-        knobs = knobs_from_row(r)
-        key = (knobs.selection, knobs.bits)
-        if key not in scores:
-            scores[key] = scores_for(engine, args.model, knobs, calib)
-        plan = build_plan(spec, knobs, scores[key])
-        if plan.plan_id != r["plan_id"]:
-            raise SystemExit(f"plan {r['plan_id']} does not rebuild from its knobs (got {plan.plan_id})")
+        plan = planner.rebuild(r)
         t = time.perf_counter()
         predicted = model.predict_tok_s(plan)
         predict_us = 1e6 * (time.perf_counter() - t)

@@ -20,10 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from placement.engine import expert_forward
-from placement.plan import ExpertId, ExpertState, Plan
+from placement.plan import BITS, ExpertId, ExpertState, Plan
 from profiler.throughput import timed_generate
-
-BITS = (16, 8, 4, 3, 2)
 
 
 @dataclass(frozen=True)

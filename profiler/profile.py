@@ -80,7 +80,7 @@ class Profiler:
         if self.seqlen > config.max_position_embeddings:
             raise ValueError(f"seqlen={self.seqlen} exceeds the model's context ({config.max_position_embeddings})")
         self.ppl_cache: dict[str, dict] = {}  # precision_id -> {ppl_<dataset>: value, "ppl_note": ...}
-        self._scores: dict[tuple, list] = {}
+        self.planner = Planner(engine, name, self.calib_ids)
         self._windows: dict[str, tuple[list, str]] = {}
         self._calib_ids: list[int] | None = None
         self.fixed = {"device": str(engine.accel), "device_name": _device_name(engine.accel), **_versions()}
@@ -110,10 +110,7 @@ class Profiler:
 
     # --- plans --------------------------------------------------------------------------------
     def plan(self, knobs: Knobs) -> Plan:
-        key = (knobs.selection, knobs.bits, knobs.group_size)
-        if knobs.selection != "random" and key not in self._scores:
-            self._scores[key] = scores_for(self.engine, self.name, knobs, self.calib_ids())
-        return build_plan(self.engine.spec, knobs, self._scores.get(key))
+        return self.planner.plan(knobs)
 
     # --- measurements -------------------------------------------------------------------------
     def _throughput(self) -> dict:
@@ -181,6 +178,29 @@ class Profiler:
             "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         return {c: row.get(c) for c in COLUMNS}
+
+
+# --- plans from knobs and from rows -----------------------------------------------------------------
+class Planner:
+    """Builds plans of one engine from knobs, measuring each scored selection's scores once."""
+
+    def __init__(self, engine, name: str, calib_ids):
+        self.engine, self.name, self.calib_ids = engine, name, calib_ids  # calib_ids() -> token ids
+        self.scores: dict[tuple, list] = {}  # (selection, bits, group_size) -> per-expert scores
+
+    def plan(self, knobs: Knobs) -> Plan:
+        key = (knobs.selection, knobs.bits, knobs.group_size)
+        if knobs.selection != "random" and key not in self.scores:
+            self.scores[key] = scores_for(self.engine, self.name, knobs, self.calib_ids())
+        return build_plan(self.engine.spec, knobs, self.scores.get(key))
+
+    def rebuild(self, row: dict) -> Plan:
+        """The plan a profile row measured, checked by its plan_id."""
+        plan = self.plan(knobs_from_row(row))
+        if plan.plan_id != str(row["plan_id"]):
+            raise ValueError(f"plan {row['plan_id']} does not rebuild on model {self.name!r} (got {plan.plan_id}): "
+                             "was it measured on another model, or with other selection scores?")
+        return plan
 
 
 # --- the profile file ------------------------------------------------------------------------------

@@ -23,32 +23,15 @@ import torch
 
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import Plan, build_plan
+from placement.plan import Plan
 from profiler.data import calibration_text
-from profiler.profile import knobs_from_row
-from profiler.selection import scores_for
+from profiler.profile import Planner
 from profiler.throughput import timed_generate
 from qos.pareto import with_ppl
 from qos.policy import choose, options_from_rows
 from qos.slo import SLOError, load_slos
 
 log = logging.getLogger(__name__)
-
-
-def plans_from_front(engine: Engine, model: str, rows: list[dict], calib_ids) -> dict[str, Plan]:
-    """Rebuild every measured plan from its knobs, checking it is the plan that was measured."""
-    plans, scores = {}, {}
-    for r in rows:
-        knobs = knobs_from_row(r)
-        key = (knobs.selection, knobs.bits, knobs.group_size)
-        if knobs.selection != "random" and key not in scores:
-            scores[key] = scores_for(engine, model, knobs, calib_ids())
-        plan = build_plan(engine.spec, knobs, scores.get(key))
-        if plan.plan_id != str(r["plan_id"]):
-            raise ValueError(f"plan {r['plan_id']} of the front does not rebuild on model {model!r} "
-                             f"(got {plan.plan_id}): was the front measured on another model, or with other selection scores?")
-        plans[plan.plan_id] = plan
-    return plans
 
 
 class Server:
@@ -63,8 +46,8 @@ class Server:
             raise ValueError(f"{front} has no measured plans")
         self.loaded = load_model(model, device=device)
         self.engine = Engine(self.loaded.model, accel=device)
-        calib = lambda: self.loaded.tokenizer.encode(calibration_text(data=data))  # noqa: E731
-        self.plans = plans_from_front(self.engine, model, rows, calib)
+        planner = Planner(self.engine, model, lambda: self.loaded.tokenizer.encode(calibration_text(data=data)))
+        self.plans = {str(r["plan_id"]): planner.rebuild(r) for r in rows}
         self.options = options_from_rows(rows)
         quality = [r["ppl"] for r in rows if int(r["quantized"]) == 0] or [min(r["ppl"] for r in rows)]
         self.base_ppl = min(quality)

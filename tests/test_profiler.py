@@ -97,7 +97,7 @@ def test_sensitivity_scores_rank_plans_and_are_cached(fresh, tmp_path, monkeypat
     loaded = type("L", (), {"model": model, "tokenizer": tok})()
     prof = Profiler("tiny-random", loaded, engine, Settings(datasets=(), prompt_tokens=8, new_tokens=2, repeats=1))
     plan = prof.plan(Knobs(quantized=4, bits=2, selection="sensitivity"))
-    scores = prof._scores[("sensitivity", 2, 64)]
+    scores = prof.planner.scores[("sensitivity", 2, 64)]
     chosen = sorted(scores[e.layer][e.expert] for e, s in plan.items() if s.bits != 16)
     rest = sorted(scores[e.layer][e.expert] for e, s in plan.items() if s.bits == 16)
     assert chosen[-1] <= rest[0] and rest[-1] > 0
