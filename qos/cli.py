@@ -80,7 +80,8 @@ def _engine(args):
     """Load the model, put the engine in charge of its experts, and apply the plan the knobs ask for."""
     from placement.engine import Engine
     from placement.models import load_model
-    from placement.plan import build_plan
+    from profiler.data import calibration_text
+    from profiler.profile import Planner
 
     knobs = _knobs(args)  # bad knobs fail before anything heavy is loaded
     device, dtype = _device_and_dtype(args)
@@ -88,21 +89,11 @@ def _engine(args):
     loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
     engine = Engine(loaded.model, accel=device)
     log.info("loaded %s in %.1fs: %s", args.model, time.perf_counter() - t0, engine.spec)
-    scores = _scores(args, loaded, engine, knobs)
-    plan = build_plan(engine.spec, knobs, scores)
+    # scored selections measure their scores on calibration text, read only when needed
+    planner = Planner(engine, args.model, lambda: loaded.tokenizer.encode(calibration_text(args.calib, args.data)))
+    plan = planner.plan(knobs)
     report = engine.apply(plan)
     return loaded, engine, plan, report
-
-
-def _scores(args, loaded, engine, knobs):
-    """Per-expert scores for the scored selections, from calibration text."""
-    from profiler.data import calibration_text
-    from profiler.selection import scores_for
-
-    if knobs.selection == "random":
-        return None
-    text = calibration_text(args.calib, args.data)
-    return scores_for(engine, args.model, knobs, loaded.tokenizer.encode(text))
 
 
 def _spec_only(args):
