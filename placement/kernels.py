@@ -1,0 +1,462 @@
+"""Fused dequantize-and-multiply Triton kernels for routed experts at decode.
+
+At decode a layer runs a few (token, expert) pairs, each a matrix-vector product, so an expert costs
+the time to read its bytes. These kernels read each expert straight from its packed buffer (see
+packed.py), dequantizing in registers, so a lower precision costs less time. Measured on an H100
+(`python -m placement.kernels`, Mixtral expert, batch 1): 16-bit 0.122 ms (eager F.linear 0.129),
+8-bit 0.080, 4-bit 0.058 (hqq dequantize-then-matmul 1.70), 2-bit 0.058 (compute-bound).
+One launch pair covers every slot of a layer at one precision; expert addresses come from a device
+table, so nothing syncs with the host and a decode step can be captured in a CUDA graph.
+
+- kernel 1, grid (slot, row block): h = silu(x @ gate.T) * (x @ up.T) for a block of I rows, into
+  an fp32 scratch [S, I]. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
+  one byte (2-bit: gate rows j, j+I/2 and up rows j, j+I/2), so one byte load feeds both products.
+- kernel 2, grid (slot, row block, K split): y = down @ h, out[token] += weight * y (atomic adds,
+  so the K dimension can be split to fill the GPU when H is small).
+
+Accumulation is fp32. Within a quantization group, sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)),
+so scale and zero cost one multiply per group, not per weight.
+
+Without CUDA the same kernels run in Triton's interpreter (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from placement.packed import Layout, expert_layout
+
+BITS = (16, 8, 4, 2)  # precisions with a kernel; 3-bit (10 values per int32) falls back to eager
+
+try:
+    import triton
+    import triton.language as tl
+
+    # The interpreter is chosen when the kernels are defined (as triton.jit does from the env var);
+    # without CUDA nothing else could run them, so no CUDA implies the interpreter, env var or not.
+    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    if _INTERPRET:
+        from triton.runtime.interpreter import InterpretedFunction as _jit
+    else:
+        _jit = triton.jit
+except ImportError:  # the module still imports; available() says False
+    triton = None
+    _INTERPRET = False
+
+    class tl:  # noqa: N801 - stands in for triton.language in the kernels' annotations
+        constexpr = None
+
+    def _jit(fn):
+        return fn
+
+
+def available(device) -> bool:
+    """Whether the kernels can run on `device`: triton is installed and the device is CUDA, or the
+    kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, or no CUDA at all)."""
+    if triton is None:
+        return False
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available()
+    return _INTERPRET
+
+
+def _dims(layout: Layout) -> tuple[int, int]:
+    (_, (two_i, hidden)), _ = layout.matrices
+    return hidden, two_i // 2
+
+
+def _is_silu(act_fn) -> bool:
+    if "SiLU" in type(act_fn).__name__ or act_fn is F.silu:
+        return True
+    try:  # any other callable that computes SiLU (e.g. a wrapper) is fine too
+        v = torch.linspace(-6, 6, 25)
+        return bool(torch.allclose(act_fn(v), F.silu(v), atol=1e-6))
+    except Exception:
+        return False
+
+
+def supports(layout: Layout, act_fn) -> bool:
+    """Whether moe_experts can run experts of `layout` with activation `act_fn` (else: eager path)."""
+    hidden, inter = _dims(layout)
+    gs = layout.group_size
+    if layout.bits not in BITS or layout.dtype not in _TL_DTYPES or not _is_silu(act_fn):
+        return False
+    if layout.bits == 16:
+        return hidden % 16 == 0 and inter % 16 == 0
+    # groups must tile both K dimensions; 2-bit packs quarters of rows, so the quarter boundaries
+    # must fall on whole rows (gate_up has 2I rows, down H)
+    return (gs >= 16 and gs & (gs - 1) == 0 and hidden % gs == 0 and inter % gs == 0
+            and (layout.bits != 2 or (inter % 2 == 0 and hidden % 4 == 0)))
+
+
+def expert_table(buffers, device=None) -> torch.Tensor:
+    """int64 addresses of `buffers` (0 for None), on `device` (default: the first buffer's)."""
+    if device is None:
+        device = next((b.device for b in buffers if b is not None), "cpu")
+    return torch.tensor([0 if b is None else b.data_ptr() for b in buffers], dtype=torch.int64, device=device)
+
+
+# --- kernels ------------------------------------------------------------------------------------
+# Shapes inside: a block of rows [BJ] times a K chunk viewed as [NG, GS] (NG groups of GS columns),
+# so a weight tile is [BJ, NG, GS] and per-group scale/zero tiles are [BJ, NG].
+
+
+# triton.language's own jitted helpers (tl.sum, tl.sigmoid, tl.zeros) are compiled or interpreted as
+# decided when triton was first imported, often before this module (torch imports it), so calling
+# them breaks the interpreter; the kernels use only builtins and these. _sum_combine as the reduce's
+# combine function keeps the interpreter's numpy fast path (it checks for that function).
+@_jit
+def _rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@_jit
+def _silu_mul(g, u):
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@_jit
+def _qdot(q, x, xs, scale_ptr, zero_ptr, grp, rmask):
+    """Per row of q [BJ, NG, GS] (integers): sum over the chunk of (q - zero) * scale * x, with
+    x [NG, GS] and its group sums xs [NG]; grp [BJ, NG] indexes the rows' groups."""
+    s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
+    # (the magic-number int->float trick measured 5-10% slower on an H100 than this conversion)
+    qx = _rsum(q.to(tl.float32) * x[None, :, :], 2)
+    return _rsum(s * (qx - z * xs[None, :]), 1)
+
+
+@_jit
+def _gate_up_kernel(
+    x_ptr, ptr_tab, tok_tab, h_ptr,
+    H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    s = tl.program_id(0)
+    addr = tl.load(ptr_tab + s)
+    if addr != 0:  # 0: an empty slot
+        t = tl.load(tok_tab + s)
+        # fields are 64-byte aligned; said on the pointer itself (a hint on the integer is lost in the
+        # cast), or every load is a single byte
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        NG: tl.constexpr = BLOCK_K // GS
+        HALF: tl.constexpr = I // 2
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # gate rows (2-bit: also j + I/2)
+        # rows beyond the matrix: 2-bit covers I/2 rows per program family, the rest I
+        if BITS == 2:
+            jm = j < HALF
+        else:
+            jm = j < I
+        rmask = jm[:, None]
+        cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # [NG, GS]
+        g0 = tl.full([BLOCK_J], 0.0, tl.float32)
+        u0 = tl.full([BLOCK_J], 0.0, tl.float32)
+        g1 = tl.full([BLOCK_J], 0.0, tl.float32)  # 2-bit: rows j + I/2
+        u1 = tl.full([BLOCK_J], 0.0, tl.float32)
+        wmask = rmask[:, :, None]
+        for k0 in range(0, H, BLOCK_K):
+            x = tl.load(x_ptr + t * H + k0 + cols).to(tl.float32)
+            offs = j[:, None, None] * H + k0 + cols[None, :, :]
+            if BITS == 16:
+                w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                wg = tl.load(w + offs, mask=wmask, other=0.0).to(tl.float32)
+                wu = tl.load(w + I * H + offs, mask=wmask, other=0.0).to(tl.float32)
+                g0 += _rsum(_rsum(wg * x[None, :, :], 2), 1)
+                u0 += _rsum(_rsum(wu * x[None, :, :], 2), 1)
+            else:
+                wq = base + W_OFF
+                sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                xs = _rsum(x, 1)
+                # group of row r, columns k0 + [0, BLOCK_K): r * H/GS + k0/GS + [0, NG)
+                grp = j[:, None] * (H // GS) + k0 // GS + tl.arange(0, NG)[None, :]
+                ROWG: tl.constexpr = H // GS  # groups per row
+                if BITS == 8:  # one byte per weight; up rows start at row I
+                    bg = tl.load(wq + offs, mask=wmask, other=0).to(tl.int32)
+                    bu = tl.load(wq + I * H + offs, mask=wmask, other=0).to(tl.int32)
+                    g0 += _qdot(bg, x, xs, sc, zr, grp, rmask)
+                    u0 += _qdot(bu, x, xs, sc, zr, grp + I * ROWG, rmask)
+                elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
+                    b = tl.load(wq + offs, mask=wmask, other=0).to(tl.int32)
+                    g0 += _qdot(b >> 4, x, xs, sc, zr, grp, rmask)
+                    u0 += _qdot(b & 15, x, xs, sc, zr, grp + I * ROWG, rmask)
+                else:  # 2-bit, byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
+                    b = tl.load(wq + offs, mask=wmask, other=0).to(tl.int32)
+                    g0 += _qdot(b >> 6, x, xs, sc, zr, grp, rmask)
+                    g1 += _qdot((b >> 4) & 3, x, xs, sc, zr, grp + HALF * ROWG, rmask)
+                    u0 += _qdot((b >> 2) & 3, x, xs, sc, zr, grp + I * ROWG, rmask)
+                    u1 += _qdot(b & 3, x, xs, sc, zr, grp + (I + HALF) * ROWG, rmask)
+        hrow = h_ptr + s * I
+        tl.store(hrow + j, _silu_mul(g0, u0), mask=jm)
+        if BITS == 2:
+            tl.store(hrow + HALF + j, _silu_mul(g1, u1), mask=jm)
+
+
+@_jit
+def _down_kernel(
+    h_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
+    H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    s = tl.program_id(0)
+    addr = tl.load(ptr_tab + s)
+    if addr != 0:
+        t = tl.load(tok_tab + s)
+        weight = tl.load(wt_tab + s).to(tl.float32)
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        NG: tl.constexpr = BLOCK_K // GS
+        # a byte holds P weights, of rows j, j + H/P, ...: programs cover the first H/P rows
+        P: tl.constexpr = 1 if BITS >= 8 else 8 // BITS
+        R: tl.constexpr = H // P
+        ROWG: tl.constexpr = I // GS
+        KS: tl.constexpr = I // SPLIT_K
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jm = j < R
+        rmask = jm[:, None]
+        wmask = rmask[:, :, None]
+        cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]
+        a0 = tl.full([BLOCK_J], 0.0, tl.float32)
+        a1 = tl.full([BLOCK_J], 0.0, tl.float32)
+        a2 = tl.full([BLOCK_J], 0.0, tl.float32)
+        a3 = tl.full([BLOCK_J], 0.0, tl.float32)
+        kstart = tl.program_id(2) * KS
+        for k0 in range(kstart, kstart + KS, BLOCK_K):
+            hv = tl.load(h_ptr + s * I + k0 + cols)
+            offs = j[:, None, None] * I + k0 + cols[None, :, :]
+            if BITS == 16:
+                w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                wv = tl.load(w + offs, mask=wmask, other=0.0).to(tl.float32)
+                a0 += _rsum(_rsum(wv * hv[None, :, :], 2), 1)
+            else:
+                b = tl.load(base + W_OFF + offs, mask=wmask, other=0).to(tl.int32)
+                sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                hs = _rsum(hv, 1)
+                grp = j[:, None] * ROWG + k0 // GS + tl.arange(0, NG)[None, :]
+                if BITS == 8:
+                    a0 += _qdot(b, hv, hs, sc, zr, grp, rmask)
+                elif BITS == 4:  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
+                    a0 += _qdot(b >> 4, hv, hs, sc, zr, grp, rmask)
+                    a1 += _qdot(b & 15, hv, hs, sc, zr, grp + R * ROWG, rmask)
+                else:  # 2-bit: rows r, r + H/4, r + H/2, r + 3H/4 from high bits to low
+                    a0 += _qdot(b >> 6, hv, hs, sc, zr, grp, rmask)
+                    a1 += _qdot((b >> 4) & 3, hv, hs, sc, zr, grp + R * ROWG, rmask)
+                    a2 += _qdot((b >> 2) & 3, hv, hs, sc, zr, grp + 2 * R * ROWG, rmask)
+                    a3 += _qdot(b & 3, hv, hs, sc, zr, grp + 3 * R * ROWG, rmask)
+        orow = out_ptr + t * H + j
+        tl.atomic_add(orow, weight * a0, mask=jm, sem="relaxed")
+        if P >= 2:
+            tl.atomic_add(orow + R, weight * a1, mask=jm, sem="relaxed")
+        if P == 4:
+            tl.atomic_add(orow + 2 * R, weight * a2, mask=jm, sem="relaxed")
+            tl.atomic_add(orow + 3 * R, weight * a3, mask=jm, sem="relaxed")
+
+
+# --- launch -------------------------------------------------------------------------------------
+
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+else:
+    _TL_DTYPES = {torch.float32: None, torch.bfloat16: None, torch.float16: None}
+
+
+def _pow2_block(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+# GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps), tuned on
+# an H100 for a Mixtral expert (H=4096, I=14336, gs=64) at batch 1. Few rows and long K chunks won:
+# many small programs keep HBM busy without spilling registers.
+_GPU_BLOCKS = {
+    16: (8, 256, 8, 8, 512, 4),
+    8: (8, 1024, 4, 8, 1024, 4),
+    4: (16, 1024, 4, 16, 512, 4),
+    2: (8, 1024, 4, 16, 512, 4),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(layout: Layout, interpret: bool, sms: int = 132) -> dict:
+    """Block sizes: pure functions of the layout (and GPU), so the grid never depends on data.
+    Interpreter: big blocks, few programs (each one is Python overhead)."""
+    hidden, inter = _dims(layout)
+    bits, gs = layout.bits, layout.group_size
+    kmin = 1 if bits == 16 else gs  # a K chunk holds whole groups
+    if interpret:
+        return dict(gu_j=64, gu_k=max(_pow2_block(hidden, 1024), kmin), gu_warps=4,
+                    dn_j=64, dn_k=max(_pow2_block(inter, 1024), kmin), dn_split=1, dn_warps=4)
+    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps = _GPU_BLOCKS[bits]
+    gu_k = max(_pow2_block(hidden, gu_cap), kmin)
+    dn_k = max(_pow2_block(inter, dn_cap), kmin)
+    # down has only H (or H/2, H/4 packed) rows: split K (atomic adds) up to 4 ways until there
+    # are ~4 programs per SM at batch 1
+    programs = -(-hidden // (1 if bits >= 8 else 8 // bits) // dn_j)
+    dn_split = 1
+    while programs * dn_split < 4 * sms and dn_split < 4 and inter % (dn_k * dn_split * 2) == 0:
+        dn_split *= 2
+    return dict(gu_j=gu_j, gu_k=gu_k, gu_warps=gu_warps, dn_j=dn_j, dn_k=dn_k, dn_split=dn_split,
+                dn_warps=dn_warps)
+
+
+def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Tensor, layout: Layout, *,
+                slot_token: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] += w_s * expert_s(x[t]) for every slot s with slot_token[s] == t and a non-zero
+    address; experts are read from the packed buffers (layout `layout`) at `slot_ptrs`.
+
+    x [T, H]; slot_ptrs int64 [S] (0: skip); slot_weights [S]; slot_token int64 [S] (default: slot s
+    is token s, S == T); out fp32 [T, H] (default: zeros). Returns out. No host syncs."""
+    T, hidden = x.shape
+    H, I = _dims(layout)
+    assert hidden == H, (x.shape, layout.matrices)
+    S = slot_ptrs.numel()
+    if slot_token is None:
+        if S != T:
+            raise ValueError(f"slot_token is needed when slots ({S}) != tokens ({T})")
+        slot_token = torch.arange(S, device=x.device)
+    if out is None:
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    assert out.dtype == torch.float32 and out.shape == (T, H) and out.is_contiguous()
+    if S == 0:
+        return out
+    # (expanded or strided index tensors: the kernels index them densely)
+    x, slot_ptrs = x.contiguous(), slot_ptrs.contiguous()
+    slot_weights, slot_token = slot_weights.contiguous(), slot_token.contiguous()
+    on_gpu = x.device.type == "cuda"
+    cfg = _config(layout, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
+    bits = layout.bits
+    fields = {f.name: f.offset for f in layout.fields}
+    if bits == 16:
+        offs = [(fields["gate_up"], 0, 0), (fields["down"], 0, 0)]
+        gs_gu, gs_dn = cfg["gu_k"], cfg["dn_k"]  # no groups: one "group" per K chunk
+    else:
+        offs = [(fields[f"{m}.W_q"], fields[f"{m}.scale"], fields[f"{m}.zero"]) for m in ("gate_up", "down")]
+        gs_gu = gs_dn = layout.group_size
+    dtype = _TL_DTYPES[layout.dtype]
+    h = torch.empty(S, I, dtype=torch.float32, device=x.device)
+    rows = I // 2 if bits == 2 else I
+    _gate_up_kernel[(S, triton.cdiv(rows, cfg["gu_j"]))](
+        x, slot_ptrs, slot_token, h, H=H, I=I, BITS=bits, GS=gs_gu, DTYPE=dtype,
+        W_OFF=offs[0][0], S_OFF=offs[0][1], Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"],
+        **({"num_warps": cfg["gu_warps"]} if on_gpu else {}),
+    )
+    vals = 1 if bits >= 8 else 8 // bits
+    _down_kernel[(S, triton.cdiv(H // vals, cfg["dn_j"]), cfg["dn_split"])](
+        h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, BITS=bits, GS=gs_dn, DTYPE=dtype,
+        W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"],
+        SPLIT_K=cfg["dn_split"], **({"num_warps": cfg["dn_warps"]} if on_gpu else {}),
+    )
+    return out
+
+
+# --- benchmark (GPU) ----------------------------------------------------------------------------
+
+
+def random_expert(layout: Layout, device, generator=None) -> torch.Tensor:
+    """A buffer of `layout` with random weights drawn straight in the packed format: the same bytes
+    and the same compute as a quantized real expert (scales small, zeros mid-range)."""
+    buf = torch.randint(0, 256, (layout.nbytes,), dtype=torch.uint8, device=device, generator=generator)
+    views = layout.views(buf)
+    for f in layout.fields:
+        v = views[f.name]
+        if layout.bits == 16:
+            v.copy_(torch.randn(v.shape, device=device, generator=generator) * 0.02)
+        elif f.name.endswith(".scale"):
+            v.copy_(torch.rand(v.shape, device=device, generator=generator) * 0.01 + 0.005)
+        elif f.name.endswith(".zero"):
+            v.fill_(2 ** (layout.bits - 1) - 0.5)
+    return buf
+
+
+def _time_ms(fn, iters: int) -> float:
+    """Mean GPU time of fn() in ms, from `iters` calls captured in one CUDA graph (launch overhead
+    excluded, as in a captured decode step); plain back-to-back calls if capture fails."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        start.record()
+        graph.replay()
+        end.record()
+    except RuntimeError:
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, iters: int = 200,
+          dtype=torch.bfloat16) -> list[dict]:
+    """Time one expert at batch 1 through moe_experts at each precision and through the eager path
+    (16-bit F.linear; hqq dequantize-then-matmul), printing and returning a table.
+
+    Each variant cycles through enough copies of the expert to exceed twice the L2 cache, so every
+    call reads its weights from HBM as at decode."""
+    from placement.engine import expert_forward
+
+    dev = torch.device("cuda")
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
+    ones = torch.ones(1, device=dev)
+    token = torch.zeros(1, dtype=torch.int64, device=dev)
+    out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
+    rows = []
+
+    def record(name, layout, fn):
+        ms = _time_ms(fn, iters)
+        rows.append(dict(path=name, bits=layout.bits, ms=ms, gbps=layout.nbytes / ms / 1e6, mb=layout.nbytes / 1e6))
+
+    try:
+        from placement.hqq_backend import dequantize
+    except ImportError:  # no hqq: no eager quantized row
+        dequantize = None
+
+    def run(bits):
+        layout = expert_layout(hidden, intermediate, bits, dtype, group_size)
+        copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
+        bufs = [random_expert(layout, dev, gen) for _ in range(copies)]
+        tables = [expert_table([b]) for b in bufs]
+        views = [layout.views(b) for b in bufs]
+        it = iter(range(1 << 62))  # each call (captured ones too) takes the next copy
+        record("fused", layout, lambda: moe_experts(x, tables[next(it) % copies], ones, layout,
+                                                    slot_token=token, out=out))
+        if bits == 16 or (bits == 4 and dequantize is not None):
+            name = "eager F.linear" if bits == 16 else "eager hqq dequantize+matmul"
+            record(name, layout, lambda: expert_forward(layout, views[next(it) % copies], x, F.silu, dequantize))
+
+    for bits in BITS:
+        run(bits)
+        torch.cuda.empty_cache()
+    print(f"one expert, H={hidden} I={intermediate} gs={group_size} {dtype}, batch 1, "
+          f"{torch.cuda.get_device_name(dev)}")
+    print(f"{'path':30s} {'bits':>4s} {'MB':>8s} {'ms':>8s} {'GB/s':>8s}")
+    for r in rows:
+        print(f"{r['path']:30s} {r['bits']:4d} {r['mb']:8.1f} {r['ms']:8.4f} {r['gbps']:8.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    bench()
