@@ -21,11 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from placement import kernels
 from placement.adapters import adapter_for
 from placement.packed import Layout, expert_layout, pack
-from placement.plan import ExpertId, ExpertState, Plan, diff
+from placement.plan import BITS, ExpertId, ExpertState, Plan, diff
 
 log = logging.getLogger(__name__)
+
+# Up to this many tokens per forward (decode, small batches) accelerator experts run as fused
+# dequantize-and-multiply kernels; longer inputs (prefill, perplexity) use dequantize-then-matmul.
+KERNEL_MAX_TOKENS = 8
 
 
 @dataclass
@@ -33,16 +38,23 @@ class EngineStats:
     expert_calls: int = 0
     fetch_hits: int = 0
     fetch_misses: int = 0
-    bytes_fetched: int = 0
+    bytes_fetched: int = 0  # demand misses and prefetches
     cpu_calls: int = 0
+    prefetch_issued: int = 0  # experts copied ahead on the next layer's router applied early
+    prefetch_hits: int = 0  # ... that were then routed to before being evicted
+    kernel_layers: int = 0  # layer calls that ran accelerator experts as fused kernels
 
     @property
     def hit_rate(self) -> float | None:
         lookups = self.fetch_hits + self.fetch_misses
         return self.fetch_hits / lookups if lookups else None
 
+    @property
+    def prefetch_accuracy(self) -> float | None:
+        return self.prefetch_hits / self.prefetch_issued if self.prefetch_issued else None
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate}
+        return {**asdict(self), "hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
 
 
 @dataclass(frozen=True)
@@ -79,20 +91,59 @@ class EngineExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # hidden_states [T, H]; top_k_index, top_k_weights [T, k]
-        out = torch.zeros_like(hidden_states)
-        counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts)  # [E]
-        if self.engine.trace is not None:  # routing per token, for cache simulations
-            self.engine.trace.append((self.layer, top_k_index.detach().cpu()))
-        self.engine.routed[self.layer] += counts.to(self.engine.routed.device)
-        for e in counts.nonzero().flatten().tolist():  # the one host sync per layer
+        eng, layer = self.engine, self.layer
+        flat = top_k_index.flatten()
+        eng.routed[layer].index_add_(0, flat, torch.ones_like(flat))  # no host sync (CUDA-graph safe)
+        if eng.trace is not None:  # routing per token, for cache simulations
+            eng.trace.append((layer, top_k_index.detach().cpu()))
+        if not eng.kernel_path(hidden_states.shape[0]):
+            out = torch.zeros_like(hidden_states)
+            self._per_expert(hidden_states, top_k_index, top_k_weights, out, None)
+            return out
+        # Decode: accelerator experts run as fused kernels over all (token, expert) slots at once,
+        # one launch pair per precision present in the layer, reading expert addresses from a
+        # device table (no host sync, so the step can be a CUDA graph); only host experts and
+        # precisions without a kernel go through the per-expert loop.
+        eng.stats.kernel_layers += 1
+        T, k = top_k_index.shape
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        tokens = torch.arange(T, device=flat.device).repeat_interleave(k)
+        for bits in eng.fast_bits[layer]:
+            kernels.moe_experts(hidden_states, eng.tables[bits][layer][flat], top_k_weights.flatten(),
+                                eng.layout(bits, eng.plan.group_size), slot_token=tokens, out=out)
+        if eng.layer_eager[layer]:
+            self._per_expert(hidden_states, top_k_index, top_k_weights, out, eng.eager_mask[layer])
+        else:
+            guesses = eng.guess_next(layer, hidden_states)
+            if guesses is not None:
+                eng.prefetch(layer + 1, guesses.tolist())
+        return out.to(hidden_states.dtype)
+
+    def _per_expert(self, hidden_states, top_k_index, top_k_weights, out, only):
+        """Run each routed expert (those in the mask `only`, if given) on its rows, adding into out."""
+        eng, layer = self.engine, self.layer
+        hit = torch.zeros(self.num_experts, dtype=torch.bool, device=top_k_index.device)
+        hit[top_k_index.flatten()] = True
+        if only is not None:
+            hit &= only
+        experts = hit.nonzero().flatten()
+        guesses = eng.guess_next(layer, hidden_states)
+        if guesses is not None:  # one host sync for both lists
+            both = torch.cat([experts, experts.new_full((1,), -1), guesses]).tolist()
+            cut = both.index(-1)
+            experts, guesses = both[:cut], both[cut + 1:]
+        else:
+            experts = experts.tolist()  # the one host sync per layer
+        for e in experts:
             # (k, T) order as in transformers, so per-row GEMMs see the same rows in the same order
             pos, token_idx = torch.where((top_k_index == e).T)
-            if self.engine.capture is not None:
-                self.engine.record(self.layer, e, hidden_states[token_idx], top_k_weights[token_idx, pos])
-            y = self.engine.run_expert(self.layer, e, hidden_states[token_idx])
+            if eng.capture is not None:
+                eng.record(layer, e, hidden_states[token_idx], top_k_weights[token_idx, pos])
+            y = eng.run_expert(layer, e, hidden_states[token_idx])
             y = y * top_k_weights[token_idx, pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        if guesses:  # after this layer's own copies and compute are queued
+            eng.prefetch(layer + 1, guesses)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}"
@@ -116,7 +167,8 @@ def expert_forward(layout: Layout, views: dict, x: torch.Tensor, act_fn, dequant
 class Engine:
     """Takes over the routed experts of `model` (in place) and serves them by plan."""
 
-    def __init__(self, model: nn.Module, *, accel=None, quantizer=None, pin: bool | None = None):
+    def __init__(self, model: nn.Module, *, accel=None, quantizer=None, pin: bool | None = None,
+                 use_kernels: bool | None = None, prefetch: bool = True):
         if quantizer is None:
             from placement import hqq_backend as quantizer
         self.quantizer = quantizer
@@ -144,6 +196,28 @@ class Engine:
         self.capture: dict[ExpertId, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.capture_limit = 0
         self.trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, top_k_index [T, k]) while tracing
+        # Fused kernels by default on CUDA only (on the CPU they run in Triton's slow interpreter).
+        self.use_kernels = (self.on_cuda if use_kernels is None else use_kernels) and kernels.available(self.accel)
+        if use_kernels and not self.use_kernels:
+            log.warning("fused expert kernels are not available on %s (is triton installed?)", self.accel)
+        self.prefetch_enabled = prefetch
+        self.prefetched: set[tuple[ExpertId, int]] = set()  # in a slot ahead of use, not used yet
+        # fetches run on a side stream so they overlap compute; per slot, "ready" orders compute
+        # after its copy and "free" orders the next copy into the slot after that compute
+        self.copy_stream = torch.cuda.Stream(self.accel) if self.on_cuda else None
+        self.slot_ready: list = []
+        self.slot_free: list = []
+        self.slot_table = torch.zeros(0, dtype=torch.int64, device=self.accel)  # slot buffer addresses
+        # per precision, [layers, experts] addresses of accelerator experts run by the fused kernels
+        # (0: not at that precision); updated in place so captured CUDA graphs stay valid
+        L, E = self.spec.num_layers, self.spec.num_experts
+        self.tables = {b: torch.zeros(L, E, dtype=torch.int64, device=self.accel) for b in kernels.BITS}
+        self.eager_mask = torch.ones(L, E, dtype=torch.bool, device=self.accel)  # not run by the kernels
+        self.fast_bits: list[tuple[int, ...]] = [()] * L
+        self.layer_eager = [True] * L
+        self._supported: dict[tuple, bool] = {}
+        self.gates = []  # per MoE layer, the router (its weight guesses the next layer's experts)
+        self.host_layers = [False] * L  # MoE layers with host experts under the current plan
 
         layout16 = self.layout(16, 64)
         for l, (_, block) in enumerate(self.adapter.moe_blocks(model)):
@@ -154,6 +228,7 @@ class Engine:
                 )
             block.experts = EngineExperts(self, l, self.spec.num_experts)
             self.act_fns.append(fused.act_fn)
+            self.gates.append(getattr(block, "gate", None))
             del fused
         model.to(self.accel)
         self.nonexpert_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
@@ -193,6 +268,36 @@ class Engine:
         return dev.copy_(buf, non_blocking=self.pin)
 
     # --- serving ------------------------------------------------------------------------------
+    def configure(self, *, use_kernels: bool | None = None, prefetch: bool | None = None) -> None:
+        """Switch the fused kernels or speculative prefetch on or off (for side-by-side comparisons)."""
+        if use_kernels is not None:
+            self.use_kernels = use_kernels and kernels.available(self.accel)
+            self._supported.clear()
+            if self.plan is not None:
+                self._refresh_tables()
+        if prefetch is not None:
+            self.prefetch_enabled = prefetch
+
+    def kernel_path(self, tokens: int) -> bool:
+        """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels."""
+        return self.use_kernels and self.plan is not None and self.capture is None and tokens <= KERNEL_MAX_TOKENS
+
+    def _kernel_ok(self, layout: Layout, layer: int) -> bool:
+        key = (layout, layer)
+        if key not in self._supported:
+            self._supported[key] = self.use_kernels and kernels.supports(layout, self.act_fns[layer])
+        return self._supported[key]
+
+    @property
+    def capturable(self) -> bool:
+        """A decode step never syncs with the host (every expert runs in a fused kernel), so it can
+        be captured in a CUDA graph; `kernel_signature` changes when a new capture is needed."""
+        return self.on_cuda and self.use_kernels and self.plan is not None and not any(self.layer_eager)
+
+    @property
+    def kernel_signature(self) -> tuple:
+        return self.plan.group_size if self.plan else None, tuple(self.fast_bits), tuple(self.layer_eager)
+
     def run_expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert` of MoE layer `layer` on x [n, H], served as the current plan says."""
         if self.plan is None:
@@ -204,44 +309,97 @@ class Engine:
         self.stats.expert_calls += 1
         if state.tier == "accel":
             layout, _, views = self.resident[eid]
-        elif self.plan.offload == "cpu":
+            return expert_forward(layout, views, x, act_fn, self.quantizer.dequantize)
+        if self.plan.offload == "cpu":
             self.stats.cpu_calls += 1
             layout = self.layout(state.bits, gs)
             views = self._host_views_of(eid, state.bits, gs)
             y = expert_forward(layout, views, x.to(self.host), act_fn, self.quantizer.dequantize)
             return y.to(x.device, non_blocking=False)
+        slot = self._fetch(eid, state.bits, gs)
+        layout, views = self.slot_views[slot]
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.accel).wait_event(self.slot_ready[slot])
+        n = x.shape[0]
+        if n <= KERNEL_MAX_TOKENS and self._kernel_ok(layout, layer):
+            y = kernels.moe_experts(x, self.slot_table[slot : slot + 1].expand(n), x.new_ones(n), layout,
+                                    slot_token=torch.arange(n, device=x.device)).to(x.dtype)
         else:
-            layout, views = self._fetch(eid, state.bits, gs)
-        return expert_forward(layout, views, x, act_fn, self.quantizer.dequantize)
+            y = expert_forward(layout, views, x, act_fn, self.quantizer.dequantize)
+        if self.copy_stream is not None:
+            self.slot_free[slot].record(torch.cuda.current_stream(self.accel))
+        return y
 
-    def _fetch(self, eid: ExpertId, bits: int, group_size: int) -> tuple[Layout, dict]:
+    def _fetch(self, eid: ExpertId, bits: int, group_size: int, *, ahead: bool = False) -> int:
+        """The slot holding `eid` at `bits`, copying it in (over the least recently used) if missing;
+        `ahead`: a prefetch, counted apart from demand lookups."""
         key = (eid, bits)
         slot = self.lru.get(key)
         if slot is not None:
             self.lru.move_to_end(key)
-            self.stats.fetch_hits += 1
-            return self.slot_views[slot]
+            if not ahead:
+                self.stats.fetch_hits += 1
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    self.stats.prefetch_hits += 1
+            return slot
         if len(self.lru) < len(self.slots):
-            slot = next(i for i in range(len(self.slots)) if i not in set(self.lru.values()))
+            used = set(self.lru.values())
+            slot = next(i for i in range(len(self.slots)) if i not in used)
         else:
-            _, slot = self.lru.popitem(last=False)
+            old, slot = self.lru.popitem(last=False)
+            self.prefetched.discard(old)
         src, _ = self.host_buffer(eid, bits, group_size)
         dst = self.slots[slot][: src.numel()]
-        # Pinned source + non_blocking: the copy is queued on the stream ahead of the compute
-        # that reads it, so the host does not wait for it.
-        dst.copy_(src, non_blocking=self.pin)
+        if self.copy_stream is not None:
+            # pinned source, side stream: the copy overlaps compute already queued and waits only
+            # for the last compute that read this slot
+            self.copy_stream.wait_event(self.slot_free[slot])
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(src, non_blocking=self.pin)
+            self.slot_ready[slot].record(self.copy_stream)
+        else:
+            dst.copy_(src)
         layout = self.layout(bits, group_size)
         self.slot_views[slot] = (layout, layout.views(dst))
         self.lru[key] = slot
-        self.stats.fetch_misses += 1
         self.stats.bytes_fetched += src.numel()
-        return self.slot_views[slot]
+        if ahead:
+            self.prefetched.add(key)
+            self.stats.prefetch_issued += 1
+        else:
+            self.stats.fetch_misses += 1
+        return slot
+
+    def guess_next(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Experts the next MoE layer will likely route to (the mixtral-offloading trick: its router
+        applied to this layer's input), when that layer has experts to fetch; None otherwise."""
+        plan = self.plan
+        if (not self.prefetch_enabled or plan is None or plan.offload != "fetch" or layer + 1 >= len(self.gates)
+                or hidden.shape[0] > KERNEL_MAX_TOKENS or len(self.slots) < 2 * self.spec.top_k
+                or not self.host_layers[layer + 1]):
+            return None
+        weight = getattr(self.gates[layer + 1], "weight", None)
+        if weight is None:
+            return None
+        logits = F.linear(hidden.to(weight.dtype), weight)  # [T, E]
+        return logits.topk(self.spec.top_k, dim=-1).indices.flatten().unique()
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start copying the host experts among `experts` of `layer` into slots."""
+        gs = self.plan.group_size
+        for e in experts:
+            state = self.plan.states[layer][e]
+            if state.tier == "host":
+                self._fetch(ExpertId(layer, e), state.bits, gs, ahead=True)
 
     # --- reconfiguration ------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyReport:
         """Move to `plan`, touching only experts whose state differs; evict before loading."""
         plan.check_fits(self.spec)
         start = time.perf_counter()
+        if self.on_cuda:  # queued compute and copies may still read buffers this frees or overwrites
+            torch.cuda.synchronize(self.accel)
         gs = plan.group_size
         base = self.plan if self.plan is not None and self.plan.group_size == gs else None
         moves = diff(plan, base, have_variant=lambda eid, bits: (eid, bits, gs) in self.variants)
@@ -256,9 +414,11 @@ class Engine:
         if base is None or len(self.slots) != n_slots or (self.slots and self.slots[0].numel() != slot_bytes):
             self.slots, self.slot_views = [], []
             self.lru.clear()
+            self.prefetched.clear()
         else:  # keep cached slots whose expert is still fetched at the same precision
             for key in [k for k in self.lru if plan.state(k[0]) != ExpertState(k[1], "host")]:
                 self.slot_views[self.lru.pop(key)] = None
+                self.prefetched.discard(key)
         if self.on_cuda:
             torch.cuda.empty_cache()  # hand freed memory back to co-tenants, not just to our allocator
 
@@ -276,13 +436,35 @@ class Engine:
         if not self.slots and n_slots:
             self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.accel) for _ in range(n_slots)]
             self.slot_views = [None] * n_slots
+            self.slot_table = torch.tensor([b.data_ptr() for b in self.slots], dtype=torch.int64, device=self.accel)
+            if self.on_cuda:
+                self.slot_ready = [torch.cuda.Event() for _ in self.slots]
+                self.slot_free = [torch.cuda.Event() for _ in self.slots]
         if self.on_cuda:
             torch.cuda.synchronize(self.accel)
         self.plan = plan
+        self._refresh_tables()
         report = ApplyReport(plan.plan_id, len(moves), loaded, evicted, requantized, bytes_in,
                              time.perf_counter() - start)
         log.info("applied plan %s: %s", plan.plan_id, report)
         return report
+
+    def _refresh_tables(self) -> None:
+        """Point the kernels' address tables at the experts the new plan keeps on the accelerator."""
+        plan, gs = self.plan, self.plan.group_size
+        L, E = self.spec.num_layers, self.spec.num_experts
+        self.host_layers = [any(s.tier == "host" for s in layer) for layer in plan.states]
+        ptrs = {b: torch.zeros(L, E, dtype=torch.int64) for b in self.tables}
+        eager = torch.ones(L, E, dtype=torch.bool)
+        for eid, state in plan.items():
+            if state.tier == "accel" and self._kernel_ok(self.layout(state.bits, gs), eid.layer):
+                ptrs[state.bits][eid.layer, eid.expert] = self.resident[eid][1].data_ptr()
+                eager[eid.layer, eid.expert] = False
+        for b, table in self.tables.items():
+            table.copy_(ptrs[b])  # in place: captured graphs read these tensors
+        self.eager_mask.copy_(eager)
+        self.fast_bits = [tuple(b for b in ptrs if ptrs[b][l].any()) for l in range(L)]
+        self.layer_eager = [bool(eager[l].any()) for l in range(L)]
 
     # --- accounting -------------------------------------------------------------------------------
     def memory(self) -> dict:
