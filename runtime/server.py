@@ -37,14 +37,14 @@ log = logging.getLogger(__name__)
 class Server:
     def __init__(self, model: str, front: str, slos: str, *, device: str | None = None,
                  tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
-                 hysteresis: float = 0.05):
+                 hysteresis: float = 0.05, layers: int | None = None):
         self.slo_path = Path(slos)
         self.slos = load_slos(self.slo_path)
         self.slo_mtime = self.slo_path.stat().st_mtime
         rows = with_ppl(pd.read_csv(front)).to_dict(orient="records")
         if not rows:
             raise ValueError(f"{front} has no measured plans")
-        self.loaded = load_model(model, device=device)
+        self.loaded = load_model(model, layers=layers, device=device)  # layers: as the front was profiled
         self.engine = Engine(self.loaded.model, accel=device)
         planner = Planner(self.engine, model, lambda: self.loaded.tokenizer.encode(calibration_text(data=data)))
         self.plans = {str(r["plan_id"]): planner.rebuild(r) for r in rows}
