@@ -1,13 +1,19 @@
 """A throughput model: predicts batch-1 decode tok/s of any plan in well under a millisecond.
 
-Calibrated once per model and machine from a few real decodes of uniform plans (see calibrate):
-- non-expert time per token: the all-16-bit decode minus its expert calls;
-- per-call expert time at each precision on the accelerator and on the host (`cpu` offload);
-- the time of one fetch (a copy of an expert into a slot), from a decode that misses on every call;
+Calibrated once per model and machine from a few real decodes of uniform plans (see calibrate), and
+shaped like the engine's decode path:
+- non-expert time per token (attention, router, norms, sampling);
+- accelerator experts: without fused kernels, a cost per routed call at each precision; with them
+  (CUDA), each layer launches one kernel pair per precision its plan keeps on the accelerator, so
+  the cost is a launch per precision present plus a per-call term for the experts routed to it;
+- a layer whose plan has any expert outside the kernels (host experts, precisions without a
+  kernel) syncs with the host and loops over its routed experts: a fixed cost per such layer;
+- host experts: a cost per call computed on the host (`cpu`), or per call on a fetch slot plus,
+  on a miss, one copy (a fixed cost plus bytes over the measured host-to-accelerator bandwidth);
 - a router trace (which experts each token picks in each layer) from calibration text, on which
   each plan's LRU of fetch slots is simulated to count misses.
 
-    time/token = non-expert + sum over routed calls of the call's time (+ a copy on a miss)
+Speculative prefetch is not modelled: a plan with it is predicted as the same plan without.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from placement import kernels
 from placement.engine import expert_forward
 from placement.plan import BITS, ExpertId, ExpertState, Plan
 from profiler.throughput import timed_generate
@@ -27,14 +34,30 @@ from profiler.throughput import timed_generate
 @dataclass(frozen=True)
 class CostModel:
     nonexpert_s: float  # per decoded token
-    accel_s: dict  # bits -> seconds per expert call on the accelerator (batch 1)
+    accel_s: dict  # bits -> seconds per routed accelerator call (fused bits: per call beyond the launch)
     host_s: dict  # bits -> seconds per expert call on the host, activations moved included
     copy_bytes_per_s: float  # host -> fetch slot
     trace: tuple  # per token: per MoE layer, the routed expert ids
     expert_bytes: dict  # bits -> packed bytes of one expert
+    fetch_s: dict = field(default_factory=dict)  # bits -> per call on a fetch slot (default: accel_s)
+    copy_fixed_s: float = 0.0  # per copy, beside its bytes
+    fused_bits: tuple = ()  # precisions run as fused kernels on the accelerator (CUDA)
+    launch_s: float = 0.0  # per (layer, fused precision the layer's plan holds)
+    eager_layer_s: float = 0.0  # per layer whose plan holds experts outside the fused kernels
+
+    def copy_s(self, bits: int) -> float:
+        return self.copy_fixed_s + self.expert_bytes[bits] / self.copy_bytes_per_s
 
     def predict_s(self, plan: Plan) -> float:
         """Seconds per decoded token under `plan`, from the trace."""
+        fused = set(self.fused_bits)
+        # per layer, what the engine launches whatever the routing: a kernel pair per fused
+        # precision on the accelerator, and the host sync when anything runs outside the kernels
+        fixed = 0.0
+        for row in plan.states:
+            present = {s.bits for s in row if s.tier == "accel" and s.bits in fused}
+            eager = any(s.tier == "host" or s.bits not in fused for s in row) if fused else False
+            fixed += self.launch_s * len(present) + (self.eager_layer_s if eager else 0.0)
         lru: OrderedDict = OrderedDict()
         slots = plan.slots_used()
         total = 0.0
@@ -51,12 +74,12 @@ class CostModel:
                         if key in lru:
                             lru.move_to_end(key)
                         else:
-                            total += self.expert_bytes[s.bits] / self.copy_bytes_per_s
+                            total += self.copy_s(s.bits)
                             lru[key] = True
                             if len(lru) > slots:
                                 lru.popitem(last=False)
-                        total += self.accel_s[s.bits]
-        return self.nonexpert_s + total / len(self.trace)
+                        total += self.fetch_s.get(s.bits, self.accel_s[s.bits])
+        return self.nonexpert_s + fixed + total / len(self.trace)
 
     def predict_tok_s(self, plan: Plan) -> float:
         return 1.0 / self.predict_s(plan)
@@ -85,44 +108,117 @@ def uniform_plan(spec, bits: int, tier: str, offload: str = "fetch", cache_slots
 @torch.no_grad()
 def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new_tokens: int = 32,
               group_size: int = 64, trace_tokens: int = 256) -> CostModel:
-    """Fit the constants from a few real decodes of uniform plans: every expert at each precision
-    on the accelerator, every expert on the host (cpu), every expert fetched through one slot.
-    Per-call costs are the decode-time differences divided by the routed calls per token."""
+    """Fit the constants from real decodes of uniform plans (every expert at each precision on the
+    accelerator; every expert on the host, computed there or fetched through slots that always hit
+    or through one slot that always misses) and from timing the expert calls alone, which splits
+    a decode into its non-expert and expert parts. Costs are decode-time differences divided by
+    the calls (or layers) per token."""
     spec = engine.spec
-    calls = spec.num_layers * spec.top_k  # routed expert calls per decoded token at batch 1
-    base, _ = decode_s(engine, uniform_plan(spec, 16, "accel"), prompt, new_tokens)
-    # Non-expert time: the all-16-bit decode less its expert calls, timed alone (two GEMMs each).
-    eid, x = ExpertId(0, 0), torch.randn(1, spec.hidden, dtype=engine.dtype, device=engine.accel)
-    layout = engine.layout(16, group_size)
-    views = layout.views(engine.masters[eid].to(engine.accel, copy=True))
+    L, calls = spec.num_layers, spec.num_layers * spec.top_k  # routed calls per decoded token at batch 1
+    sizes = {b: engine.layout(b, group_size).nbytes for b in bits}
+    fused = tuple(b for b in bits if engine.use_kernels and engine._kernel_ok(engine.layout(b, group_size), 0))
     sync = (lambda: torch.cuda.synchronize(engine.accel)) if engine.on_cuda else (lambda: None)
-    call16 = _time(lambda: expert_forward(layout, views, x, engine.act_fns[0], engine.quantizer.dequantize), 50, sync)
-    nonexpert = max(base - calls * call16, 0.0)
-    accel_s, host_s, sizes = {}, {}, {}
+
+    def decode(b: int, tier: str, offload: str = "fetch", slots: int = 0) -> tuple[float, float]:
+        return decode_s(engine, uniform_plan(spec, b, tier, offload, slots), prompt, new_tokens)
+
+    base, _ = decode(16, "accel")
+    if not fused:
+        # Non-expert time: the all-16-bit decode less its expert calls, timed alone (two GEMMs each).
+        call16 = _time(_eager_call(engine, group_size), 50, sync)
+        nonexpert = max(base - calls * call16, 0.0)
+        accel_s = {b: max(call16 + ((base if b == 16 else decode(b, "accel")[0]) - base) / calls, 0.0) for b in bits}
+        host_s = {b: max((decode(b, "host", "cpu")[0] - nonexpert) / calls, 0.0) for b in bits}
+        t, misses = decode(16, "host", "fetch", 1)
+        copy_s = max((t - base) / max(misses, 1e-9), 1e-9)  # each miss adds one copy of a 16-bit expert
+        return CostModel(nonexpert, accel_s, host_s, sizes[16] / copy_s, _trace(engine, trace_ids, trace_tokens), sizes)
+
+    # Fused kernels: a layer's accelerator experts at one precision cost a launch plus a term per
+    # routed call; both come from timing the layer's kernels alone, on the experts the uniform plan
+    # made resident (launch: every slot empty).
+    n = 200 if engine.on_cuda else 3  # (off CUDA the kernels run in Triton's slow interpreter)
+    layer16 = _time(_fused_call(engine, 16, group_size, live=True), n, sync)
+    launch = _time(_fused_call(engine, 16, group_size, live=False), n, sync)
+    nonexpert = max(base - L * layer16, 0.0)
+    k = spec.top_k
+    accel_s = {16: max((layer16 - launch) / k, 0.0)}
+    for b in fused:
+        if b != 16:
+            accel_s[b] = max(((decode(b, "accel")[0] - nonexpert) / L - launch) / k, 0.0)
+    # Host experts: fetch slots that always hit (as many as experts) and one slot that always
+    # misses give the per-layer cost of leaving the kernels, the per-call cost on a slot and the
+    # cost of a copy, at 16 bits and at the smallest fused precision (two sizes: fixed + per byte).
+    total = L * spec.num_experts
+    small = min(fused)
+    fetch_s, copy = {}, {}
+    eager_layer = 0.0
+    for b in dict.fromkeys((16, small)):
+        hit, m_hit = decode(b, "host", "fetch", total)
+        miss, m_miss = decode(b, "host", "fetch", 1)
+        copy[b] = max((miss - hit) / max(m_miss - m_hit, 1e-9), 1e-9)
+        layer_part = hit - nonexpert - m_hit * copy[b]  # L * eager_layer + calls * fetch_s[b]
+        if b == 16:  # a call on a slot is one single-slot launch of the kernels
+            fetch_s[16] = launch + accel_s[16]
+            eager_layer = max((layer_part - calls * fetch_s[16]) / L, 0.0)
+        else:
+            fetch_s[b] = max((layer_part - L * eager_layer) / calls, 0.0)
+    for b in fused:
+        fetch_s.setdefault(b, fetch_s[16] + accel_s[b] - accel_s[16])
+    if len(copy) == 2 and copy[16] > copy[small]:
+        bw = (sizes[16] - sizes[small]) / (copy[16] - copy[small])
+        fixed = max(copy[16] - sizes[16] / bw, 0.0)
+    else:
+        bw, fixed = sizes[16] / copy[16], 0.0
+    # precisions without a kernel run in the per-expert loop, on the accelerator and the host alike
     for b in bits:
-        sizes[b] = engine.layout(b, group_size).nbytes
-        t = base if b == 16 else decode_s(engine, uniform_plan(spec, b, "accel"), prompt, new_tokens)[0]
-        # timing noise can make a difference negative on tiny models: a call never costs less than 0
-        accel_s[b] = max(call16 + (t - base) / calls, 0.0)
-        t, _ = decode_s(engine, uniform_plan(spec, b, "host", "cpu"), prompt, new_tokens)
-        host_s[b] = max((t - nonexpert) / calls, 0.0)
-    t, misses = decode_s(engine, uniform_plan(spec, 16, "host", "fetch", 1), prompt, new_tokens)
-    copy_s = max((t - base) / max(misses, 1e-9), 1e-9)  # each miss adds one copy of a 16-bit expert
-    trace = router_trace(engine, trace_ids[:trace_tokens])
-    engine.apply(uniform_plan(spec, 16, "accel"))
-    return CostModel(nonexpert, accel_s, host_s, sizes[16] / copy_s, trace, sizes)
+        if b not in fused:
+            accel_s[b] = max((decode(b, "accel")[0] - nonexpert - L * eager_layer) / calls, 0.0)
+    host_s = {b: max((decode(b, "host", "cpu")[0] - nonexpert - L * eager_layer) / calls, 0.0) for b in bits}
+    return CostModel(nonexpert, accel_s, host_s, bw, _trace(engine, trace_ids, trace_tokens), sizes,
+                     fetch_s=fetch_s, copy_fixed_s=fixed, fused_bits=fused, launch_s=launch,
+                     eager_layer_s=eager_layer)
+
+
+def _eager_call(engine, group_size: int):
+    """One 16-bit expert call through the per-expert path, on the accelerator (batch 1)."""
+    spec = engine.spec
+    x = torch.randn(1, spec.hidden, dtype=engine.dtype, device=engine.accel)
+    layout = engine.layout(16, group_size)
+    views = layout.views(engine.masters[ExpertId(0, 0)].to(engine.accel, copy=True))
+    return lambda: expert_forward(layout, views, x, engine.act_fns[0], engine.quantizer.dequantize)
+
+
+def _fused_call(engine, bits: int, group_size: int, live: bool):
+    """Layer 0's fused kernels at batch 1 over top-k experts the current plan holds resident at
+    `bits` (live), or over empty slots (the launch alone)."""
+    spec = engine.spec
+    k = spec.top_k
+    x = torch.randn(1, spec.hidden, dtype=engine.dtype, device=engine.accel)
+    bufs = [engine.resident[ExpertId(0, e)][1] if live else None for e in range(k)]
+    table = kernels.expert_table(bufs, device=engine.accel)
+    weights = torch.full((k,), 1.0 / k, device=engine.accel)
+    tokens = torch.zeros(k, dtype=torch.int64, device=engine.accel)
+    out = torch.zeros(1, spec.hidden, dtype=torch.float32, device=engine.accel)
+    layout = engine.layout(bits, group_size)
+    return lambda: kernels.moe_experts(x, table, weights, layout, slot_token=tokens, out=out)
 
 
 def _time(fn, repeats: int, sync) -> float:
-    fn()  # warm
+    """Seconds per call of fn() over `repeats` back-to-back calls after a warm-up (launches
+    pipelined as in a decode; one sync at the end)."""
+    fn()
     sync()
-    times = []
+    t = time.perf_counter()
     for _ in range(repeats):
-        t = time.perf_counter()
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    sync()
+    return (time.perf_counter() - t) / repeats
+
+
+def _trace(engine, ids: list[int], tokens: int) -> tuple:
+    trace = router_trace(engine, ids[:tokens])
+    engine.apply(uniform_plan(engine.spec, 16, "accel"))
+    return trace
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
 import pandas as pd
 import pytest
 
+from placement import kernels
+from placement.plan import Knobs, build_plan
 from profiler.search import population_for, sweep_points
 from qos.cli import main
 from tests.test_profiler import needs_data
@@ -80,3 +82,58 @@ def test_screening_skips_only_plans_a_measured_plan_beats_by_the_margin(tmp_path
     assert search.screened(fast) is None  # the prediction beats everything measured: measure it
     profiler.ppl_cache[slow.precision_id] = {"ppl_ptb": 9.5}  # known better perplexity: measure it
     assert search.screened(slow) is None
+
+
+def test_fused_cost_model_charges_launches_per_precision_and_the_eager_layer_once():
+    from placement.plan import ExpertState, Plan
+    from profiler.costmodel import CostModel
+
+    trace = (((0, 1), (0, 2)),)  # 1 token, 2 layers, top-2
+    model = CostModel(nonexpert_s=1.0, accel_s={16: 0.1, 4: 0.05, 3: 0.4}, host_s={16: 0.5},
+                      copy_bytes_per_s=100.0, trace=trace, expert_bytes={16: 100, 4: 30, 3: 25},
+                      fetch_s={16: 0.3}, copy_fixed_s=0.2, fused_bits=(16, 4), launch_s=0.01,
+                      eager_layer_s=2.0)
+    s = lambda bits, tier: ExpertState(bits, tier)  # noqa: E731
+    # a launch per layer for its one fused precision, whatever the routing, plus the routed calls
+    assert model.predict_s(Plan(((s(16, "accel"),) * 3,) * 2)) == pytest.approx(1.0 + 2 * 0.01 + 4 * 0.1)
+    # layer 0 holds 16- and 4-bit experts: two launches; layer 1 only 4-bit ones
+    two = Plan(((s(4, "accel"), s(16, "accel"), s(4, "accel")), (s(4, "accel"),) * 3))
+    assert model.predict_s(two) == pytest.approx(1.0 + 3 * 0.01 + (0.05 + 0.1) + 2 * 0.05)
+    # each layer holds a host expert, so each leaves the kernels once (routed there or not);
+    # layer 1 routes to its host expert 2: a miss costs the fixed part plus bytes over bandwidth
+    host = Plan(((s(16, "accel"), s(16, "accel"), s(16, "host")), (s(16, "accel"),) * 2 + (s(16, "host"),)),
+                "fetch", 1)
+    assert model.predict_s(host) == pytest.approx(1.0 + 2 * 0.01 + 2 * 2.0 + 3 * 0.1 + (0.2 + 1.0 + 0.3))
+    # a precision without a kernel (3-bit) runs in the loop too: eager layer, per-call cost
+    three = Plan(((s(3, "accel"),) * 3, (s(16, "accel"),) * 3))
+    assert model.predict_s(three) == pytest.approx(1.0 + 2.0 + 2 * 0.4 + 0.01 + 2 * 0.1)
+
+
+def test_calibration_fits_every_constant_on_a_real_decode(fresh):
+    from placement.engine import Engine
+    from profiler.costmodel import calibrate
+
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=False)
+    ids = list(range(5, 100))
+    cost = calibrate(engine, ids[:8], ids, bits=(16, 4), new_tokens=4, trace_tokens=16)
+    assert cost.fused_bits == () and cost.launch_s == 0.0 and cost.eager_layer_s == 0.0
+    assert cost.nonexpert_s > 0 and cost.copy_bytes_per_s > 0
+    assert set(cost.accel_s) == set(cost.host_s) == {16, 4} and min(cost.accel_s.values()) >= 0
+    assert len(cost.trace) == 16 and all(len(t) == engine.spec.num_layers for t in cost.trace)
+    assert cost.predict_tok_s(build_plan(engine.spec, Knobs(gpu_experts=2))) > 0
+
+
+@pytest.mark.skipif(not kernels.available("cpu"), reason="needs triton (its CPU interpreter)")
+def test_calibration_with_fused_kernels_splits_launch_call_and_eager_layer(fresh):
+    from placement.engine import Engine
+    from profiler.costmodel import calibrate
+
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=True)
+    ids = list(range(5, 100))
+    cost = calibrate(engine, ids[:4], ids, bits=(16, 4, 3), new_tokens=2, trace_tokens=8)
+    assert cost.fused_bits == (16, 4)  # 3-bit has no kernel
+    assert cost.launch_s > 0 and cost.eager_layer_s >= 0
+    assert set(cost.fetch_s) == {16, 4} and set(cost.accel_s) == {16, 4, 3}
+    assert all(v >= 0 for v in [*cost.accel_s.values(), *cost.host_s.values(), *cost.fetch_s.values()])
