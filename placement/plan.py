@@ -19,6 +19,9 @@ BITS = (16, 8, 4, 3, 2)
 TIERS = ("accel", "host")
 OFFLOAD_MODES = ("fetch", "cpu")
 SELECTIONS = ("random", "frequency", "sensitivity")
+# The engine prefetches only with room for two layers' routed experts (this many slots per top-k):
+# the next layer's guesses are copied while this layer's experts are still in use.
+PREFETCH_SLOTS_PER_TOP_K = 2
 # What the non-random selections rank experts by (lowest quantized first); the profiler measures it.
 SCORED_BY = {"frequency": "router statistics from calibration text",
              "sensitivity": "per-expert quantization sensitivity scores"}
@@ -56,13 +59,16 @@ class Plan:
 
     `states[l][e]` is the state of expert e of MoE layer l. `offload` says how host-tier experts run:
     `fetch` copies them into one of `cache_slots` accelerator slots (an LRU) and computes there;
-    `cpu` computes them on the host and moves activations instead.
+    `cpu` computes them on the host and moves activations instead. `prefetch` (fetch only) also
+    applies the next MoE layer's router to each layer's input and copies the host experts it picks
+    into slots ahead of use: it pays when the guesses are right and wastes copy bandwidth when not.
     """
 
     states: tuple[tuple[ExpertState, ...], ...]
     offload: str = "fetch"
     cache_slots: int = 0
     group_size: int = 64
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.offload not in OFFLOAD_MODES:
@@ -75,20 +81,28 @@ class Plan:
             raise ValueError("a plan needs the same, non-zero number of experts in every layer")
         if self.offload == "fetch" and self.host_experts and self.cache_slots < 1:
             raise ValueError("offload='fetch' with host experts needs cache_slots >= 1")
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"prefetch={self.prefetch!r} must be True or False")
+        if self.prefetch and not (self.offload == "fetch" and self.host_experts):
+            raise ValueError("prefetch=True needs offload='fetch' and host experts: it copies host experts "
+                             "into fetch slots ahead of use")
 
     # --- identity -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        d = {
             "states": [[[s.bits, s.tier] for s in row] for row in self.states],
             "offload": self.offload,
             "cache_slots": self.cache_slots,
             "group_size": self.group_size,
         }
+        if self.prefetch:  # only when on, so plans from before the knob keep their plan_id
+            d["prefetch"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Plan:
         states = tuple(tuple(ExpertState(int(b), str(t)) for b, t in row) for row in d["states"])
-        return cls(states, d["offload"], int(d["cache_slots"]), int(d["group_size"]))
+        return cls(states, d["offload"], int(d["cache_slots"]), int(d["group_size"]), bool(d.get("prefetch", False)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
@@ -191,6 +205,7 @@ class Plan:
             "host_experts": self.host_experts,
             "offload": self.offload,
             "cache_slots": self.slots_used(),
+            "prefetch": self.prefetch,
             "group_size": self.group_size,
             "gpu_bytes": self.gpu_bytes(spec),
             "host_bytes": self.host_bytes(spec),
@@ -229,6 +244,9 @@ class Move:
 def diff(desired: Plan, actual: Plan | None, have_variant=lambda eid, bits: True) -> list[Move]:
     """Moves that turn `actual` into `desired`, evictions first.
 
+    Only expert states count: plans that differ in offload mode, slots or prefetch alone need no
+    moves (the engine resizes its slots in `apply`).
+
     Evicting every expert that leaves the accelerator (or changes precision there) before loading
     any keeps accelerator memory at or below max(old footprint, new footprint) throughout.
     `have_variant(eid, bits)` says whether the host already holds that precision.
@@ -256,6 +274,7 @@ class Knobs:
     offload: str = "fetch"
     cache_slots: int | None = None  # None: twice the router's top-k
     group_size: int = 64
+    prefetch: bool = False  # fetch only; off where it cannot act (see build_plan)
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -276,6 +295,8 @@ class Knobs:
             raise ValueError(f"gpu_budget={self.gpu_budget} must be >= 0 bytes")
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ValueError(f"cache_slots={self.cache_slots} must be >= 1")
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"prefetch={self.prefetch!r} must be True or False")
 
 
 def _order(spec: ModelSpec, selection: str, seed: int, scores: Sequence[Sequence[float]] | None):
@@ -317,9 +338,11 @@ def build_plan(spec: ModelSpec, knobs: Knobs, scores=None) -> Plan:
                   for e in range(spec.num_experts))
             for l in range(spec.num_layers)
         )
-        # Slots only exist when something is fetched, so equal behaviour hashes to one plan_id.
+        # Slots only exist when something is fetched, so equal behaviour hashes to one plan_id;
+        # likewise prefetch, which also needs room for two layers' experts (as the engine does).
         fetching = knobs.offload == "fetch" and n_accel < total
-        return Plan(states, knobs.offload, slots if fetching else 0, knobs.group_size)
+        prefetch = knobs.prefetch and fetching and slots >= PREFETCH_SLOTS_PER_TOP_K * spec.top_k
+        return Plan(states, knobs.offload, slots if fetching else 0, knobs.group_size, prefetch)
 
     if knobs.gpu_budget is None:
         plan = make(total if knobs.gpu_experts is None else knobs.gpu_experts)

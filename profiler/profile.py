@@ -21,7 +21,8 @@ from profiler.throughput import timed_generate
 
 log = logging.getLogger(__name__)
 
-KNOB_COLUMNS = ["quantized", "bits", "selection", "seed", "gpu_experts", "offload", "cache_slots", "group_size"]
+KNOB_COLUMNS = ["quantized", "bits", "selection", "seed", "gpu_experts", "offload", "cache_slots", "prefetch",
+                "group_size"]
 COLUMNS = [
     "model", "plan_id", "precision_id", *KNOB_COLUMNS, "experts_total",
     "decode_tok_s", "decode_tok_s_batch", "batch_size", "prefill_tok_s", "ttft_s",
@@ -169,7 +170,8 @@ class Profiler:
             "model": self.name, "plan_id": plan.plan_id, "precision_id": plan.precision_id,
             "quantized": summary["quantized"], "bits": summary["bits"] if plan.quantized else 16,
             "selection": knobs.selection, "seed": knobs.seed, "gpu_experts": summary["gpu_experts"],
-            "offload": plan.offload, "cache_slots": summary["cache_slots"], "group_size": plan.group_size,
+            "offload": plan.offload, "cache_slots": summary["cache_slots"], "prefetch": plan.prefetch,
+            "group_size": plan.group_size,
             "experts_total": summary["experts_total"], "gpu_bytes": summary["gpu_bytes"],
             "host_bytes": summary["host_bytes"],
             **self._throughput(), **self._perplexity(plan), "seqlen": self.seqlen,
@@ -204,15 +206,27 @@ class Planner:
 
 
 # --- the profile file ------------------------------------------------------------------------------
+def flag(value) -> bool:
+    """A boolean cell of a profile: missing (older files, NaN) is False; CSV text is parsed."""
+    if value is None or (isinstance(value, float) and value != value):
+        return False
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", ""):
+            raise ValueError(f"not a boolean: {value!r}")
+        return value.strip().lower() in ("true", "1")
+    return bool(value)
+
+
 def knobs_from_row(row: dict) -> Knobs:
     """The knobs that rebuild a row's plan (with the same selection scores)."""
     return Knobs(quantized=int(row["quantized"]), bits=int(row["bits"]) if row["quantized"] else 4,
                  selection=row["selection"], seed=int(row["seed"]), gpu_experts=int(row["gpu_experts"]),
                  offload=row["offload"], cache_slots=int(row["cache_slots"]) or None,
-                 group_size=int(row["group_size"]))
+                 prefetch=flag(row.get("prefetch")), group_size=int(row["group_size"]))
 
 
 def read_profile(path: str | Path) -> pd.DataFrame:
+    """A profile's rows; knob columns added since it was written take their defaults."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS)
@@ -220,11 +234,26 @@ def read_profile(path: str | Path) -> pd.DataFrame:
     missing = {"plan_id", "precision_id"} - set(df.columns)
     if missing:
         raise ValueError(f"{path} is not a moe-qos profile: no column(s) {', '.join(sorted(missing))}")
+    if "prefetch" in df.columns:
+        df["prefetch"] = df["prefetch"].map(flag)
+    else:  # profiles from before the prefetch knob: every plan ran without it
+        df.insert(df.columns.get_loc("cache_slots") + 1 if "cache_slots" in df.columns else len(df.columns),
+                  "prefetch", False)
     return df
 
 
 def append_row(path: str | Path, row: dict) -> None:
+    """Append one row in the file's own column order; a file written before a column was added
+    (or by a search, with its extra columns) is rewritten first with the missing columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    pd.DataFrame([row], columns=COLUMNS).to_csv(path, mode="a", header=new, index=False)
+    if not path.exists() or path.stat().st_size == 0:
+        pd.DataFrame([row], columns=COLUMNS).to_csv(path, index=False)
+        return
+    header = list(pd.read_csv(path, nrows=0).columns)
+    if any(c not in header for c in COLUMNS):
+        old = read_profile(path)
+        old = old.reindex(columns=[*COLUMNS, *(c for c in old.columns if c not in COLUMNS)])
+        old.to_csv(path, index=False)
+        header = list(old.columns)
+    pd.DataFrame([row]).reindex(columns=header).to_csv(path, mode="a", header=False, index=False)

@@ -104,3 +104,45 @@ def test_move_costs_are_tagged():
     costs = {m.cost for m in diff(b, a, have_variant=lambda eid, bits: False)}
     assert costs == {"requantize", "tier"}
     assert {m.cost for m in diff(b, a)} == {"precision", "tier"}
+
+
+def test_prefetch_is_a_plan_knob_that_leaves_earlier_plan_ids_alone():
+    off = build_plan(SPEC, Knobs(quantized=8, bits=4, gpu_experts=16))
+    on = build_plan(SPEC, Knobs(quantized=8, bits=4, gpu_experts=16, prefetch=True))
+    assert not off.prefetch and on.prefetch and on.states == off.states
+    assert "prefetch" not in off.to_dict() and on.to_dict()["prefetch"] is True
+    # a plan without prefetch hashes the same fields as before the knob existed: its id is unchanged
+    assert set(off.to_dict()) == {"states", "offload", "cache_slots", "group_size"}
+    assert Plan.from_dict(off.to_dict()) == off
+    assert on.plan_id != off.plan_id and Plan.from_json(on.to_json()) == on
+    assert on.summary(SPEC)["prefetch"] is True and off.summary(SPEC)["prefetch"] is False
+    assert on.precision_id == off.precision_id  # perplexity does not depend on it
+    assert on.gpu_bytes(SPEC) == off.gpu_bytes(SPEC)
+
+
+def test_prefetch_where_it_cannot_act_builds_the_plan_without_it():
+    for knobs in [Knobs(prefetch=True),  # nothing on the host
+                  Knobs(gpu_experts=8, offload="cpu", prefetch=True),  # nothing fetched
+                  Knobs(gpu_experts=8, cache_slots=3, prefetch=True)]:  # fewer than 2 x top-k slots
+        plan = build_plan(SPEC, knobs)
+        assert not plan.prefetch
+        assert plan.plan_id == build_plan(SPEC, Knobs(**{**knobs.__dict__, "prefetch": False})).plan_id
+    assert build_plan(SPEC, Knobs(gpu_experts=8, cache_slots=4, prefetch=True)).prefetch
+
+
+@pytest.mark.parametrize("offload, slots, tiers, message", [
+    ("cpu", 0, "host", "prefetch=True needs offload='fetch' and host experts"),
+    ("fetch", 0, "accel", "prefetch=True needs offload='fetch' and host experts"),
+])
+def test_plan_rejects_prefetch_that_cannot_act(offload, slots, tiers, message):
+    states = tuple(tuple(ExpertState(16, tiers) for _ in range(8)) for _ in range(4))
+    with pytest.raises(ValueError, match=message):
+        Plan(states, offload, slots, prefetch=True)
+    with pytest.raises(ValueError, match="prefetch='yes' must be True or False"):
+        Knobs(prefetch="yes")
+
+
+def test_switching_prefetch_alone_moves_no_expert():
+    off = build_plan(SPEC, Knobs(quantized=8, bits=4, gpu_experts=16))
+    on = build_plan(SPEC, Knobs(quantized=8, bits=4, gpu_experts=16, prefetch=True))
+    assert diff(on, off) == [] and diff(off, on) == []

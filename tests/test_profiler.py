@@ -82,6 +82,37 @@ def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys)
     assert "measured: 2" in capsys.readouterr().out and len(read_profile(out)) == 6
 
 
+def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read_as_without_it(fresh, tmp_path):
+    from placement.plan import build_plan
+    from profiler.profile import KNOB_COLUMNS, Planner, append_row, knobs_from_row
+
+    model, _ = fresh()
+    engine = Engine(model)
+    planner = Planner(engine, "tiny-random", lambda: [])
+
+    def row(knobs):
+        plan = build_plan(engine.spec, knobs)
+        summary = plan.summary(engine.spec)
+        return {"model": "tiny-random", "plan_id": plan.plan_id, "precision_id": plan.precision_id,
+                **{k: summary.get(k, getattr(knobs, k, None)) for k in KNOB_COLUMNS}}
+
+    old, new = row(Knobs(quantized=4, gpu_experts=8)), row(Knobs(quantized=4, gpu_experts=8, prefetch=True))
+    assert new["prefetch"] is True and new["plan_id"] != old["plan_id"]
+    path = tmp_path / "old.csv"
+    # a profile written before the knob, with a search's extra column: no prefetch column at all
+    pd.DataFrame([{**{k: v for k, v in old.items() if k != "prefetch"}, "source": "sweep"}]).to_csv(path, index=False)
+    assert read_profile(path)["prefetch"].tolist() == [False]
+    append_row(path, new)
+    df = read_profile(path)
+    assert list(df.columns) == [*COLUMNS, "source"] and df["prefetch"].tolist() == [False, True]
+    assert df["source"].fillna("").tolist() == ["sweep", ""]
+    for r in df.to_dict(orient="records"):
+        assert planner.rebuild(r).plan_id == r["plan_id"]
+    legacy = {k: v for k, v in old.items() if k != "prefetch"}  # e.g. a front read with pd.read_csv
+    assert not knobs_from_row(legacy).prefetch and planner.rebuild(legacy).plan_id == old["plan_id"]
+    assert knobs_from_row({**new, "prefetch": "True"}).prefetch
+
+
 def test_profile_rejects_a_file_that_is_not_a_profile(tmp_path):
     bad = tmp_path / "x.csv"
     pd.DataFrame({"a": [1]}).to_csv(bad, index=False)
