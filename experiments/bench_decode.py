@@ -1,6 +1,7 @@
 """Batch-1 decode on the GPU, side by side in one process: transformers + accelerate offloading,
 transformers with every weight on the GPU, and moe-qos plans (all experts on the GPU at 16 or 4 bits,
-mixed, most experts on the host served by `fetch` or `cpu`), on `mixtral-8x7b-shape`.
+mixed, most experts on the host served by `fetch` (with and without speculative prefetch, a knob of
+the plan) or `cpu`), on `mixtral-8x7b-shape`.
 
     python experiments/bench_decode.py --layers 4 --out experiments/results/bench_decode_h100.csv
     python experiments/bench_decode.py --layers 8 --no-accelerate --out experiments/results/bench_decode_h100.csv
@@ -58,11 +59,11 @@ def moe_qos_plans(total: int) -> list[tuple[str, Knobs, dict]]:
         ("2-bit, all on GPU", Knobs(quantized=total, bits=2), {}),
         ("half 4-bit half 16-bit, all on GPU", Knobs(quantized=half, bits=4), {}),
         ("16-bit, 1/4 on GPU, fetch", Knobs(gpu_experts=quarter), {}),
-        ("16-bit, 1/4 on GPU, fetch, no prefetch", Knobs(gpu_experts=quarter), {"prefetch": False}),
+        ("16-bit, 1/4 on GPU, fetch, prefetch", Knobs(gpu_experts=quarter, prefetch=True), {}),
         ("16-bit, 1/4 on GPU, cpu", Knobs(gpu_experts=quarter, offload="cpu"), {}),
         ("4-bit, 1/4 on GPU, fetch", Knobs(quantized=total, bits=4, gpu_experts=quarter), {}),
-        ("4-bit, 1/4 on GPU, fetch, no prefetch", Knobs(quantized=total, bits=4, gpu_experts=quarter),
-         {"prefetch": False}),
+        ("4-bit, 1/4 on GPU, fetch, prefetch", Knobs(quantized=total, bits=4, gpu_experts=quarter, prefetch=True),
+         {}),
         ("4-bit, 1/4 on GPU, cpu", Knobs(quantized=total, bits=4, gpu_experts=quarter, offload="cpu"),
          {"new_tokens": 32}),
         ("4-bit on GPU, 16-bit on host, fetch", Knobs(quantized=half, bits=4, gpu_experts=half), {}),
@@ -99,7 +100,7 @@ def bench_layers(layers: int, args) -> list[dict]:
         new_tokens = opts.pop("new_tokens", args.new_tokens)
         plan = build_plan(engine.spec, knobs)
         report = engine.apply(plan)
-        engine.configure(use_kernels=opts.get("use_kernels", True), prefetch=opts.get("prefetch", True))
+        engine.configure(use_kernels=opts.get("use_kernels", True))
         torch.cuda.reset_peak_memory_stats()
         decoder.generate(prompt, new_tokens)  # warm-up: kernel choice, graph capture
         t = time.perf_counter()
@@ -111,6 +112,7 @@ def bench_layers(layers: int, args) -> list[dict]:
         fetched = s["bytes_fetched"] / steps
         extra = {"plan_id": plan.plan_id, "quantized": plan.quantized, "bits": knobs.bits if plan.quantized else 16,
                  "gpu_experts": plan.gpu_experts, "offload": plan.offload if plan.host_experts else "",
+                 "prefetch": plan.prefetch,
                  "cuda_graph": decoder.reason is None, "why_not_graph": decoder.reason or "",
                  "apply_s": report.seconds, "wall_s": wall,
                  "hit_rate": s["fetch_hits"] / lookups if lookups else None,

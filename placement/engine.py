@@ -24,7 +24,7 @@ from torch import nn
 from placement import kernels
 from placement.adapters import adapter_for
 from placement.packed import Layout, expert_layout, pack
-from placement.plan import BITS, ExpertId, ExpertState, Plan, diff
+from placement.plan import BITS, PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, diff
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Engine:
     """Takes over the routed experts of `model` (in place) and serves them by plan."""
 
     def __init__(self, model: nn.Module, *, accel=None, quantizer=None, pin: bool | None = None,
-                 use_kernels: bool | None = None, prefetch: bool = True):
+                 use_kernels: bool | None = None):
         if quantizer is None:
             from placement import hqq_backend as quantizer
         self.quantizer = quantizer
@@ -200,7 +200,6 @@ class Engine:
         self.use_kernels = (self.on_cuda if use_kernels is None else use_kernels) and kernels.available(self.accel)
         if use_kernels and not self.use_kernels:
             log.warning("fused expert kernels are not available on %s (is triton installed?)", self.accel)
-        self.prefetch_enabled = prefetch
         self.prefetched: set[tuple[ExpertId, int]] = set()  # in a slot ahead of use, not used yet
         # fetches run on a side stream so they overlap compute; per slot, "ready" orders compute
         # after its copy and "free" orders the next copy into the slot after that compute
@@ -268,15 +267,14 @@ class Engine:
         return dev.copy_(buf, non_blocking=self.pin)
 
     # --- serving ------------------------------------------------------------------------------
-    def configure(self, *, use_kernels: bool | None = None, prefetch: bool | None = None) -> None:
-        """Switch the fused kernels or speculative prefetch on or off (for side-by-side comparisons)."""
+    def configure(self, *, use_kernels: bool | None = None) -> None:
+        """Switch the fused kernels on or off (for side-by-side comparisons); speculative prefetch
+        is a knob of the plan (`Plan.prefetch`)."""
         if use_kernels is not None:
             self.use_kernels = use_kernels and kernels.available(self.accel)
             self._supported.clear()
             if self.plan is not None:
                 self._refresh_tables()
-        if prefetch is not None:
-            self.prefetch_enabled = prefetch
 
     def kernel_path(self, tokens: int) -> bool:
         """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels."""
@@ -373,10 +371,12 @@ class Engine:
 
     def guess_next(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Experts the next MoE layer will likely route to (the mixtral-offloading trick: its router
-        applied to this layer's input), when that layer has experts to fetch; None otherwise."""
+        applied to this layer's input), when the plan prefetches and that layer has experts to
+        fetch; None otherwise."""
         plan = self.plan
-        if (not self.prefetch_enabled or plan is None or plan.offload != "fetch" or layer + 1 >= len(self.gates)
-                or hidden.shape[0] > KERNEL_MAX_TOKENS or len(self.slots) < 2 * self.spec.top_k
+        if (plan is None or not plan.prefetch or plan.offload != "fetch" or layer + 1 >= len(self.gates)
+                or hidden.shape[0] > KERNEL_MAX_TOKENS
+                or len(self.slots) < PREFETCH_SLOTS_PER_TOP_K * self.spec.top_k
                 or not self.host_layers[layer + 1]):
             return None
         weight = getattr(self.gates[layer + 1], "weight", None)

@@ -35,11 +35,11 @@ def test_prefetch_guesses_the_next_layers_experts_and_changes_no_output():
     engine = Engine(loaded.model)
     ids = loaded.tokenizer.encode(calibration_text())[:24]
     decoder = GraphDecoder(loaded.model, engine, max_len=64)
-    plan = build_plan(engine.spec, Knobs(gpu_experts=0))  # every expert fetched through 2k slots
     runs = {}
-    for prefetch in (False, True):
+    for prefetch in (False, True):  # every expert fetched through 2k slots
+        plan = build_plan(engine.spec, Knobs(gpu_experts=0, prefetch=prefetch))
+        assert plan.prefetch == prefetch
         engine.apply(plan)
-        engine.configure(prefetch=prefetch)
         runs[prefetch] = (decoder.generate(ids, 32).ids, decoder.decode_stats)
     assert runs[True][0] == runs[False][0]
     off, on = runs[False][1], runs[True][1]
