@@ -1,4 +1,4 @@
-"""The `--grid` language of `qos profile`: "quantized=0,25%,50%;bits=4,2;gpu_experts=50%,100%"."""
+"""The `--grid` language of `qos profile`: "quantized=0,25%,50%;bits=4,2;gpu_experts=50%,100%;prefetch=0,1"."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import itertools
 
 INT_KNOBS = ("quantized", "bits", "gpu_experts", "gpu_budget", "cache_slots", "group_size", "seed")
 STR_KNOBS = ("selection", "offload")
+BOOL_KNOBS = ("prefetch",)
+BOOLS = {"0": False, "false": False, "no": False, "off": False, "1": True, "true": True, "yes": True, "on": True}
 PERCENT_OK = ("quantized", "gpu_experts")  # "25%" means a quarter of the model's experts
 
 
@@ -13,6 +15,10 @@ def _value(key: str, text: str, total: int):
     text = text.strip()
     if key in STR_KNOBS:
         return text
+    if key in BOOL_KNOBS:
+        if text.lower() not in BOOLS:
+            raise ValueError(f"grid: {key}={text!r} is not a boolean; use 0 or 1 (false or true)")
+        return BOOLS[text.lower()]
     if text.endswith("%"):
         if key not in PERCENT_OK:
             raise ValueError(f"grid: {key} does not take percentages ({text!r}); only {', '.join(PERCENT_OK)} do")
@@ -37,8 +43,8 @@ def parse_grid(text: str, total_experts: int) -> list[dict]:
         key = key.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ValueError(f"grid: {part!r} should look like key=v1,v2")
-        if key not in INT_KNOBS + STR_KNOBS:
-            raise ValueError(f"grid: unknown knob {key!r}; knobs: {', '.join(INT_KNOBS + STR_KNOBS)}")
+        if key not in INT_KNOBS + STR_KNOBS + BOOL_KNOBS:
+            raise ValueError(f"grid: unknown knob {key!r}; knobs: {', '.join(INT_KNOBS + STR_KNOBS + BOOL_KNOBS)}")
         if key in axes:
             raise ValueError(f"grid: {key} is given twice")
         axes[key] = list(dict.fromkeys(_value(key, v, total_experts) for v in values.split(",")))

@@ -77,6 +77,10 @@ class Search:
             gpu_experts=trial.suggest_int("gpu_experts", 0, self.total),
             offload=trial.suggest_categorical("offload", list(OFFLOAD_MODES)),
             cache_slots=trial.suggest_int("cache_slots", 1, self.max_slots),
+            # Like cache_slots, prefetch only acts with fetch offload and host experts; elsewhere
+            # build_plan drops it, so both values give one plan_id (measured once). Suggested on
+            # every trial all the same, so NSGA-II's crossover sees a fixed search space.
+            prefetch=trial.suggest_categorical("prefetch", [False, True]),
             seed=self.selection_seed,
         )
 
@@ -134,7 +138,8 @@ class Search:
             knobs = Knobs(quantized=q, bits=4, gpu_budget=self.budget)
             gpu = build_plan(self.profiler.engine.spec, knobs).gpu_experts
             params.append({"quantized": q, "bits": 4, "selection": "random", "gpu_experts": gpu,
-                           "offload": "fetch", "cache_slots": 2 * self.profiler.engine.spec.top_k})
+                           "offload": "fetch", "cache_slots": 2 * self.profiler.engine.spec.top_k,
+                           "prefetch": False})
         return params
 
     def run(self, trials: int, *, seed: int = 0, storage: str | None = None, study_name: str = "moe-qos",

@@ -51,6 +51,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     where.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes; the expert count follows")
     g.add_argument("--offload", default="fetch", help=f"how host experts run ({', '.join(OFFLOAD_MODES)})")
     g.add_argument("--cache-slots", type=int, help="accelerator slots for fetched experts (default: 2 x top-k)")
+    g.add_argument("--prefetch", action="store_true",
+                   help="copy the host experts the next layer's router picks into fetch slots ahead of use; "
+                        "dropped (the plan says prefetch: false) with --offload cpu, without host experts or "
+                        "with fewer than 2 x top-k slots")
     g.add_argument("--calib", help="calibration text for --selection frequency (default: PTB train in the data folder)")
     g.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
 
@@ -60,7 +64,7 @@ def _knobs(args):
 
     return Knobs(quantized=args.quantized, bits=args.bits, selection=args.selection, seed=args.seed,
                  gpu_experts=args.gpu_experts, gpu_budget=args.gpu_budget, offload=args.offload,
-                 cache_slots=args.cache_slots, group_size=args.group_size)
+                 cache_slots=args.cache_slots, prefetch=args.prefetch, group_size=args.group_size)
 
 
 def _device_and_dtype(args):
@@ -240,8 +244,8 @@ def cmd_front(args) -> dict:
     df = _read_measured(args.file, args.datasets)
     objectives = parse_objectives(args.objectives)
     best = front(df, objectives)
-    columns = ["plan_id", "quantized", "bits", "selection", "gpu_experts", "offload", "decode_tok_s", "ppl",
-               "gpu_bytes"]
+    columns = ["plan_id", "quantized", "bits", "selection", "gpu_experts", "offload", "prefetch", "decode_tok_s",
+               "ppl", "gpu_bytes"]
     best = best[[c for c in columns if c in best.columns]]
     if not args.json:
         print(f"{len(best)} of {len(df)} plans are Pareto-optimal for {args.objectives}:")
@@ -405,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", parents=[common, measure], help="measure throughput, memory and perplexity over a grid of plans")
     p.add_argument("--grid", required=True,
-                   help='knob values to combine, e.g. "quantized=0,25%%,50%%;bits=4,2;gpu_experts=50%%,100%%;selection=random,sensitivity"')
+                   help='knob values to combine, e.g. "quantized=0,25%%,50%%;bits=4,2;gpu_experts=50%%,100%%;'
+                        'selection=random,sensitivity;prefetch=0,1"')
     p.add_argument("--out", required=True, help="CSV file; plans already in it are skipped")
     p.set_defaults(func=cmd_profile)
 

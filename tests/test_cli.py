@@ -20,6 +20,13 @@ def test_plan_json_has_the_contract_fields(capsys):
     assert (row["experts_total"], row["quantized"], row["bits"], row["gpu_experts"]) == (16, 6, 3, 9)
 
 
+def test_prefetch_flag_is_a_plan_knob(capsys):
+    base = ["plan", "--model", "tiny-random", "--gpu-experts", "8", "--json"]
+    rows = [json.loads(run(capsys, *base, *extra)[1]) for extra in ([], ["--prefetch"], ["--prefetch", "--offload", "cpu"])]
+    assert [r["prefetch"] for r in rows] == [False, True, False]  # cpu offload has nothing to prefetch into
+    assert rows[0]["plan_id"] != rows[1]["plan_id"] and rows[0]["gpu_bytes"] == rows[1]["gpu_bytes"]
+
+
 def test_plan_from_budget_on_the_mixtral_shape_without_loading_weights(capsys):
     code, out, _ = run(capsys, "plan", "--model", "mixtral-8x7b-shape", "--dtype", "bfloat16",
                        "--quantized", "256", "--bits", "4", "--gpu-budget", "20GiB", "--json")

@@ -20,6 +20,8 @@ def test_grid_expands_every_combination_with_percentages():
     combos = parse_grid("quantized=0,50%,100%;bits=4,2;gpu_experts=25%;selection=random,sensitivity", 16)
     assert len(combos) == 12
     assert {c["quantized"] for c in combos} == {0, 8, 16} and {c["gpu_experts"] for c in combos} == {4}
+    assert parse_grid("gpu_experts=4;prefetch=0,1,true,False", 16) == [
+        {"gpu_experts": 4, "prefetch": False}, {"gpu_experts": 4, "prefetch": True}]
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -30,6 +32,7 @@ def test_grid_expands_every_combination_with_percentages():
     ("quantized", "should look like key=v1,v2"),
     ("gpu_experts=1;gpu_budget=2", "not both"),
     ("bits=4;bits=2", "bits is given twice"),
+    ("prefetch=maybe", "prefetch='maybe' is not a boolean"),
 ])
 def test_bad_grids_name_the_problem(grid, message):
     with pytest.raises(ValueError, match=message):
@@ -65,12 +68,18 @@ def test_missing_dataset_names_the_folder_and_file(tmp_path, monkeypatch):
 @needs_data
 def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys):
     out = tmp_path / "p.csv"
-    args = ["profile", "--model", "tiny-random", "--grid", "quantized=0,8;bits=4;gpu_experts=8,16",
+    args = ["profile", "--model", "tiny-random", "--grid", "quantized=0,8;bits=4;gpu_experts=8,16;prefetch=0,1",
             "--out", str(out), "--max-windows", "2", "--seqlen", "64", "--new-tokens", "4",
             "--repeats", "1", "--batch-size", "2", "--quiet"]
     assert main(args) == 0
     df = read_profile(out)
-    assert list(df.columns) == COLUMNS and len(df) == 4
+    # prefetch only acts with host experts: with all 16 on the accelerator both values are one plan
+    assert list(df.columns) == COLUMNS and len(df) == 6
+    assert sorted(df.loc[df["gpu_experts"] == 8, "prefetch"]) == [False, False, True, True]
+    assert not df.loc[df["gpu_experts"] == 16, "prefetch"].any()
+    with_prefetch = df[df["prefetch"]]
+    assert (with_prefetch["plan_id"] != df.loc[~df["prefetch"] & (df["gpu_experts"] == 8), "plan_id"].values).all()
+    df = df[~df["prefetch"]]  # the rest of the test is about plans without it
     assert df["plan_id"].is_unique and (df["decode_tok_s"] > 0).all() and (df["decode_tok_s_batch"] > 0).all()
     for _, group in df.groupby("precision_id"):  # placement does not change perplexity
         assert group["ppl_wikitext2"].nunique() == 1 and len(group) == 2
@@ -79,7 +88,7 @@ def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys)
     assert (host["hit_rate"].between(0, 1)).all() and (host["fetched_bytes_per_token"] > 0).all()
     capsys.readouterr()
     assert main(args[:4] + ["quantized=0,8,16;bits=4;gpu_experts=8,16"] + args[5:]) == 0
-    assert "measured: 2" in capsys.readouterr().out and len(read_profile(out)) == 6
+    assert "measured: 2" in capsys.readouterr().out and len(read_profile(out)) == 8
 
 
 def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read_as_without_it(fresh, tmp_path):

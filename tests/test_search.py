@@ -23,6 +23,7 @@ def test_search_enqueues_the_sweep_respects_the_budget_marks_the_front_and_resum
     df = pd.read_csv(out)
     sweep = df[df["source"] == "sweep"]
     assert sorted(sweep["quantized"]) == [0, 8, 16] and (sweep["selection"] == "random").all()
+    assert not sweep["prefetch"].any()  # the paper's sweep, as published: no prefetch
     assert (sweep["gpu_bytes"] <= 1_200_000).all()  # the sweep fills the budget, never more
     front = df[df["pareto"]]
     assert len(front) >= 1 and (front["gpu_bytes"] <= 1_200_000).all()  # infeasible plans are never on it
@@ -30,6 +31,30 @@ def test_search_enqueues_the_sweep_respects_the_budget_marks_the_front_and_resum
     capsys.readouterr()
     assert main(args + ["--trials", "9", "--json"]) == 0  # resumes the journal: 3 more trials
     assert '"trials": 9' in capsys.readouterr().out
+
+
+def test_search_space_has_prefetch_which_counts_only_with_fetched_host_experts(tmp_path):
+    import types
+
+    import optuna
+    import torch
+
+    from placement.plan import build_plan
+    from placement.spec import ModelSpec
+    from profiler.search import Search
+
+    spec = ModelSpec("mixtral", 2, 4, 2, 64, 128, torch.float32, nonexpert_bytes=1000)
+    profiler = types.SimpleNamespace(engine=types.SimpleNamespace(spec=spec), fixed={"device_name": "cpu"},
+                                     seqlen=32, reuse_perplexity=lambda rows: None,
+                                     plan=lambda knobs: build_plan(spec, knobs))
+    search = Search(profiler, tmp_path / "out.csv")
+    params = {"quantized": 0, "bits": 4, "selection": "random", "gpu_experts": 2, "offload": "fetch",
+              "cache_slots": 4}
+    plans = {(offload, prefetch): search.profiler.plan(search.knobs(optuna.trial.FixedTrial(
+        {**params, "offload": offload, "prefetch": prefetch}))) for offload in ("fetch", "cpu") for prefetch in (False, True)}
+    assert plans["fetch", True].prefetch and plans["fetch", True] != plans["fetch", False]
+    assert plans["cpu", True] == plans["cpu", False]  # one plan_id: measured once
+    assert all(p["prefetch"] is False for p in search.sweep(2))
 
 
 def test_search_needs_perplexity(capsys, tmp_path):
