@@ -77,11 +77,12 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     clock = _Clock(device)
     kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, eos_token_id=eos_token_id,
                   pad_token_id=eos_token_id if eos_token_id is not None else 0)
+    warmup_tokens = max_new_tokens if warmup_tokens is None else warmup_tokens
+    if warmup_tokens:  # fixed length: the warm-up's own length, never a minimum above its maximum
+        model.generate(input_ids, max_new_tokens=warmup_tokens,
+                       **kwargs, **({"min_new_tokens": warmup_tokens} if fixed_length else {}))
     if fixed_length:
         kwargs["min_new_tokens"] = max_new_tokens
-    warmup_tokens = max_new_tokens if warmup_tokens is None else warmup_tokens
-    if warmup_tokens:
-        model.generate(input_ids, max_new_tokens=warmup_tokens, **kwargs)
     if after_warmup is not None:
         after_warmup()
     if between_steps is not None:

@@ -122,6 +122,29 @@ def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read
     assert knobs_from_row({**new, "prefetch": "True"}).prefetch
 
 
+def test_fixed_length_warm_up_asks_for_its_own_length(fresh):
+    import warnings
+
+    from placement.plan import build_plan
+    from profiler.throughput import timed_generate
+
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    asked, generate = [], model.generate
+
+    def spy(input_ids, **kwargs):
+        asked.append((kwargs.get("min_new_tokens"), kwargs["max_new_tokens"]))
+        return generate(input_ids, **kwargs)
+
+    model.generate = spy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = timed_generate(model, [5, 6, 7], 6, fixed_length=True, warmup_tokens=2, eos_token_id=3)
+    assert not [w for w in caught if "Unfeasible length" in str(w.message)]
+    assert asked == [(2, 2), (6, 6)] and gen.new_tokens == 6
+
+
 def test_profile_rejects_a_file_that_is_not_a_profile(tmp_path):
     bad = tmp_path / "x.csv"
     pd.DataFrame({"a": [1]}).to_csv(bad, index=False)
