@@ -6,7 +6,9 @@ Storage, per expert:
   each (pinned when there is CUDA), so any precision can be re-derived and returning to an earlier
   plan quantizes nothing;
 - accelerator: one packed buffer for each accelerator-tier expert, plus, for `fetch` offloading,
-  `cache_slots` buffers that hold recently used host experts (an LRU).
+  `cache_slots` buffers that hold recently used host experts (an LRU);
+- host, for `cpu` offloading: each quantized host expert's matrices, dequantized on first use and
+  kept while the plan serves it so.
 Without CUDA the accelerator is the CPU: the same code paths run and bytes are still kept per tier.
 """
 
@@ -149,8 +151,9 @@ class EngineExperts(nn.Module):
         return f"layer={self.layer}, num_experts={self.num_experts}"
 
 
-def expert_forward(layout: Layout, views: dict, x: torch.Tensor, act_fn, dequantize) -> torch.Tensor:
-    """A gated expert on x [n, H] -> [n, H], from its packed views (dequantizing quantized ones)."""
+def expert_weights(layout: Layout, views: dict, dequantize) -> dict[str, torch.Tensor]:
+    """An expert's matrices by name ([2I, H] gate_up, [H, I] down) from its packed views,
+    dequantizing quantized ones."""
     w = {}
     for name, shape in layout.matrices:
         if layout.bits == 16:
@@ -160,8 +163,18 @@ def expert_forward(layout: Layout, views: dict, x: torch.Tensor, act_fn, dequant
                 views[f"{name}.W_q"], views[f"{name}.scale"], views[f"{name}.zero"],
                 bits=layout.bits, group_size=layout.group_size, shape=shape, compute_dtype=layout.dtype,
             )
+    return w
+
+
+def gated_forward(w: dict[str, torch.Tensor], x: torch.Tensor, act_fn) -> torch.Tensor:
+    """A gated expert with matrices `w` on x [n, H] -> [n, H]."""
     gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # [n, I] each
     return F.linear(act_fn(gate) * up, w["down"])
+
+
+def expert_forward(layout: Layout, views: dict, x: torch.Tensor, act_fn, dequantize) -> torch.Tensor:
+    """A gated expert on x [n, H] -> [n, H], from its packed views (dequantizing quantized ones)."""
+    return gated_forward(expert_weights(layout, views, dequantize), x, act_fn)
 
 
 class Engine:
@@ -191,6 +204,10 @@ class Engine:
         self.slot_views: list[tuple[Layout, dict] | None] = []
         self.lru: OrderedDict[tuple[ExpertId, int], int] = OrderedDict()  # (eid, bits) -> slot
         self._host_views: dict[tuple[ExpertId, int, int], dict] = {}
+        # `cpu` offload: dequantized matrices of quantized host experts, (eid, bits, group) ->
+        # {name: matrix}, filled on first use and kept while the plan serves them so from the host
+        # (hqq's CPU dequantization of a whole expert on every call costs far more than the matmuls)
+        self.host_weights: dict[tuple[ExpertId, int, int], dict[str, torch.Tensor]] = {}
         self.act_fns = []  # per MoE layer
         # expert -> routed inputs [n, H] and routing weights [n], while capturing (see record)
         self.capture: dict[ExpertId, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -262,6 +279,17 @@ class Engine:
             self._host_views[key] = self.layout(bits, group_size).views(buf)
         return self._host_views[key]
 
+    def _host_weights_of(self, eid: ExpertId, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+        """The matrices a `cpu`-offloaded host expert computes with: views of its 16-bit buffer, or
+        its quantized variant dequantized once (exactly what dequantizing on every call gives)."""
+        views = self._host_views_of(eid, bits, group_size)
+        if bits == 16:
+            return views
+        key = (eid, bits, group_size)
+        if key not in self.host_weights:
+            self.host_weights[key] = expert_weights(self.layout(bits, group_size), views, self.quantizer.dequantize)
+        return self.host_weights[key]
+
     def _to_accel(self, buf: torch.Tensor) -> torch.Tensor:
         dev = torch.empty(buf.numel(), dtype=torch.uint8, device=self.accel)
         return dev.copy_(buf, non_blocking=self.pin)
@@ -310,9 +338,7 @@ class Engine:
             return expert_forward(layout, views, x, act_fn, self.quantizer.dequantize)
         if self.plan.offload == "cpu":
             self.stats.cpu_calls += 1
-            layout = self.layout(state.bits, gs)
-            views = self._host_views_of(eid, state.bits, gs)
-            y = expert_forward(layout, views, x.to(self.host), act_fn, self.quantizer.dequantize)
+            y = gated_forward(self._host_weights_of(eid, state.bits, gs), x.to(self.host), act_fn)
             return y.to(x.device, non_blocking=False)
         slot = self._fetch(eid, state.bits, gs)
         layout, views = self.slot_views[slot]
@@ -443,6 +469,10 @@ class Engine:
         if self.on_cuda:
             torch.cuda.synchronize(self.accel)
         self.plan = plan
+        # dequantized host experts stay only while the plan still computes them on the host as is
+        for key in [k for k in self.host_weights
+                    if plan.offload != "cpu" or k[2] != gs or plan.state(k[0]) != ExpertState(k[1], "host")]:
+            del self.host_weights[key]
         self._refresh_tables()
         report = ApplyReport(plan.plan_id, len(moves), loaded, evicted, requantized, bytes_in,
                              time.perf_counter() - start)
@@ -468,7 +498,10 @@ class Engine:
 
     # --- accounting -------------------------------------------------------------------------------
     def memory(self) -> dict:
-        """Bytes per tier, summed over the tensors the engine really holds."""
+        """Bytes per tier, summed over the tensors the engine really holds. `host_bytes` is the
+        plan's host tier (packed experts, as Plan.host_bytes); `host_store_bytes` everything kept in
+        host memory: masters, derived variants and, for `cpu` offload, dequantized host experts
+        (`host_dequant_bytes`)."""
         resident = tensor_bytes(buf for _, buf, _ in self.resident.values())
         slots = tensor_bytes(self.slots)
         host = 0
@@ -477,13 +510,15 @@ class Engine:
                 self.host_buffer(eid, s.bits, self.plan.group_size)[0]
                 for eid, s in self.plan.items() if s.tier == "host"
             )
+        dequantized = tensor_bytes(t for w in self.host_weights.values() for t in w.values())
         return {
             "gpu_bytes": self.nonexpert_bytes + resident + slots,
             "gpu_expert_bytes": resident,
             "gpu_slot_bytes": slots,
             "nonexpert_bytes": self.nonexpert_bytes,
             "host_bytes": host,
-            "host_store_bytes": tensor_bytes([*self.masters.values(), *self.variants.values()]),
+            "host_dequant_bytes": dequantized,
+            "host_store_bytes": tensor_bytes([*self.masters.values(), *self.variants.values()]) + dequantized,
         }
 
     def router_frequencies(self) -> list[list[float]]:

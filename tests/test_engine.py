@@ -185,3 +185,43 @@ def test_changing_the_group_size_rebuilds_every_quantized_expert(fresh, tokens):
     other, _ = fresh()
     Engine(other).apply(g32)
     assert torch.equal(switched, logits(other, tokens))
+
+
+def test_cpu_offload_dequantizes_a_host_expert_once_and_apply_drops_what_the_plan_no_longer_serves(fresh, tokens):
+    import types
+
+    model, _ = fresh()
+    calls = []
+
+    def dequantize(*args, **kwargs):
+        calls.append(kwargs["bits"])
+        return hqq_backend.dequantize(*args, **kwargs)
+
+    engine = Engine(model, quantizer=types.SimpleNamespace(quantize=hqq_backend.quantize, dequantize=dequantize))
+    spec = engine.spec
+    plan = build_plan(spec, Knobs(quantized=8, bits=4, gpu_experts=0, offload="cpu"))  # 8 of 16 host experts 4-bit
+    engine.apply(plan)
+    assert engine.host_weights == {} and engine.memory()["host_dequant_bytes"] == 0
+    first = logits(model, tokens)  # every expert's first call: dequantized then and kept
+    quantized = {(eid, 4, 64) for eid, s in plan.items() if s.bits == 4}
+    assert set(engine.host_weights) == quantized and len(calls) == 2 * len(quantized)
+    kept = {k: [t.data_ptr() for t in w.values()] for k, w in engine.host_weights.items()}
+    assert engine.memory()["host_dequant_bytes"] == len(quantized) * plan.expert_nbytes(spec, 16)
+    calls.clear()
+    second = logits(model, tokens)  # every call a cache hit
+    assert calls == [] and torch.equal(first, second)
+    other, _ = fresh()  # and exactly what dequantizing on every call gives (a fetch plan does)
+    Engine(other).apply(build_plan(spec, Knobs(quantized=8, bits=4, gpu_experts=0, cache_slots=16)))
+    torch.testing.assert_close(logits(other, tokens), first, rtol=0, atol=0)
+
+    engine.apply(plan)  # the same plan: nothing dropped
+    assert {k: [t.data_ptr() for t in w.values()] for k, w in engine.host_weights.items()} == kept
+    moved = build_plan(spec, Knobs(quantized=8, bits=4, gpu_experts=4, offload="cpu"))  # 4 quantized go on the accelerator
+    engine.apply(moved)
+    assert set(engine.host_weights) == {k for k in quantized if moved.state(k[0]).tier == "host"} != quantized
+    engine.apply(build_plan(spec, Knobs(quantized=8, bits=4, gpu_experts=0, cache_slots=16)))  # fetched instead
+    assert engine.host_weights == {} and engine.memory()["host_dequant_bytes"] == 0
+    engine.apply(plan)
+    logits(model, tokens)
+    engine.apply(build_plan(spec, Knobs(quantized=8, bits=4, gpu_experts=16)))  # no host experts at all
+    assert engine.host_weights == {}
