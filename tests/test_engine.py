@@ -57,14 +57,16 @@ def test_quantized_expert_matches_hqq_linear(fresh, bits):
 
     gate_up = hqq_backend.hqq_linear(w_gate_up, bits, 64, torch.float32, "cpu")
     down = hqq_backend.hqq_linear(w_down, bits, 64, torch.float32, "cpu")
-    x = torch.randn(7, 64)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
     gate, up = gate_up(x).chunk(2, dim=-1)
     expected = down(act(gate) * up)
     got = engine.run_expert(1, 5, x)
     torch.testing.assert_close(got, expected)
-    # and it really is quantized: far from the 16-bit expert at low precision
+    # and it really is quantized: off the 16-bit expert by more than 0.1% of the output's scale (an
+    # absolute 1e-4 was within 8-bit's error, about 1% of outputs near 0.01, for most inputs)
     g16, u16 = (x @ w_gate_up.T).chunk(2, dim=-1)
-    assert not torch.allclose(got, act(g16) * u16 @ w_down.T, atol=1e-4)
+    exact = act(g16) * u16 @ w_down.T
+    assert (got - exact).abs().max() > 1e-3 * exact.abs().max()
 
 
 def test_apply_a_b_a_gives_a_fresh_a_and_quantizes_nothing_again(fresh, tokens):
