@@ -41,7 +41,8 @@ def main() -> None:
     new = int(profile["new_tokens"].iloc[0])
 
     t = time.perf_counter()
-    model = calibrate(engine, calib[:prompt], calib, new_tokens=new)
+    bits = tuple(sorted({16, *profile["bits"].astype(int)}, reverse=True))  # the precisions the plans use
+    model = calibrate(engine, calib[:prompt], calib, bits=bits, new_tokens=new)
     print(f"calibrated in {time.perf_counter() - t:.1f}s: {model.as_dict()}")
 
     rows, planner = [], Planner(engine, args.model, lambda: calib)
