@@ -308,7 +308,8 @@ class Engine:
         """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels."""
         return self.use_kernels and self.plan is not None and self.capture is None and tokens <= KERNEL_MAX_TOKENS
 
-    def _kernel_ok(self, layout: Layout, layer: int) -> bool:
+    def kernel_supported(self, layout: Layout, layer: int) -> bool:
+        """Whether experts of `layout` in MoE layer `layer` run in the fused kernels at decode."""
         key = (layout, layer)
         if key not in self._supported:
             self._supported[key] = self.use_kernels and kernels.supports(layout, self.act_fns[layer])
@@ -345,7 +346,7 @@ class Engine:
         if self.copy_stream is not None:
             torch.cuda.current_stream(self.accel).wait_event(self.slot_ready[slot])
         n = x.shape[0]
-        if n <= KERNEL_MAX_TOKENS and self._kernel_ok(layout, layer):
+        if n <= KERNEL_MAX_TOKENS and self.kernel_supported(layout, layer):
             y = kernels.moe_experts(x, self.slot_table[slot : slot + 1].expand(n), x.new_ones(n), layout,
                                     slot_token=torch.arange(n, device=x.device)).to(x.dtype)
         else:
@@ -487,7 +488,7 @@ class Engine:
         ptrs = {b: torch.zeros(L, E, dtype=torch.int64) for b in self.tables}
         eager = torch.ones(L, E, dtype=torch.bool)
         for eid, state in plan.items():
-            if state.tier == "accel" and self._kernel_ok(self.layout(state.bits, gs), eid.layer):
+            if state.tier == "accel" and self.kernel_supported(self.layout(state.bits, gs), eid.layer):
                 ptrs[state.bits][eid.layer, eid.expert] = self.resident[eid][1].data_ptr()
                 eager[eid.layer, eid.expert] = False
         for b, table in self.tables.items():

@@ -116,7 +116,7 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
     spec = engine.spec
     L, calls = spec.num_layers, spec.num_layers * spec.top_k  # routed calls per decoded token at batch 1
     sizes = {b: engine.layout(b, group_size).nbytes for b in bits}
-    fused = tuple(b for b in bits if engine.use_kernels and engine._kernel_ok(engine.layout(b, group_size), 0))
+    fused = tuple(b for b in bits if engine.kernel_supported(engine.layout(b, group_size), 0))
     sync = (lambda: torch.cuda.synchronize(engine.accel)) if engine.on_cuda else (lambda: None)
 
     def decode(b: int, tier: str, offload: str = "fetch", slots: int = 0) -> tuple[float, float]:
