@@ -463,7 +463,7 @@ class Engine:
         if not self.slots and n_slots:
             self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.accel) for _ in range(n_slots)]
             self.slot_views = [None] * n_slots
-            self.slot_table = torch.tensor([b.data_ptr() for b in self.slots], dtype=torch.int64, device=self.accel)
+            self.slot_table = kernels.expert_table(self.slots, device=self.accel)
             if self.on_cuda:
                 self.slot_ready = [torch.cuda.Event() for _ in self.slots]
                 self.slot_free = [torch.cuda.Event() for _ in self.slots]

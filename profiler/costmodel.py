@@ -131,7 +131,8 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
         host_s = {b: max((decode(b, "host", "cpu")[0] - nonexpert) / calls, 0.0) for b in bits}
         t, misses = decode(16, "host", "fetch", 1)
         copy_s = max((t - base) / max(misses, 1e-9), 1e-9)  # each miss adds one copy of a 16-bit expert
-        return CostModel(nonexpert, accel_s, host_s, sizes[16] / copy_s, _trace(engine, trace_ids, trace_tokens), sizes)
+        trace = router_trace(engine, trace_ids[:trace_tokens])
+        return CostModel(nonexpert, accel_s, host_s, sizes[16] / copy_s, trace, sizes)
 
     # Fused kernels: a layer's accelerator experts at one precision cost a launch plus a term per
     # routed call; both come from timing the layer's kernels alone, on the experts the uniform plan
@@ -174,7 +175,7 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
         if b not in fused:
             accel_s[b] = max((decode(b, "accel")[0] - nonexpert - L * eager_layer) / calls, 0.0)
     host_s = {b: max((decode(b, "host", "cpu")[0] - nonexpert - L * eager_layer) / calls, 0.0) for b in bits}
-    return CostModel(nonexpert, accel_s, host_s, bw, _trace(engine, trace_ids, trace_tokens), sizes,
+    return CostModel(nonexpert, accel_s, host_s, bw, router_trace(engine, trace_ids[:trace_tokens]), sizes,
                      fetch_s=fetch_s, copy_fixed_s=fixed, fused_bits=fused, launch_s=launch,
                      eager_layer_s=eager_layer)
 
@@ -215,15 +216,10 @@ def _time(fn, repeats: int, sync) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def _trace(engine, ids: list[int], tokens: int) -> tuple:
-    trace = router_trace(engine, ids[:tokens])
-    engine.apply(uniform_plan(engine.spec, 16, "accel"))
-    return trace
-
-
 @torch.no_grad()
 def router_trace(engine, ids: list[int]) -> tuple:
-    """Which experts each token picks in each MoE layer: per token, per layer, the expert ids."""
+    """Which experts each token picks in each MoE layer: per token, per layer, the expert ids.
+    Leaves the engine on the all-16-bit, all-accelerator plan."""
     engine.apply(uniform_plan(engine.spec, 16, "accel"))
     engine.trace = []
     try:

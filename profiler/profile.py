@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from placement.plan import Knobs, Plan, build_plan
+from profiler.grid import BOOLS
 from profiler.data import calibration_text, eval_text
 from profiler.perplexity import eval_windows, perplexity
 from profiler.selection import scores_for
@@ -207,13 +208,15 @@ class Planner:
 
 # --- the profile file ------------------------------------------------------------------------------
 def flag(value) -> bool:
-    """A boolean cell of a profile: missing (older files, NaN) is False; CSV text is parsed."""
+    """A boolean cell of a profile: missing (older files, NaN, empty) is False; CSV text is parsed
+    as the grid parses it."""
     if value is None or (isinstance(value, float) and value != value):
         return False
     if isinstance(value, str):
-        if value.strip().lower() not in ("true", "false", "1", "0", ""):
+        text = value.strip().lower()
+        if text and text not in BOOLS:
             raise ValueError(f"not a boolean: {value!r}")
-        return value.strip().lower() in ("true", "1")
+        return BOOLS.get(text, False)
     return bool(value)
 
 
