@@ -1,14 +1,18 @@
 """The expert engine: serves every routed expert of a Hugging Face MoE model at the precision and
 on the tier a Plan gives it, and moves experts when the plan changes.
 
-Storage, per expert:
-- host: the 16-bit master (always) and every quantized variant derived so far, one packed buffer
-  each (pinned when there is CUDA), so any precision can be re-derived and returning to an earlier
-  plan quantizes nothing;
-- accelerator: one packed buffer for each accelerator-tier expert, plus, for `fetch` offloading,
-  `cache_slots` buffers that hold recently used host experts (an LRU);
-- host, for `cpu` offloading: each quantized host expert's matrices, dequantized on first use and
-  kept while the plan serves it so.
+`Engine` is the façade (plan, apply, run_expert, stats, memory, router counts) over three parts
+with narrow interfaces:
+- `ExpertStore` (store.py), the host side: each expert's 16-bit master and every quantized variant
+  derived so far, one packed buffer each (pinned when there is CUDA), so any precision can be
+  re-derived and returning to an earlier plan quantizes nothing; for `cpu` offloading, quantized
+  host experts' matrices, dequantized on first use and kept while the plan serves them so;
+- `FetchCache` (fetch.py), for `fetch` offloading: `cache_slots` accelerator buffers holding
+  recently used host experts (an LRU), filled on a copy stream, and what was prefetched;
+- `KernelTables` (kernels.py): per precision, the [L, E] addresses of the accelerator experts the
+  fused kernels run at decode, and which layers leave the kernels.
+The engine itself holds one packed accelerator buffer per accelerator-tier expert (`resident`).
+Which path serves an expert is `tiers.serving_path`, the table the cost model reads too.
 Without CUDA the accelerator is the CPU: the same code paths run and bytes are still kept per tier.
 """
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,8 +29,12 @@ from torch import nn
 
 from placement import kernels
 from placement.adapters import adapter_for
-from placement.packed import Layout, expert_layout, pack
-from placement.plan import BITS, PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, diff
+from placement.experts import expert_forward, gated_forward, tensor_bytes
+from placement.fetch import FetchCache
+from placement.packed import Layout
+from placement.plan import PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, diff
+from placement.store import ExpertStore
+from placement.tiers import ACCEL, CPU, FETCH, serving_path
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +81,6 @@ class ApplyReport:
         return asdict(self)
 
 
-def tensor_bytes(tensors) -> int:
-    """Bytes of distinct tensors (shared ones, like tied embeddings, counted once)."""
-    unique = {id(t): t for t in tensors}
-    return sum(t.numel() * t.element_size() for t in unique.values())
-
-
 class EngineExperts(nn.Module):
     """Drop-in replacement for a family's fused experts module (same call signature).
 
@@ -96,8 +98,8 @@ class EngineExperts(nn.Module):
         eng, layer = self.engine, self.layer
         flat = top_k_index.flatten()
         eng.routed[layer].index_add_(0, flat, torch.ones_like(flat))  # no host sync (CUDA-graph safe)
-        if eng.trace is not None:  # routing per token, for cache simulations
-            eng.trace.append((layer, top_k_index.detach().cpu()))
+        if eng._trace is not None:  # routing per token, for cache simulations
+            eng._trace.append((layer, top_k_index.detach().cpu()))
         if not eng.kernel_path(hidden_states.shape[0]):
             out = torch.zeros_like(hidden_states)
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, None)
@@ -110,11 +112,12 @@ class EngineExperts(nn.Module):
         T, k = top_k_index.shape
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         tokens = torch.arange(T, device=flat.device).repeat_interleave(k)
-        for bits in eng.fast_bits[layer]:
-            kernels.moe_experts(hidden_states, eng.tables[bits][layer][flat], top_k_weights.flatten(),
+        tables = eng.kernel_tables
+        for bits in tables.fast_bits[layer]:
+            kernels.moe_experts(hidden_states, tables.tables[bits][layer][flat], top_k_weights.flatten(),
                                 eng.layout(bits, eng.plan.group_size), slot_token=tokens, out=out)
-        if eng.layer_eager[layer]:
-            self._per_expert(hidden_states, top_k_index, top_k_weights, out, eng.eager_mask[layer])
+        if tables.layer_eager[layer]:
+            self._per_expert(hidden_states, top_k_index, top_k_weights, out, tables.eager_mask[layer])
         else:
             guesses = eng.guess_next(layer, hidden_states)
             if guesses is not None:
@@ -139,7 +142,7 @@ class EngineExperts(nn.Module):
         for e in experts:
             # (k, T) order as in transformers, so per-row GEMMs see the same rows in the same order
             pos, token_idx = torch.where((top_k_index == e).T)
-            if eng.capture is not None:
+            if eng._capture is not None:
                 eng.record(layer, e, hidden_states[token_idx], top_k_weights[token_idx, pos])
             y = eng.run_expert(layer, e, hidden_states[token_idx])
             y = y * top_k_weights[token_idx, pos, None]
@@ -151,32 +154,6 @@ class EngineExperts(nn.Module):
         return f"layer={self.layer}, num_experts={self.num_experts}"
 
 
-def expert_weights(layout: Layout, views: dict, dequantize) -> dict[str, torch.Tensor]:
-    """An expert's matrices by name ([2I, H] gate_up, [H, I] down) from its packed views,
-    dequantizing quantized ones."""
-    w = {}
-    for name, shape in layout.matrices:
-        if layout.bits == 16:
-            w[name] = views[name]
-        else:
-            w[name] = dequantize(
-                views[f"{name}.W_q"], views[f"{name}.scale"], views[f"{name}.zero"],
-                bits=layout.bits, group_size=layout.group_size, shape=shape, compute_dtype=layout.dtype,
-            )
-    return w
-
-
-def gated_forward(w: dict[str, torch.Tensor], x: torch.Tensor, act_fn) -> torch.Tensor:
-    """A gated expert with matrices `w` on x [n, H] -> [n, H]."""
-    gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(act_fn(gate) * up, w["down"])
-
-
-def expert_forward(layout: Layout, views: dict, x: torch.Tensor, act_fn, dequantize) -> torch.Tensor:
-    """A gated expert on x [n, H] -> [n, H], from its packed views (dequantizing quantized ones)."""
-    return gated_forward(expert_weights(layout, views, dequantize), x, act_fn)
-
-
 class Engine:
     """Takes over the routed experts of `model` (in place) and serves them by plan."""
 
@@ -184,7 +161,6 @@ class Engine:
                  use_kernels: bool | None = None):
         if quantizer is None:
             from placement import hqq_backend as quantizer
-        self.quantizer = quantizer
         self.adapter = adapter_for(model.config)
         self.spec = self.adapter.spec(model)
         self.accel = torch.device(accel if accel is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,98 +173,85 @@ class Engine:
         self.stats = EngineStats()
         self.routed = torch.zeros(self.spec.num_layers, self.spec.num_experts, dtype=torch.long, device=self.accel)
 
-        self.masters: dict[ExpertId, torch.Tensor] = {}  # 16-bit packed buffers, host
-        self.variants: dict[tuple[ExpertId, int, int], torch.Tensor] = {}  # (eid, bits, group) -> host buffer
+        quantize_on = self.accel if self.on_cuda else self.host
+        self.store = ExpertStore(self.spec, quantizer, pin=self.pin, quantize_on=quantize_on)
+        self.cache = FetchCache(self.store, self.accel, pin=self.pin)
         self.resident: dict[ExpertId, tuple[Layout, torch.Tensor, dict]] = {}  # accelerator tier
-        self.slots: list[torch.Tensor] = []  # fetch slots on the accelerator
-        self.slot_views: list[tuple[Layout, dict] | None] = []
-        self.lru: OrderedDict[tuple[ExpertId, int], int] = OrderedDict()  # (eid, bits) -> slot
-        self._host_views: dict[tuple[ExpertId, int, int], dict] = {}
-        # `cpu` offload: dequantized matrices of quantized host experts, (eid, bits, group) ->
-        # {name: matrix}, filled on first use and kept while the plan serves them so from the host
-        # (hqq's CPU dequantization of a whole expert on every call costs far more than the matmuls)
-        self.host_weights: dict[tuple[ExpertId, int, int], dict[str, torch.Tensor]] = {}
         self.act_fns = []  # per MoE layer
-        # expert -> routed inputs [n, H] and routing weights [n], while capturing (see record)
-        self.capture: dict[ExpertId, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-        self.capture_limit = 0
-        self.trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, top_k_index [T, k]) while tracing
-        # Fused kernels by default on CUDA only (on the CPU they run in Triton's slow interpreter).
-        self.use_kernels = (self.on_cuda if use_kernels is None else use_kernels) and kernels.available(self.accel)
-        if use_kernels and not self.use_kernels:
-            log.warning("fused expert kernels are not available on %s (is triton installed?)", self.accel)
-        self.prefetched: set[tuple[ExpertId, int]] = set()  # in a slot ahead of use, not used yet
-        # fetches run on a side stream so they overlap compute; per slot, "ready" orders compute
-        # after its copy and "free" orders the next copy into the slot after that compute
-        self.copy_stream = torch.cuda.Stream(self.accel) if self.on_cuda else None
-        self.slot_ready: list = []
-        self.slot_free: list = []
-        self.slot_table = torch.zeros(0, dtype=torch.int64, device=self.accel)  # slot buffer addresses
-        # per precision, [layers, experts] addresses of accelerator experts run by the fused kernels
-        # (0: not at that precision); updated in place so captured CUDA graphs stay valid
-        L, E = self.spec.num_layers, self.spec.num_experts
-        self.tables = {b: torch.zeros(L, E, dtype=torch.int64, device=self.accel) for b in kernels.BITS}
-        self.eager_mask = torch.ones(L, E, dtype=torch.bool, device=self.accel)  # not run by the kernels
-        self.fast_bits: list[tuple[int, ...]] = [()] * L
-        self.layer_eager = [True] * L
-        self._supported: dict[tuple, bool] = {}
         self.gates = []  # per MoE layer, the router (its weight guesses the next layer's experts)
-        self.host_layers = [False] * L  # MoE layers with host experts under the current plan
+        self.fetch_layers = [False] * self.spec.num_layers  # MoE layers with fetched experts under the plan
+        # expert -> routed inputs [n, H] and routing weights [n], while capturing (see capturing)
+        self._capture: dict[ExpertId, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self._capture_limit = 0
+        self._trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, top_k_index [T, k]) while tracing
 
-        layout16 = self.layout(16, 64)
         for l, (_, block) in enumerate(self.adapter.moe_blocks(model)):
             fused = block.experts
             for e in range(self.spec.num_experts):
-                self.masters[ExpertId(l, e)] = pack(
-                    layout16, {"gate_up": fused.gate_up_proj[e], "down": fused.down_proj[e]}, pin=self.pin
-                )
+                self.store.add_master(ExpertId(l, e), fused.gate_up_proj[e], fused.down_proj[e])
             block.experts = EngineExperts(self, l, self.spec.num_experts)
             self.act_fns.append(fused.act_fn)
             self.gates.append(getattr(block, "gate", None))
             del fused
+        # Fused kernels by default on CUDA only (on the CPU they run in Triton's slow interpreter).
+        enabled = (self.on_cuda if use_kernels is None else use_kernels) and kernels.available(self.accel)
+        if use_kernels and not enabled:
+            log.warning("fused expert kernels are not available on %s (is triton installed?)", self.accel)
+        self.kernel_tables = kernels.KernelTables(self.act_fns, self.layout, self.spec.num_experts, self.accel,
+                                                  enabled=enabled)
         model.to(self.accel)
         self.nonexpert_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
         if self.on_cuda:
             torch.cuda.empty_cache()
 
-    # --- storage ------------------------------------------------------------------------------
+    # --- the parts, by the names callers know -------------------------------------------------
+    @property
+    def masters(self) -> dict[ExpertId, torch.Tensor]:
+        return self.store.masters
+
+    @property
+    def variants(self) -> dict:
+        return self.store.variants
+
+    @property
+    def host_weights(self) -> dict:
+        return self.store.dequantized
+
+    @property
+    def slots(self) -> list[torch.Tensor]:
+        return self.cache.slots
+
+    @property
+    def lru(self):
+        return self.cache.lru
+
+    @property
+    def use_kernels(self) -> bool:
+        return self.kernel_tables.enabled
+
+    @property
+    def fast_bits(self) -> list[tuple[int, ...]]:
+        return self.kernel_tables.fast_bits
+
+    @property
+    def layer_eager(self) -> list[bool]:
+        return self.kernel_tables.layer_eager
+
     def layout(self, bits: int, group_size: int) -> Layout:
-        return expert_layout(self.spec.hidden, self.spec.intermediate, bits, self.dtype, group_size)
+        return self.store.layout(bits, group_size)
 
     def host_buffer(self, eid: ExpertId, bits: int, group_size: int) -> tuple[torch.Tensor, bool]:
         """The host buffer of `eid` at `bits`, quantizing from the master if it is not cached yet.
         Returns (buffer, whether it was quantized now)."""
-        if bits == 16:
-            return self.masters[eid], False
-        key = (eid, bits, group_size)
-        if key in self.variants:
-            return self.variants[key], False
-        master = self.layout(16, group_size).views(self.masters[eid])
-        device = self.accel if self.on_cuda else self.host
-        tensors = {}
-        for name, _ in self.layout(bits, group_size).matrices:
-            q = self.quantizer.quantize(master[name], bits, group_size, self.dtype, device)
-            tensors.update({f"{name}.{k}": v for k, v in q.items()})
-        self.variants[key] = pack(self.layout(bits, group_size), tensors, pin=self.pin)
-        return self.variants[key], True
+        return self.store.buffer(eid, bits, group_size)
 
-    def _host_views_of(self, eid: ExpertId, bits: int, group_size: int) -> dict:
-        key = (eid, bits, group_size)
-        if key not in self._host_views:
-            buf, _ = self.host_buffer(eid, bits, group_size)
-            self._host_views[key] = self.layout(bits, group_size).views(buf)
-        return self._host_views[key]
+    def act_fn(self, layer: int):
+        """The activation of MoE layer `layer`'s experts."""
+        return self.act_fns[layer]
 
-    def _host_weights_of(self, eid: ExpertId, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-        """The matrices a `cpu`-offloaded host expert computes with: views of its 16-bit buffer, or
-        its quantized variant dequantized once (exactly what dequantizing on every call gives)."""
-        views = self._host_views_of(eid, bits, group_size)
-        if bits == 16:
-            return views
-        key = (eid, bits, group_size)
-        if key not in self.host_weights:
-            self.host_weights[key] = expert_weights(self.layout(bits, group_size), views, self.quantizer.dequantize)
-        return self.host_weights[key]
+    def resident_buffer(self, eid: ExpertId) -> torch.Tensor:
+        """The accelerator buffer of `eid`, which the current plan keeps on the accelerator."""
+        return self.resident[eid][1]
 
     def _to_accel(self, buf: torch.Tensor) -> torch.Tensor:
         dev = torch.empty(buf.numel(), dtype=torch.uint8, device=self.accel)
@@ -299,21 +262,21 @@ class Engine:
         """Switch the fused kernels on or off (for side-by-side comparisons); speculative prefetch
         is a knob of the plan (`Plan.prefetch`)."""
         if use_kernels is not None:
-            self.use_kernels = use_kernels and kernels.available(self.accel)
-            self._supported.clear()
+            self.kernel_tables.enable(use_kernels and kernels.available(self.accel))
             if self.plan is not None:
                 self._refresh_tables()
 
     def kernel_path(self, tokens: int) -> bool:
         """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels."""
-        return self.use_kernels and self.plan is not None and self.capture is None and tokens <= KERNEL_MAX_TOKENS
+        return self.use_kernels and self.plan is not None and self._capture is None and tokens <= KERNEL_MAX_TOKENS
 
     def kernel_supported(self, layout: Layout, layer: int) -> bool:
         """Whether experts of `layout` in MoE layer `layer` run in the fused kernels at decode."""
-        key = (layout, layer)
-        if key not in self._supported:
-            self._supported[key] = self.use_kernels and kernels.supports(layout, self.act_fns[layer])
-        return self._supported[key]
+        return self.kernel_tables.supported(layout, layer)
+
+    def kernel_precisions(self, group_size: int, layer: int = 0) -> tuple[int, ...]:
+        """The precisions that run in the fused kernels at decode in MoE layer `layer`."""
+        return self.kernel_tables.fused_bits(layer, group_size)
 
     @property
     def capturable(self) -> bool:
@@ -334,67 +297,43 @@ class Engine:
         gs = self.plan.group_size
         act_fn = self.act_fns[layer]
         self.stats.expert_calls += 1
-        if state.tier == "accel":
+        path = serving_path(state, self.plan.offload)
+        if path == ACCEL:
             layout, _, views = self.resident[eid]
-            return expert_forward(layout, views, x, act_fn, self.quantizer.dequantize)
-        if self.plan.offload == "cpu":
+            return expert_forward(layout, views, x, act_fn, self.store.dequantize)
+        if path == CPU:
             self.stats.cpu_calls += 1
-            y = gated_forward(self._host_weights_of(eid, state.bits, gs), x.to(self.host), act_fn)
+            y = gated_forward(self.store.host_weights(eid, state.bits, gs), x.to(self.host), act_fn)
             return y.to(x.device, non_blocking=False)
+        assert path == FETCH
         slot = self._fetch(eid, state.bits, gs)
-        layout, views = self.slot_views[slot]
-        if self.copy_stream is not None:
-            torch.cuda.current_stream(self.accel).wait_event(self.slot_ready[slot])
+        layout, views = self.cache.slot_views[slot]
+        self.cache.await_copy(slot)
         n = x.shape[0]
         if n <= KERNEL_MAX_TOKENS and self.kernel_supported(layout, layer):
-            y = kernels.moe_experts(x, self.slot_table[slot : slot + 1].expand(n), x.new_ones(n), layout,
+            y = kernels.moe_experts(x, self.cache.slot_table[slot : slot + 1].expand(n), x.new_ones(n), layout,
                                     slot_token=torch.arange(n, device=x.device)).to(x.dtype)
         else:
-            y = expert_forward(layout, views, x, act_fn, self.quantizer.dequantize)
-        if self.copy_stream is not None:
-            self.slot_free[slot].record(torch.cuda.current_stream(self.accel))
+            y = expert_forward(layout, views, x, act_fn, self.store.dequantize)
+        self.cache.release(slot)
         return y
 
     def _fetch(self, eid: ExpertId, bits: int, group_size: int, *, ahead: bool = False) -> int:
-        """The slot holding `eid` at `bits`, copying it in (over the least recently used) if missing;
-        `ahead`: a prefetch, counted apart from demand lookups."""
-        key = (eid, bits)
-        slot = self.lru.get(key)
-        if slot is not None:
-            self.lru.move_to_end(key)
-            if not ahead:
-                self.stats.fetch_hits += 1
-                if key in self.prefetched:
-                    self.prefetched.discard(key)
-                    self.stats.prefetch_hits += 1
-            return slot
-        if len(self.lru) < len(self.slots):
-            used = set(self.lru.values())
-            slot = next(i for i in range(len(self.slots)) if i not in used)
-        else:
-            old, slot = self.lru.popitem(last=False)
-            self.prefetched.discard(old)
-        src, _ = self.host_buffer(eid, bits, group_size)
-        dst = self.slots[slot][: src.numel()]
-        if self.copy_stream is not None:
-            # pinned source, side stream: the copy overlaps compute already queued and waits only
-            # for the last compute that read this slot
-            self.copy_stream.wait_event(self.slot_free[slot])
-            with torch.cuda.stream(self.copy_stream):
-                dst.copy_(src, non_blocking=self.pin)
-            self.slot_ready[slot].record(self.copy_stream)
-        else:
-            dst.copy_(src)
-        layout = self.layout(bits, group_size)
-        self.slot_views[slot] = (layout, layout.views(dst))
-        self.lru[key] = slot
-        self.stats.bytes_fetched += src.numel()
+        """The fetch slot holding `eid` at `bits`, counting the lookup (`ahead`: a prefetch, counted
+        apart from demand lookups)."""
+        got = self.cache.fetch(eid, bits, group_size, ahead=ahead)
+        s = self.stats
+        s.bytes_fetched += got.copied
         if ahead:
-            self.prefetched.add(key)
-            self.stats.prefetch_issued += 1
+            if got.copied:
+                s.prefetch_issued += 1
+        elif got.copied:
+            s.fetch_misses += 1
         else:
-            self.stats.fetch_misses += 1
-        return slot
+            s.fetch_hits += 1
+            if got.prefetch_hit:
+                s.prefetch_hits += 1
+        return got.slot
 
     def guess_next(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Experts the next MoE layer will likely route to (the mixtral-offloading trick: its router
@@ -404,7 +343,7 @@ class Engine:
         if (plan is None or not plan.prefetch or plan.offload != "fetch" or layer + 1 >= len(self.gates)
                 or hidden.shape[0] > KERNEL_MAX_TOKENS
                 or len(self.slots) < PREFETCH_SLOTS_PER_TOP_K * self.spec.top_k
-                or not self.host_layers[layer + 1]):
+                or not self.fetch_layers[layer + 1]):
             return None
         weight = getattr(self.gates[layer + 1], "weight", None)
         if weight is None:
@@ -417,7 +356,7 @@ class Engine:
         gs = self.plan.group_size
         for e in experts:
             state = self.plan.states[layer][e]
-            if state.tier == "host":
+            if serving_path(state, self.plan.offload) == FETCH:
                 self._fetch(ExpertId(layer, e), state.bits, gs, ahead=True)
 
     # --- reconfiguration ------------------------------------------------------------------------
@@ -429,7 +368,7 @@ class Engine:
             torch.cuda.synchronize(self.accel)
         gs = plan.group_size
         base = self.plan if self.plan is not None and self.plan.group_size == gs else None
-        moves = diff(plan, base, have_variant=lambda eid, bits: (eid, bits, gs) in self.variants)
+        moves = diff(plan, base, have_variant=lambda eid, bits: self.store.has_variant(eid, bits, gs))
 
         # Phase 1: free accelerator memory (experts leaving it, slots that no longer fit the plan).
         evicted = 0
@@ -438,21 +377,17 @@ class Engine:
             evicted += 1
         n_slots, slot_bytes = plan.slots_used(), plan.slot_nbytes(self.spec)
         # cached slots hold (expert, bits) at the old group size: keep them only if that is unchanged
-        if base is None or len(self.slots) != n_slots or (self.slots and self.slots[0].numel() != slot_bytes):
-            self.slots, self.slot_views = [], []
-            self.lru.clear()
-            self.prefetched.clear()
+        if base is None or not self.cache.matches(n_slots, slot_bytes):
+            self.cache.free()
         else:  # keep cached slots whose expert is still fetched at the same precision
-            for key in [k for k in self.lru if plan.state(k[0]) != ExpertState(k[1], "host")]:
-                self.slot_views[self.lru.pop(key)] = None
-                self.prefetched.discard(key)
+            self.cache.keep_only(lambda eid, bits: plan.state(eid) == ExpertState(bits, "host"))
         if self.on_cuda:
             torch.cuda.empty_cache()  # hand freed memory back to co-tenants, not just to our allocator
 
         # Phase 2: derive missing variants, load accelerator experts, allocate slots.
         loaded = requantized = bytes_in = 0
         for m in moves:
-            buf, quantized_now = self.host_buffer(m.expert, m.dst.bits, gs)
+            buf, quantized_now = self.store.buffer(m.expert, m.dst.bits, gs)
             requantized += quantized_now
             if m.loads_accel:
                 dev = self._to_accel(buf)
@@ -460,20 +395,17 @@ class Engine:
                 self.resident[m.expert] = (layout, dev, layout.views(dev))
                 loaded += 1
                 bytes_in += buf.numel()
-        if not self.slots and n_slots:
-            self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.accel) for _ in range(n_slots)]
-            self.slot_views = [None] * n_slots
-            self.slot_table = kernels.expert_table(self.slots, device=self.accel)
-            if self.on_cuda:
-                self.slot_ready = [torch.cuda.Event() for _ in self.slots]
-                self.slot_free = [torch.cuda.Event() for _ in self.slots]
+        self.cache.allocate(n_slots, slot_bytes)
         if self.on_cuda:
             torch.cuda.synchronize(self.accel)
         self.plan = plan
-        # dequantized host experts stay only while the plan still computes them on the host as is
-        for key in [k for k in self.host_weights
-                    if plan.offload != "cpu" or k[2] != gs or plan.state(k[0]) != ExpertState(k[1], "host")]:
-            del self.host_weights[key]
+
+        def still_on_cpu(key) -> bool:  # dequantized host experts stay while computed on the host as is
+            eid, bits, group = key
+            state = plan.state(eid)
+            return group == gs and state.bits == bits and serving_path(state, plan.offload) == CPU
+
+        self.store.keep_dequantized(still_on_cpu)
         self._refresh_tables()
         report = ApplyReport(plan.plan_id, len(moves), loaded, evicted, requantized, bytes_in,
                              time.perf_counter() - start)
@@ -482,20 +414,9 @@ class Engine:
 
     def _refresh_tables(self) -> None:
         """Point the kernels' address tables at the experts the new plan keeps on the accelerator."""
-        plan, gs = self.plan, self.plan.group_size
-        L, E = self.spec.num_layers, self.spec.num_experts
-        self.host_layers = [any(s.tier == "host" for s in layer) for layer in plan.states]
-        ptrs = {b: torch.zeros(L, E, dtype=torch.int64) for b in self.tables}
-        eager = torch.ones(L, E, dtype=torch.bool)
-        for eid, state in plan.items():
-            if state.tier == "accel" and self.kernel_supported(self.layout(state.bits, gs), eid.layer):
-                ptrs[state.bits][eid.layer, eid.expert] = self.resident[eid][1].data_ptr()
-                eager[eid.layer, eid.expert] = False
-        for b, table in self.tables.items():
-            table.copy_(ptrs[b])  # in place: captured graphs read these tensors
-        self.eager_mask.copy_(eager)
-        self.fast_bits = [tuple(b for b in ptrs if ptrs[b][l].any()) for l in range(L)]
-        self.layer_eager = [bool(eager[l].any()) for l in range(L)]
+        plan = self.plan
+        self.fetch_layers = [any(serving_path(s, plan.offload) == FETCH for s in row) for row in plan.states]
+        self.kernel_tables.refresh(plan, lambda eid: self.resident[eid][1].data_ptr())
 
     # --- accounting -------------------------------------------------------------------------------
     def memory(self) -> dict:
@@ -504,22 +425,19 @@ class Engine:
         host memory: masters, derived variants and, for `cpu` offload, dequantized host experts
         (`host_dequant_bytes`)."""
         resident = tensor_bytes(buf for _, buf, _ in self.resident.values())
-        slots = tensor_bytes(self.slots)
+        slots = self.cache.nbytes()
         host = 0
         if self.plan is not None:
-            host = tensor_bytes(
-                self.host_buffer(eid, s.bits, self.plan.group_size)[0]
-                for eid, s in self.plan.items() if s.tier == "host"
-            )
-        dequantized = tensor_bytes(t for w in self.host_weights.values() for t in w.values())
+            host = self.store.bytes_of(((eid, s.bits) for eid, s in self.plan.items() if s.tier == "host"),
+                                       self.plan.group_size)
         return {
             "gpu_bytes": self.nonexpert_bytes + resident + slots,
             "gpu_expert_bytes": resident,
             "gpu_slot_bytes": slots,
             "nonexpert_bytes": self.nonexpert_bytes,
             "host_bytes": host,
-            "host_dequant_bytes": dequantized,
-            "host_store_bytes": tensor_bytes([*self.masters.values(), *self.variants.values()]) + dequantized,
+            "host_dequant_bytes": self.store.dequantized_bytes(),
+            "host_store_bytes": self.store.nbytes(),
         }
 
     def router_frequencies(self) -> list[list[float]]:
@@ -528,20 +446,46 @@ class Engine:
         totals = counts.sum(dim=1, keepdim=True).clamp(min=1)
         return (counts / totals).tolist()
 
-    def record(self, layer: int, expert: int, x: torch.Tensor, weights: torch.Tensor) -> None:
-        """Keep up to `capture_limit` routed inputs per expert (for sensitivity measurements)."""
-        kept = self.capture.setdefault(ExpertId(layer, expert), [])
-        room = self.capture_limit - sum(len(w) for _, w in kept)
-        if room > 0:
-            kept.append((x[:room].detach().clone(), weights[:room].detach().float().clone()))
-
-    def expert_output(self, eid: ExpertId, bits: int, group_size: int, x: torch.Tensor) -> torch.Tensor:
-        """`eid` at `bits` on inputs x [n, H] (on the accelerator), whatever the current plan."""
-        buf, _ = self.host_buffer(eid, bits, group_size)
-        layout = self.layout(bits, group_size)
-        dev = buf.to(self.accel, non_blocking=self.pin)
-        return expert_forward(layout, layout.views(dev), x, self.act_fns[eid.layer], self.quantizer.dequantize)
-
     def reset_stats(self) -> None:
         self.stats = EngineStats()
         self.routed.zero_()
+
+    # --- measurement hooks ------------------------------------------------------------------------
+    @contextmanager
+    def capturing(self, per_expert: int):
+        """Within the block, keep up to `per_expert` routed inputs of each expert the model runs
+        (on the per-expert path, fused kernels off): yields {ExpertId: [(x [n, H], weights [n])]}."""
+        self._capture, self._capture_limit = {}, per_expert
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
+
+    @contextmanager
+    def tracing(self):
+        """Within the block, record each MoE layer call's routing: yields [(layer, top_k_index [T, k])]."""
+        self._trace = []
+        try:
+            yield self._trace
+        finally:
+            self._trace = None
+
+    def record(self, layer: int, expert: int, x: torch.Tensor, weights: torch.Tensor) -> None:
+        """Keep up to the capture limit of routed inputs per expert (for sensitivity measurements)."""
+        kept = self._capture.setdefault(ExpertId(layer, expert), [])
+        room = self._capture_limit - sum(len(w) for _, w in kept)
+        if room > 0:
+            kept.append((x[:room].detach().clone(), weights[:room].detach().float().clone()))
+
+    def expert_call(self, eid: ExpertId, bits: int, group_size: int, *, copy: bool = True):
+        """`eid` at `bits` as a function of x [n, H] on the accelerator, whatever the current plan;
+        its buffer is put on the accelerator once (a copy of it unless `copy` is False)."""
+        buf, _ = self.store.buffer(eid, bits, group_size)
+        layout = self.layout(bits, group_size)
+        views = layout.views(buf.to(self.accel, non_blocking=self.pin, copy=copy))
+        act_fn, dequantize = self.act_fns[eid.layer], self.store.dequantize
+        return lambda x: expert_forward(layout, views, x, act_fn, dequantize)
+
+    def expert_output(self, eid: ExpertId, bits: int, group_size: int, x: torch.Tensor) -> torch.Tensor:
+        """`eid` at `bits` on inputs x [n, H] (on the accelerator), whatever the current plan."""
+        return self.expert_call(eid, bits, group_size, copy=False)(x)

@@ -28,7 +28,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from placement.experts import expert_forward
 from placement.packed import Layout, expert_layout
+from placement.tiers import in_kernels, leaves_kernels
 
 BITS = (16, 8, 4, 2)  # precisions with a kernel; 3-bit (10 values per int32) falls back to eager
 
@@ -98,6 +100,58 @@ def expert_table(buffers, device=None) -> torch.Tensor:
     if device is None:
         device = next((b.device for b in buffers if b is not None), "cpu")
     return torch.tensor([0 if b is None else b.data_ptr() for b in buffers], dtype=torch.int64, device=device)
+
+
+class KernelTables:
+    """What the kernels run at decode, per MoE layer, under the current plan: per precision an
+    [L, E] table of expert addresses (0: not at that precision), an [L, E] mask of the experts left
+    to the per-expert loop, the precisions each layer launches (`fast_bits`) and whether it leaves
+    the kernels (`layer_eager`). The tensors are updated in place, so captured CUDA graphs that read
+    them stay valid.
+
+    `act_fns`: per layer, its experts' activation; `layout(bits, group_size)`: an expert's Layout.
+    """
+
+    def __init__(self, act_fns, layout, num_experts: int, device, *, enabled: bool):
+        self.act_fns, self.layout, self.enabled = act_fns, layout, enabled
+        L, E = len(act_fns), num_experts
+        self.tables = {b: torch.zeros(L, E, dtype=torch.int64, device=device) for b in BITS}
+        self.eager_mask = torch.ones(L, E, dtype=torch.bool, device=device)
+        self.fast_bits: list[tuple[int, ...]] = [()] * L
+        self.layer_eager = [True] * L
+        self._supported: dict[tuple, bool] = {}
+
+    def enable(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._supported.clear()
+
+    def supported(self, layout: Layout, layer: int) -> bool:
+        """Whether experts of `layout` in MoE layer `layer` run in the kernels."""
+        key = (layout, layer)
+        if key not in self._supported:
+            self._supported[key] = self.enabled and supports(layout, self.act_fns[layer])
+        return self._supported[key]
+
+    def fused_bits(self, layer: int, group_size: int) -> tuple[int, ...]:
+        """The precisions that run in the kernels in MoE layer `layer`."""
+        return tuple(b for b in BITS if self.supported(self.layout(b, group_size), layer))
+
+    def refresh(self, plan, address) -> None:
+        """Point the tables at the accelerator experts of `plan` that the kernels run;
+        `address(eid)`: the data pointer of a resident expert's buffer."""
+        L, E = self.eager_mask.shape
+        fused = [self.fused_bits(l, plan.group_size) for l in range(L)]
+        ptrs = {b: torch.zeros(L, E, dtype=torch.int64) for b in self.tables}
+        eager = torch.ones(L, E, dtype=torch.bool)
+        for eid, state in plan.items():
+            if in_kernels(state, fused[eid.layer]):
+                ptrs[state.bits][eid.layer, eid.expert] = address(eid)
+                eager[eid.layer, eid.expert] = False
+        for b, table in self.tables.items():
+            table.copy_(ptrs[b])  # in place: captured graphs read these tensors
+        self.eager_mask.copy_(eager)
+        self.fast_bits = [tuple(b for b in ptrs if ptrs[b][l].any()) for l in range(L)]
+        self.layer_eager = [leaves_kernels(row, fused[l]) for l, row in enumerate(plan.states)]
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -414,8 +468,6 @@ def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, i
 
     Each variant cycles through enough copies of the expert to exceed twice the L2 cache, so every
     call reads its weights from HBM as at decode."""
-    from placement.engine import expert_forward
-
     dev = torch.device("cuda")
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
     gen = torch.Generator(device=dev).manual_seed(0)

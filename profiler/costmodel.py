@@ -1,4 +1,5 @@
-"""A throughput model: predicts batch-1 decode tok/s of any plan in well under a millisecond.
+"""A throughput model: predicts batch-1 decode tok/s of any plan in milliseconds (2.8 ms measured on a
+Mixtral-shaped plan: a router trace replayed through the plan's fetch LRU).
 
 Calibrated once per model and machine from a few real decodes of uniform plans (see calibrate), and
 shaped like the engine's decode path:
@@ -13,7 +14,9 @@ shaped like the engine's decode path:
 - a router trace (which experts each token picks in each layer) from calibration text, on which
   each plan's LRU of fetch slots is simulated to count misses.
 
-Speculative prefetch is not modelled: a plan with it is predicted as the same plan without.
+Which path serves each expert and which layers leave the kernels come from `placement.tiers`, the
+table the engine serves by. Speculative prefetch is not modelled: a plan with it is predicted as the
+same plan without.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from placement import kernels
-from placement.engine import expert_forward
+from placement.decode import timed_generate
 from placement.plan import BITS, ExpertId, ExpertState, Plan
-from profiler.throughput import timed_generate
+from placement.tiers import ACCEL, CPU, in_kernels, leaves_kernels, serving_path
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,11 @@ class CostModel:
         fused = set(self.fused_bits)
         # per layer, what the engine launches whatever the routing: a kernel pair per fused
         # precision on the accelerator, and the host sync when anything runs outside the kernels
+        # (without kernels every call is in the per-call terms: no layer "leaves" them)
         fixed = 0.0
         for row in plan.states:
-            present = {s.bits for s in row if s.tier == "accel" and s.bits in fused}
-            eager = any(s.tier == "host" or s.bits not in fused for s in row) if fused else False
+            present = {s.bits for s in row if in_kernels(s, fused)}
+            eager = bool(fused) and leaves_kernels(row, fused)
             fixed += self.launch_s * len(present) + (self.eager_layer_s if eager else 0.0)
         lru: OrderedDict = OrderedDict()
         slots = plan.slots_used()
@@ -65,11 +69,12 @@ class CostModel:
             for layer, experts in enumerate(token):
                 for e in experts:
                     s = plan.states[layer][e]
-                    if s.tier == "accel":
+                    path = serving_path(s, plan.offload)
+                    if path == ACCEL:
                         total += self.accel_s[s.bits]
-                    elif plan.offload == "cpu":
+                    elif path == CPU:
                         total += self.host_s[s.bits]
-                    else:
+                    else:  # FETCH
                         key = (layer, e)
                         if key in lru:
                             lru.move_to_end(key)
@@ -116,7 +121,7 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
     spec = engine.spec
     L, calls = spec.num_layers, spec.num_layers * spec.top_k  # routed calls per decoded token at batch 1
     sizes = {b: engine.layout(b, group_size).nbytes for b in bits}
-    fused = tuple(b for b in bits if engine.kernel_supported(engine.layout(b, group_size), 0))
+    fused = tuple(b for b in bits if b in engine.kernel_precisions(group_size, layer=0))
     sync = (lambda: torch.cuda.synchronize(engine.accel)) if engine.on_cuda else (lambda: None)
 
     def decode(b: int, tier: str, offload: str = "fetch", slots: int = 0) -> tuple[float, float]:
@@ -182,11 +187,9 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
 
 def _eager_call(engine, group_size: int):
     """One 16-bit expert call through the per-expert path, on the accelerator (batch 1)."""
-    spec = engine.spec
-    x = torch.randn(1, spec.hidden, dtype=engine.dtype, device=engine.accel)
-    layout = engine.layout(16, group_size)
-    views = layout.views(engine.masters[ExpertId(0, 0)].to(engine.accel, copy=True))
-    return lambda: expert_forward(layout, views, x, engine.act_fns[0], engine.quantizer.dequantize)
+    x = torch.randn(1, engine.spec.hidden, dtype=engine.dtype, device=engine.accel)
+    call = engine.expert_call(ExpertId(0, 0), 16, group_size)
+    return lambda: call(x)
 
 
 def _fused_call(engine, bits: int, group_size: int, live: bool):
@@ -195,7 +198,7 @@ def _fused_call(engine, bits: int, group_size: int, live: bool):
     spec = engine.spec
     k = spec.top_k
     x = torch.randn(1, spec.hidden, dtype=engine.dtype, device=engine.accel)
-    bufs = [engine.resident[ExpertId(0, e)][1] if live else None for e in range(k)]
+    bufs = [engine.resident_buffer(ExpertId(0, e)) if live else None for e in range(k)]
     table = kernels.expert_table(bufs, device=engine.accel)
     weights = torch.full((k,), 1.0 / k, device=engine.accel)
     tokens = torch.zeros(k, dtype=torch.int64, device=engine.accel)
@@ -221,11 +224,8 @@ def router_trace(engine, ids: list[int]) -> tuple:
     """Which experts each token picks in each MoE layer: per token, per layer, the expert ids.
     Leaves the engine on the all-16-bit, all-accelerator plan."""
     engine.apply(uniform_plan(engine.spec, 16, "accel"))
-    engine.trace = []
-    try:
+    with engine.tracing() as trace:
         engine.model(torch.tensor([ids], device=next(engine.model.parameters()).device))
-        per_layer = dict(engine.trace)
-    finally:
-        engine.trace = None
+    per_layer = dict(trace)
     return tuple(tuple(tuple(per_layer[l][t].tolist()) for l in range(engine.spec.num_layers))
                  for t in range(len(ids)))

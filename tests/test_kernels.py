@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from placement import hqq_backend, kernels  # noqa: E402
-from placement.engine import expert_forward  # noqa: E402
+from placement.experts import expert_forward  # noqa: E402
 from placement.packed import expert_layout, pack  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.available("cuda" if torch.cuda.is_available() else "cpu"),
