@@ -7,21 +7,6 @@ import pandas as pd
 DEFAULT_OBJECTIVES = (("decode_tok_s", "max"), ("ppl", "min"), ("gpu_bytes", "min"))
 
 
-def with_ppl(df: pd.DataFrame, datasets: list[str] | None = None) -> pd.DataFrame:
-    """Adds `ppl`: the mean of the chosen datasets' perplexities (all measured ones by default)."""
-    cols = [f"ppl_{d}" for d in datasets] if datasets else [c for c in df.columns
-                                                           if c.startswith("ppl_") and c != "ppl_note"]
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"no column(s) {', '.join(missing)} in the file")
-    cols = [c for c in cols if df[c].notna().any()]
-    if not cols:
-        raise ValueError("the file has no perplexity measurements")
-    out = df.copy()
-    out["ppl"] = out[cols].mean(axis=1)
-    return out
-
-
 def parse_objectives(text: str) -> tuple[tuple[str, str], ...]:
     """'decode_tok_s:max,ppl:min' -> (('decode_tok_s', 'max'), ('ppl', 'min'))."""
     objectives = []

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from qos.pareto import pareto_mask  # noqa: E402
+from catalog.pareto import pareto_mask  # noqa: E402
 
 
 def paper_sweep(df: pd.DataFrame) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from qos.slo import SLOSpec, TenantSLO
+from catalog.slo import SLOSpec, TenantSLO
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Decision:
 
 
 def options_from_rows(rows: Iterable[dict]) -> list[Option]:
-    """Options from front/profile rows (`ppl` is the mean perplexity, see qos.pareto.with_ppl)."""
+    """Options from front/profile rows (`ppl` is the mean perplexity, see catalog.pareto.with_ppl)."""
     return [Option(str(r["plan_id"]), float(r["decode_tok_s"]), float(r["ppl"]), int(r["gpu_bytes"]))
             for r in rows]
 

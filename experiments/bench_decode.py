@@ -39,8 +39,9 @@ import torch
 from placement import hqq_backend
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import Knobs, build_plan
-from profiler.throughput import GraphDecoder, timed_generate
+from catalog.knobs import Knobs
+from placement.plan import build_plan
+from placement.decode import GraphDecoder, timed_generate
 
 GiB = 1 << 30
 # Round-to-nearest in HQQ's format (see the module docstring).

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from placement.engine import Engine
-from placement.models import load_model
-from placement.plan import Knobs
+from catalog.knobs import Knobs
+from catalog.pareto import front, hypervolume
+from catalog.rows import ModelIdentity, with_ppl
+from placement.session import open_session
 from profiler.profile import Profiler, Settings
 from profiler.search import Search
-from qos.pareto import front, hypervolume, with_ppl
 
 
 def main() -> None:
@@ -33,9 +33,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
-    loaded = load_model(args.model)
-    engine = Engine(loaded.model)
-    profiler = Profiler(args.model, loaded, engine, Settings(max_windows=args.max_windows, new_tokens=32, repeats=3))
+    session = open_session(ModelIdentity(args.model, model_seed=args.seed))
+    profiler = Profiler(session, Settings(max_windows=args.max_windows, new_tokens=32, repeats=3))
     work = Path(tempfile.mkdtemp(prefix="qos-compare-"))
 
     # the paper: random selection, quantized count stepping over the range, accelerator filled

@@ -16,27 +16,28 @@ from pathlib import Path
 
 import pandas as pd
 
-from placement.engine import Engine
-from placement.models import load_model
-from profiler.costmodel import decode_s, calibrate
-from profiler.data import calibration_text
-from profiler.profile import Planner
-from qos.pareto import pareto_mask, with_ppl
+from catalog.knobs import knobs_from_row
+from catalog.pareto import pareto_mask
+from catalog.rows import ModelIdentity, read_profile, with_ppl
+from placement.session import identity_for, open_session
+from profiler.costmodel import calibrate, decode_s
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="reference")
     p.add_argument("--profile", type=Path, required=True)
-    p.add_argument("--layers", type=int, help="decoder layers, as the profile was measured (built-in models)")
+    p.add_argument("--model", help="default: the model the profile was measured on")
+    p.add_argument("--layers", type=int, help="with --model: decoder layers, as the profile was measured")
     p.add_argument("--out", type=Path, help="default: PROFILE with _costmodel.csv")
     args = p.parse_args()
 
-    profile = pd.read_csv(args.profile)
+    profile = read_profile(args.profile)
     front_ids = set(profile.loc[pareto_mask(with_ppl(profile)), "plan_id"].astype(str))
-    loaded = load_model(args.model, layers=args.layers)
-    engine = Engine(loaded.model)
-    calib = loaded.tokenizer.encode(calibration_text())
+    identity = identity_for(ModelIdentity.from_row(profile.iloc[0]), model=args.model, layers=args.layers,
+                            source=str(args.profile))
+    session = open_session(identity)
+    engine = session.engine
+    calib = session.planner.calib_ids()
     prompt = profile["prompt_tokens"].iloc[0]
     new = int(profile["new_tokens"].iloc[0])
 
@@ -45,9 +46,9 @@ def main() -> None:
     model = calibrate(engine, calib[:prompt], calib, bits=bits, new_tokens=new)
     print(f"calibrated in {time.perf_counter() - t:.1f}s: {model.as_dict()}")
 
-    rows, planner = [], Planner(engine, args.model, lambda: calib)
+    rows = []
     for r in profile.to_dict(orient="records"):
-        plan = planner.rebuild(r)
+        plan = session.planner.rebuild(knobs_from_row(r), str(r["plan_id"]))
         t = time.perf_counter()
         predicted = model.predict_tok_s(plan)
         predict_us = 1e6 * (time.perf_counter() - t)

@@ -72,8 +72,9 @@ def usage_table(usage: np.ndarray) -> str:
 def main(args) -> None:
     from placement.engine import Engine
     from placement.models import load_model
-    from placement.plan import Knobs, build_plan
-    from profiler.data import data_dir, eval_text
+    from catalog.knobs import Knobs
+    from placement.plan import build_plan
+    from catalog.data import data_dir, eval_text
     from profiler.perplexity import eval_windows, mean_nll
 
     from experiments.train_reference_moe import encode_stream, load_training_text

@@ -3,6 +3,8 @@ local Hugging Face directory / hub id of a supported MoE family."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -55,6 +57,39 @@ class LoadedModel:
     name: str
     model: nn.Module
     tokenizer: ByteTokenizer | HFTokenizer
+    fingerprint: str  # of the weights' source: see fingerprint()
+
+
+# What makes a random built-in's weights: its recipe (family and shapes) and the seed. The layer
+# count is not part of it (a model identity records it apart).
+RECIPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+               "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts",
+               "num_experts_per_tok", "shared_expert_intermediate_size")
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def recipe_fingerprint(name: str, config, seed: int) -> str:
+    """A random built-in: its name, shapes and seed (the weights follow from them)."""
+    recipe = {k: getattr(config, k, None) for k in RECIPE_KEYS}
+    return _digest(json.dumps({"name": name, "seed": seed, **recipe}, sort_keys=True).encode())
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """A checkpoint folder: its config.json and, per safetensors file, its size, header (names,
+    shapes, dtypes, offsets) and first MiB of weights; cheap even for a 93 GB checkpoint."""
+    parts = [(path / "config.json").read_bytes()]
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            parts += [f.name.encode(), str(f.stat().st_size).encode(), fh.read(min(n, 1 << 26)), fh.read(1 << 20)]
+    return _digest(*parts)
 
 
 def _tiny_config(family: str):
@@ -119,11 +154,11 @@ def load_model(name: str, *, layers: int | None = None, dtype: torch.dtype | Non
         if layers:
             config.num_hidden_layers = layers
         model = _random_model(config, dtype, device, seed)
-        return LoadedModel(name, model, ByteTokenizer(config.vocab_size))
+        return LoadedModel(name, model, ByteTokenizer(config.vocab_size), recipe_fingerprint(name, config, seed))
     if name == "mixtral-8x7b-shape":
         config = _mixtral_shape_config(layers)
         model = _random_model(config, dtype, device, seed)
-        return LoadedModel(name, model, ByteTokenizer(config.vocab_size))
+        return LoadedModel(name, model, ByteTokenizer(config.vocab_size), recipe_fingerprint(name, config, seed))
 
     path = REFERENCE_DIR if name == "reference" else Path(name)
     if name == "reference" and not (path / "config.json").exists():
@@ -154,4 +189,5 @@ def _load_pretrained(name_or_path: str, layers: int | None, dtype: torch.dtype, 
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype,
                                                      local_files_only=local)
     tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
-    return LoadedModel(Path(name_or_path).name, model.eval(), HFTokenizer(tok))
+    fp = checkpoint_fingerprint(Path(name_or_path)) if local else _digest(f"hub:{name_or_path}".encode())
+    return LoadedModel(Path(name_or_path).name, model.eval(), HFTokenizer(tok), fp)

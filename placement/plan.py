@@ -12,23 +12,17 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from catalog.knobs import BITS, OFFLOAD_MODES, Knobs, choice_error
 from placement.packed import expert_layout
 from placement.spec import ModelSpec
 
-BITS = (16, 8, 4, 3, 2)
 TIERS = ("accel", "host")
-OFFLOAD_MODES = ("fetch", "cpu")
-SELECTIONS = ("random", "frequency", "sensitivity")
 # The engine prefetches only with room for two layers' routed experts (this many slots per top-k):
 # the next layer's guesses are copied while this layer's experts are still in use.
 PREFETCH_SLOTS_PER_TOP_K = 2
 # What the non-random selections rank experts by (lowest quantized first); the profiler measures it.
 SCORED_BY = {"frequency": "router statistics from calibration text",
              "sensitivity": "per-expert quantization sensitivity scores"}
-
-
-def _choice_error(what: str, value, allowed) -> ValueError:
-    return ValueError(f"{what}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
 
 
 @dataclass(frozen=True, order=True)
@@ -48,9 +42,9 @@ class ExpertState:
 
     def __post_init__(self):
         if self.bits not in BITS:
-            raise _choice_error("bits", self.bits, BITS)
+            raise choice_error("bits", self.bits, BITS)
         if self.tier not in TIERS:
-            raise _choice_error("tier", self.tier, TIERS)
+            raise choice_error("tier", self.tier, TIERS)
 
 
 @dataclass(frozen=True)
@@ -72,7 +66,7 @@ class Plan:
 
     def __post_init__(self):
         if self.offload not in OFFLOAD_MODES:
-            raise _choice_error("offload", self.offload, OFFLOAD_MODES)
+            raise choice_error("offload", self.offload, OFFLOAD_MODES)
         if self.cache_slots < 0:
             raise ValueError(f"cache_slots={self.cache_slots} must be >= 0")
         if self.group_size <= 0 or self.group_size % 8:
@@ -261,44 +255,6 @@ def diff(desired: Plan, actual: Plan | None, have_variant=lambda eid, bits: True
 
 
 # --- building plans from knobs ----------------------------------------------------------------
-@dataclass(frozen=True)
-class Knobs:
-    """What a person asks for; `build_plan` turns it into a Plan for one model."""
-
-    quantized: int = 0
-    bits: int = 4
-    selection: str = "random"
-    seed: int = 0
-    gpu_experts: int | None = None  # None with gpu_budget None: every expert on the accelerator
-    gpu_budget: int | None = None  # bytes; the number of accelerator experts follows
-    offload: str = "fetch"
-    cache_slots: int | None = None  # None: twice the router's top-k
-    group_size: int = 64
-    prefetch: bool = False  # fetch only; off where it cannot act (see build_plan)
-
-    def __post_init__(self):
-        if self.bits not in BITS:
-            raise _choice_error("bits", self.bits, BITS)
-        if self.selection not in SELECTIONS:
-            raise _choice_error("selection", self.selection, SELECTIONS)
-        if self.offload not in OFFLOAD_MODES:
-            raise _choice_error("offload", self.offload, OFFLOAD_MODES)
-        if self.quantized < 0:
-            raise ValueError(f"quantized={self.quantized} must be >= 0")
-        if self.quantized and self.bits == 16:
-            raise ValueError("bits=16 leaves experts unquantized: pass quantized=0 or bits in 8, 4, 3, 2")
-        if self.gpu_experts is not None and self.gpu_budget is not None:
-            raise ValueError("give gpu_experts or gpu_budget, not both")
-        if self.gpu_experts is not None and self.gpu_experts < 0:
-            raise ValueError(f"gpu_experts={self.gpu_experts} must be >= 0")
-        if self.gpu_budget is not None and self.gpu_budget < 0:
-            raise ValueError(f"gpu_budget={self.gpu_budget} must be >= 0 bytes")
-        if self.cache_slots is not None and self.cache_slots < 1:
-            raise ValueError(f"cache_slots={self.cache_slots} must be >= 1")
-        if not isinstance(self.prefetch, bool):
-            raise ValueError(f"prefetch={self.prefetch!r} must be True or False")
-
-
 def _order(spec: ModelSpec, selection: str, seed: int, scores: Sequence[Sequence[float]] | None):
     """Experts in the order they are quantized: a seeded shuffle, or lowest score first (least
     routed for `frequency`, least harmed by quantization for `sensitivity`)."""

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from placement.plan import ExpertId, Knobs, build_plan
+from catalog.knobs import Knobs
+from placement.plan import ExpertId, build_plan
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,8 @@ def sensitivity_scores(engine, token_ids: list[int], bits: int, group_size: int 
     """Per expert: sum over its routed calibration tokens of ||w * (f_q(x) - f_16(x))||^2, divided by
     the layer's routed token slots (so rarely routed experts score low), estimated from up to
     `per_expert` captured tokens and scaled up to all the tokens it was routed."""
-    engine.capture, engine.capture_limit = {}, per_expert
-    try:
+    with engine.capturing(per_expert) as captured:
         _run_calibration(engine, token_ids, window, max_tokens)
-        captured = engine.capture
-    finally:
-        engine.capture = None
     routed = engine.routed.double().cpu()  # [L, E] token slots
     scores = []
     for l in range(engine.spec.num_layers):
@@ -106,10 +103,16 @@ def selection_scores(engine, name: str, selection: str, bits: int, group_size: i
 
 def scores_for(engine, name: str, knobs: Knobs, token_ids: list[int]):
     """The scores `knobs.selection` needs (None for random), measured under an all-16-bit plan with
-    the knobs' placement, so calibration fits wherever the asked-for plan fits."""
+    the knobs' placement, so calibration fits wherever the asked-for plan fits. The engine's plan
+    is put back afterwards."""
     if knobs.selection == "random":
         return None
+    before = engine.plan
     placement = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget, offload=knobs.offload,
                       cache_slots=knobs.cache_slots, group_size=knobs.group_size)
     engine.apply(build_plan(engine.spec, placement))
-    return selection_scores(engine, name, knobs.selection, knobs.bits, knobs.group_size, token_ids)
+    try:
+        return selection_scores(engine, name, knobs.selection, knobs.score_bits, knobs.group_size, token_ids)
+    finally:
+        if before is not None:
+            engine.apply(before)

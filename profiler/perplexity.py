@@ -61,7 +61,7 @@ def mean_nll(model, windows: list[list[int]], *, batch_size: int = 1, progress=N
 def eval_windows(tokenizer, dataset: str, text, *, seqlen: int, max_windows: int | None = None,
                  c4_windows: int = 256, seed: int = 0) -> tuple[list[list[int]], str]:
     """The token windows a dataset is scored on (tokenized once), and a note when they are fewer
-    than the protocol asks for. `text` is what profiler.data.eval_text returned."""
+    than the protocol asks for. `text` is what catalog.data.eval_text returned."""
     if dataset == "c4":
         docs = [tokenizer.encode(d) for d in text]
         want = c4_windows if max_windows is None else min(c4_windows, max_windows)

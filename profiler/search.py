@@ -15,12 +15,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from placement.plan import BITS, OFFLOAD_MODES, SELECTIONS, Knobs, build_plan
-from profiler.profile import COLUMNS, Profiler, append_row, read_profile
+from catalog.knobs import Knobs, suggest
+from catalog.rows import COLUMNS, row_ppl
+from placement.plan import build_plan
+from profiler.profile import Measurements, Profiler
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial drowns the progress bar
-QUANT_BITS = [b for b in BITS if b != 16]
 
 
 def open_storage(storage: str | None):
@@ -53,48 +54,25 @@ class Search:
         self.cost, self.margin = cost, margin  # a profiler.costmodel.CostModel screens candidates
         self.screened_out = 0
         spec = profiler.engine.spec
-        self.total = spec.num_layers * spec.num_experts
-        self.max_slots = 4 * spec.top_k
-        # every plan measured before, here or by `qos profile`, keyed by plan_id: only rows taken on
-        # this hardware with this perplexity window count as measurements of this search
-        self.rows: dict[str, dict] = {}
+        self.total, self.top_k = spec.num_layers * spec.num_experts, spec.top_k
+        # every plan measured before, here or by `qos profile`, on this model, hardware and window
+        self.measurements = Measurements(profiler, self.out, known)
+        self.rows = self.measurements.rows  # plan_id -> row
         self.source: dict[str, str] = {}
-        same = {"device_name": profiler.fixed["device_name"], "seqlen": profiler.seqlen}
-        for path in [*known, self.out]:
-            df = read_profile(path)
-            profiler.reuse_perplexity(df)
-            for row in df.to_dict(orient="records"):
-                if all(row.get(k) == v for k, v in same.items()):
-                    self.rows.setdefault(str(row["plan_id"]), row)
-        self.measured_here = 0
+
+    @property
+    def measured_here(self) -> int:
+        return self.measurements.measured
 
     # --- one trial ------------------------------------------------------------------------------
     def knobs(self, trial: optuna.Trial) -> Knobs:
-        return Knobs(
-            quantized=trial.suggest_int("quantized", 0, self.total),
-            bits=trial.suggest_categorical("bits", QUANT_BITS),
-            selection=trial.suggest_categorical("selection", list(SELECTIONS)),
-            gpu_experts=trial.suggest_int("gpu_experts", 0, self.total),
-            offload=trial.suggest_categorical("offload", list(OFFLOAD_MODES)),
-            cache_slots=trial.suggest_int("cache_slots", 1, self.max_slots),
-            # Like cache_slots, prefetch only acts with fetch offload and host experts; elsewhere
-            # build_plan drops it, so both values give one plan_id (measured once). Suggested on
-            # every trial all the same, so NSGA-II's crossover sees a fixed search space.
-            prefetch=trial.suggest_categorical("prefetch", [False, True]),
-            seed=self.selection_seed,
-        )
+        return suggest(trial, self.total, self.top_k, seed=self.selection_seed)
 
     def measure(self, knobs: Knobs) -> dict:
-        plan = self.profiler.plan(knobs)
-        if plan.plan_id not in self.rows:
-            row = self.profiler.measure(plan, knobs)
-            append_row(self.out, row)
-            self.rows[plan.plan_id] = row
-            self.measured_here += 1
-        return self.rows[plan.plan_id]
+        return self.measurements.get(knobs)[0]
 
     def _ppl(self, row: dict) -> float:
-        return sum(row[f"ppl_{d}"] for d in self.profiler.settings.datasets) / len(self.profiler.settings.datasets)
+        return row_ppl(row, self.profiler.settings.datasets)
 
     def screened(self, plan) -> tuple[float, float] | None:
         """With a cost model: (predicted tok/s, optimistic ppl) when a measured plan beats this one

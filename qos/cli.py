@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import sys
-import time
+from pathlib import Path
 
 log = logging.getLogger("qos")
 
@@ -14,22 +14,16 @@ log = logging.getLogger("qos")
 # --- shared options -------------------------------------------------------------------------------
 def _bytes(text: str) -> int:
     """'80000000', '6GiB', '512MB' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    t = text.strip().lower()
-    for unit, scale in units.items():
-        if t.endswith(unit):
-            number = t[: -len(unit)]
-            break
-    else:
-        number, scale = t, 1
+    from catalog.knobs import parse_bytes
+
     try:
-        return int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (examples: 8000000000, 6GiB, 512MB)") from None
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-random",
+def _add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument("--model", default=None if required else "tiny-random", required=required,
                    help="built-in (tiny-random, mixtral-8x7b-shape, reference), local HF directory or hub id")
     p.add_argument("--layers", type=int, help="keep only the first N decoder layers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -39,87 +33,50 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    from placement.plan import BITS, OFFLOAD_MODES, SELECTIONS
+    from catalog.knobs import add_flags
 
-    g = p.add_argument_group("plan knobs")
-    g.add_argument("--quantized", type=int, default=0, help="how many experts to quantize")
-    g.add_argument("--bits", type=int, default=4, help=f"precision of quantized experts ({', '.join(map(str, BITS))})")
-    g.add_argument("--selection", default="random", help=f"which experts are quantized ({', '.join(SELECTIONS)})")
-    g.add_argument("--group-size", type=int, default=64, help="HQQ group size")
-    where = g.add_mutually_exclusive_group()
-    where.add_argument("--gpu-experts", type=int, help="experts on the accelerator (default: all)")
-    where.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes; the expert count follows")
-    g.add_argument("--offload", default="fetch", help=f"how host experts run ({', '.join(OFFLOAD_MODES)})")
-    g.add_argument("--cache-slots", type=int, help="accelerator slots for fetched experts (default: 2 x top-k)")
-    g.add_argument("--prefetch", action="store_true",
-                   help="copy the host experts the next layer's router picks into fetch slots ahead of use; "
-                        "dropped (the plan says prefetch: false) with --offload cpu, without host experts or "
-                        "with fewer than 2 x top-k slots")
-    g.add_argument("--calib", help="calibration text for --selection frequency (default: PTB train in the data folder)")
-    g.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
+    add_flags(p)
+    p.add_argument("--calib", help="calibration text for scored selections (default: PTB train in the data folder)")
+    p.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
 
 
-def _knobs(args):
-    from placement.plan import Knobs
+def _identity(args):
+    """The model the flags name (its dtype and fingerprint are filled in when it loads)."""
+    from catalog.rows import ModelIdentity
 
-    return Knobs(quantized=args.quantized, bits=args.bits, selection=args.selection, seed=args.seed,
-                 gpu_experts=args.gpu_experts, gpu_budget=args.gpu_budget, offload=args.offload,
-                 cache_slots=args.cache_slots, prefetch=args.prefetch, group_size=args.group_size)
-
-
-def _device_and_dtype(args):
-    import torch
-
-    from placement.models import default_dtype
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available on this machine")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    return device, dtype
+    return ModelIdentity(args.model, args.layers, None if args.dtype == "auto" else args.dtype, args.seed,
+                         getattr(args, "calib", None))
 
 
-def _engine(args):
+def _session(args):
+    """Load the model under the engine (no plan applied yet)."""
+    from placement.session import open_session
+
+    return open_session(_identity(args), args.device, data=args.data)
+
+
+def _session_and_plan(args):
     """Load the model, put the engine in charge of its experts, and apply the plan the knobs ask for."""
-    from placement.engine import Engine
-    from placement.models import load_model
-    from profiler.data import calibration_text
-    from profiler.profile import Planner
+    from catalog.knobs import knobs_from_args
 
-    knobs = _knobs(args)  # bad knobs fail before anything heavy is loaded
-    device, dtype = _device_and_dtype(args)
-    t0 = time.perf_counter()
-    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
-    engine = Engine(loaded.model, accel=device)
-    log.info("loaded %s in %.1fs: %s", args.model, time.perf_counter() - t0, engine.spec)
-    # scored selections measure their scores on calibration text, read only when needed
-    planner = Planner(engine, args.model, lambda: loaded.tokenizer.encode(calibration_text(args.calib, args.data)))
-    plan = planner.plan(knobs)
-    report = engine.apply(plan)
-    return loaded, engine, plan, report
-
-
-def _spec_only(args):
-    """The model's shape facts without loading weights (weights are built on the meta device)."""
-    from placement.adapters import adapter_for
-    from placement.models import load_model
-
-    _, dtype = _device_and_dtype(args)
-    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device="meta", seed=args.seed)
-    return adapter_for(loaded.model.config).spec(loaded.model)
+    knobs_from_args(args, total=1 << 30)  # bad knobs fail before anything heavy is loaded
+    session = _session(args)
+    plan = session.plan(knobs_from_args(args, session.spec.num_layers * session.spec.num_experts))
+    return session, plan, session.apply(plan)
 
 
 # --- commands ------------------------------------------------------------------------------------
 def cmd_plan(args) -> dict:
+    from catalog.knobs import knobs_from_args
     from placement.plan import build_plan
+    from placement.session import model_spec
 
     if args.selection != "random":  # scores come from running the model
-        _, engine, plan, _ = _engine(args)
-        spec = engine.spec
+        session, plan, _ = _session_and_plan(args)
+        spec = session.spec
     else:
-        spec = _spec_only(args)
-        plan = build_plan(spec, _knobs(args))
+        spec = model_spec(_identity(args), args.device)
+        plan = build_plan(spec, knobs_from_args(args, spec.num_layers * spec.num_experts))
     out = {"model": args.model, "selection": args.selection, **plan.summary(spec)}
     if args.show_states:
         out["plan"] = plan.to_dict()
@@ -127,15 +84,16 @@ def cmd_plan(args) -> dict:
 
 
 def cmd_generate(args) -> dict:
-    from profiler.throughput import timed_generate
+    from placement.decode import timed_generate
 
-    loaded, engine, plan, report = _engine(args)
-    gen = timed_generate(loaded.model, loaded.tokenizer.encode(args.prompt), args.max_new_tokens,
-                         eos_token_id=loaded.tokenizer.eos_token_id, after_warmup=engine.reset_stats)
+    session, plan, report = _session_and_plan(args)
+    engine, tok = session.engine, session.tokenizer
+    gen = timed_generate(session.model, tok.encode(args.prompt), args.max_new_tokens,
+                         eos_token_id=tok.eos_token_id, after_warmup=engine.reset_stats)
     return {
         "model": args.model,
         "plan_id": plan.plan_id,
-        "text": loaded.tokenizer.decode(gen.ids),
+        "text": tok.decode(gen.ids),
         "prompt_tokens": gen.prompt_tokens,
         "new_tokens": gen.new_tokens,
         "ttft_s": round(gen.ttft_s, 6),
@@ -151,18 +109,13 @@ def cmd_generate(args) -> dict:
 
 def _profiler(args):
     """Load the model under the engine and a Profiler with the command's measurement settings."""
-    from placement.engine import Engine
-    from placement.models import load_model
     from profiler.profile import Profiler, Settings
 
     settings = Settings(datasets=tuple(d for d in args.datasets.split(",") if d), data=args.data,
                         seqlen=args.seqlen, max_windows=args.max_windows, prompt_tokens=args.prompt_tokens,
                         new_tokens=args.new_tokens, repeats=args.repeats, batch_size=args.batch_size,
-                        calib=args.calib, ppl_batch=args.ppl_batch)
-    device, dtype = _device_and_dtype(args)
-    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device, seed=args.seed)
-    engine = Engine(loaded.model, accel=device)
-    return Profiler(args.model, loaded, engine, settings)
+                        ppl_batch=args.ppl_batch)
+    return Profiler(_session(args), settings)
 
 
 def cmd_search(args) -> dict:
@@ -193,45 +146,25 @@ def cmd_profile(args) -> dict:
     """Measure every plan of a grid; append one row per new plan to the CSV (resumable)."""
     from tqdm import tqdm
 
-    from placement.plan import Knobs
-    from profiler.grid import parse_grid
-    from profiler.profile import append_row, read_profile
+    from catalog.knobs import Knobs, parse_grid
+    from catalog.rows import read_profile
+    from profiler.profile import profile_grid
 
-    done = read_profile(args.out)
+    read_profile(args.out)  # a file that is no profile fails before the model loads
     profiler = _profiler(args)
     spec = profiler.engine.spec
     combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
     knob_sets = [Knobs(**{"seed": args.seed, **c}) for c in combos]  # bad knobs fail before measuring
-    settings = profiler.settings
-    profiler.reuse_perplexity(done)
-    seen = set(done["plan_id"].astype(str))
-    measured = skipped = 0
-    bar = tqdm(knob_sets, desc=f"profiling {args.model}", unit="plan", disable=args.quiet)
-    for knobs in bar:
-        plan = profiler.plan(knobs)
-        if plan.plan_id in seen:
-            skipped += 1
-            continue
-        row = profiler.measure(plan, knobs)
-        append_row(args.out, row)
-        seen.add(plan.plan_id)
-        measured += 1
-        bar.set_postfix(decode=f"{row['decode_tok_s']:.1f} tok/s",
-                        ppl=f"{row.get('ppl_' + settings.datasets[0], float('nan')) or float('nan'):.3f}"
-                        if settings.datasets else "-")
-    return {"out": args.out, "combinations": len(knob_sets), "measured": measured,
-            "skipped (already in the file or duplicate plans)": skipped}
+    return profile_grid(profiler, knob_sets, args.out, progress=lambda it: tqdm(
+        it, desc=f"profiling {args.model}", unit="plan", disable=args.quiet))
 
 
 def _read_measured(path: str, datasets: str | None):
-    import pandas as pd
+    from catalog.rows import read_profile, with_ppl
 
-    from qos.pareto import with_ppl
-
-    try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+    if not Path(path).is_file():
+        raise ValueError(f"cannot read {path}: no such file")
+    df = read_profile(path)
     if df.empty:
         raise ValueError(f"{path} has no measured plans")
     return with_ppl(df, datasets.split(",") if datasets else None)
@@ -239,7 +172,7 @@ def _read_measured(path: str, datasets: str | None):
 
 def cmd_front(args) -> dict:
     """Print the Pareto-optimal plans of a profile or search file."""
-    from qos.pareto import front, parse_objectives
+    from catalog.pareto import front, parse_objectives
 
     df = _read_measured(args.file, args.datasets)
     objectives = parse_objectives(args.objectives)
@@ -257,7 +190,7 @@ def cmd_plot(args) -> dict:
     """Write the front picture and the throughput heatmap of a profile or search file."""
     from pathlib import Path
 
-    from qos.plots import plot_front, plot_heatmap
+    from catalog.plots import plot_front, plot_heatmap
 
     df = _read_measured(args.file, args.datasets)
     stem = Path(args.out_prefix or Path(args.file).with_suffix(""))
@@ -297,12 +230,16 @@ def read_prompts(path: str) -> list[dict]:
 
 def cmd_serve(args) -> dict:
     """Start the serving actor on a running Ray cluster and return; it keeps serving."""
-    from qos.slo import load_slos
+    from catalog.rows import read_front
+    from catalog.slo import load_slos
+    from placement.session import identity_for
     from runtime import ray_actor
 
     load_slos(args.slos)  # a bad file fails here, not inside the cluster
+    rows = read_front(args.front)  # and so does a front of another model than --model names
+    identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
     ray_actor.connect(args.address)
-    ray_actor.serve(args.model, args.front, args.slos, name=args.name,
+    ray_actor.serve(args.front, args.slos, name=args.name, model=args.model, layers=args.layers,
                     device=None if args.device == "auto" else args.device, tick_s=args.tick,
                     free_bytes=args.free_memory, data=args.data)
     return ray_actor.call(ray_actor.server(args.name), "status") | {"name": args.name}
@@ -323,8 +260,6 @@ def cmd_submit(args) -> dict:
     """Send a tenant's prompts to the server; one result per prompt, in order."""
     import json as _json
 
-    import ray
-
     from runtime import ray_actor
 
     prompts = read_prompts(args.prompts)
@@ -333,16 +268,7 @@ def cmd_submit(args) -> dict:
     tenants = [t["name"] for t in ray_actor.call(handle, "status")["tenants"]]
     if args.tenant not in tenants:  # the job fails at once, naming the tenants the server knows
         raise ValueError(f"unknown tenant {args.tenant!r}; the server's tenants: {', '.join(tenants)}")
-    refs = [handle.generate.remote(args.tenant, p["prompt"], p["max_new_tokens"]) for p in prompts]
-    results = []
-    for ref in refs:
-        try:
-            results.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as err:
-            cause = err.as_instanceof_cause()
-            if isinstance(cause, ValueError):
-                raise ValueError(str(cause).strip().splitlines()[-1]) from None
-            raise
+    results = ray_actor.generate_all(handle, [(args.tenant, p["prompt"], p["max_new_tokens"]) for p in prompts])
     lines = "\n".join(_json.dumps(r) for r in results) + "\n"
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -363,7 +289,7 @@ def cmd_stop(args) -> dict:
 def cmd_demo(args) -> dict:
     """The whole loop: profile, front, serve, two tenants' jobs, an SLO change, a memory squeeze."""
     from placement.models import REFERENCE_DIR
-    from runtime.demo import run
+    from qos.demo import run
 
     model = args.model or ("reference" if (REFERENCE_DIR / "config.json").exists() else "tiny-random")
     return run(model, None if args.device == "auto" else args.device)
@@ -433,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray_common.add_argument("--json", action="store_true")
 
     p = sub.add_parser("serve", parents=[common, ray_common], help="start the serving actor on a Ray cluster")
-    p.add_argument("--model", required=True)
-    p.add_argument("--front", required=True, help="a front or profile CSV of measured plans")
+    p.add_argument("--front", required=True, help="a front or profile CSV of measured plans (it names the model "
+                   "they were measured on)")
+    p.add_argument("--model", help="the model to serve: must be the one the front was measured on (default: the front's)")
+    p.add_argument("--layers", type=int, help="with --model: the layers the front was measured with (default: all)")
     p.add_argument("--slos", required=True, help="tenant SLOs (YAML)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
@@ -487,7 +415,10 @@ def _print_human(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag (argparse printed the one-line error)
+        return exit_.code
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     try:

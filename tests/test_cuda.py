@@ -6,7 +6,8 @@ import torch
 
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import Knobs, build_plan
+from catalog.knobs import Knobs
+from placement.plan import build_plan
 
 pytestmark = [
     pytest.mark.cuda,

@@ -7,9 +7,10 @@ import torch
 from placement import kernels
 from placement.engine import Engine
 from placement.models import load_model
-from placement.plan import Knobs, build_plan
-from profiler.data import calibration_text
-from profiler.throughput import GraphDecoder, timed_generate
+from catalog.knobs import Knobs
+from placement.plan import build_plan
+from catalog.data import calibration_text
+from placement.decode import GraphDecoder, timed_generate
 
 
 @pytest.mark.parametrize("knobs", [Knobs(), Knobs(gpu_experts=4, cache_slots=4), Knobs(quantized=16, bits=4)],

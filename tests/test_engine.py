@@ -3,7 +3,8 @@ import torch
 
 from placement import hqq_backend
 from placement.engine import Engine
-from placement.plan import ExpertId, ExpertState, Knobs, Plan, build_plan
+from catalog.knobs import Knobs
+from placement.plan import ExpertId, ExpertState, Plan, build_plan
 from tests.conftest import FAMILIES
 
 
@@ -146,7 +147,7 @@ def test_fetch_cache_counts_hits_misses_and_bytes(fresh, tokens):
 
 
 def test_router_frequencies_drive_frequency_selection(fresh, tokens):
-    from profiler.selection import router_frequencies
+    from placement.selection import router_frequencies
 
     model, _ = fresh()
     engine = Engine(model)

@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from qos.pareto import front, parse_objectives, pareto_mask, with_ppl
+from catalog.pareto import front, parse_objectives, pareto_mask
+from catalog.rows import with_ppl
 
 
 def rows():
@@ -54,7 +55,7 @@ def test_front_and_plot_commands_on_a_profile(tmp_path, capsys):
 
 
 def test_hypervolume_in_two_and_three_objectives():
-    from qos.pareto import hypervolume
+    from catalog.pareto import hypervolume
 
     df = pd.DataFrame({"decode_tok_s": [10.0, 20.0], "ppl": [1.0, 2.0], "gpu_bytes": [1.0, 1.0]})
     two = (("decode_tok_s", "max"), ("ppl", "min"))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from placement.packed import expert_layout
-from placement.plan import ExpertId, ExpertState, Knobs, Plan, build_plan, diff
+from catalog.knobs import Knobs
+from placement.plan import ExpertId, ExpertState, Plan, build_plan, diff
 from placement.spec import ModelSpec
 
 SPEC = ModelSpec("mixtral", num_layers=4, num_experts=8, top_k=2, hidden=64, intermediate=128,

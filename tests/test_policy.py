@@ -1,7 +1,7 @@
 import pytest
 
-from qos.policy import Option, choose
-from qos.slo import SLOError, load_slos, parse_slos
+from catalog.policy import Option, choose
+from catalog.slo import SLOError, load_slos, parse_slos
 
 GOOD = """
 tenants:

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from placement.engine import Engine
-from placement.plan import Knobs
-from profiler.data import DATASETS, data_dir, eval_text
-from profiler.grid import parse_grid
+from catalog.knobs import Knobs
+from catalog.data import DATASETS, data_dir, eval_text
+from catalog.knobs import parse_grid
 from profiler.perplexity import mean_nll, windows_consecutive, windows_random
-from profiler.profile import COLUMNS, Profiler, Settings, read_profile
+from catalog.rows import COLUMNS, ModelIdentity, read_profile
+from placement.session import open_session
+from profiler.profile import Profiler, Settings
 from qos.cli import main
 
 HAVE_DATA = all((data_dir() / f).is_file() for f in DATASETS.values())
@@ -92,8 +94,10 @@ def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys)
 
 
 def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read_as_without_it(fresh, tmp_path):
+    from catalog.knobs import knob_cells, knobs_from_row
+    from catalog.rows import append_row
     from placement.plan import build_plan
-    from profiler.profile import KNOB_COLUMNS, Planner, append_row, knobs_from_row
+    from placement.planner import Planner, row_knobs
 
     model, _ = fresh()
     engine = Engine(model)
@@ -101,9 +105,8 @@ def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read
 
     def row(knobs):
         plan = build_plan(engine.spec, knobs)
-        summary = plan.summary(engine.spec)
         return {"model": "tiny-random", "plan_id": plan.plan_id, "precision_id": plan.precision_id,
-                **{k: summary.get(k, getattr(knobs, k, None)) for k in KNOB_COLUMNS}}
+                **knob_cells(row_knobs(knobs, plan))}
 
     old, new = row(Knobs(quantized=4, gpu_experts=8)), row(Knobs(quantized=4, gpu_experts=8, prefetch=True))
     assert new["prefetch"] is True and new["plan_id"] != old["plan_id"]
@@ -116,9 +119,10 @@ def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read
     assert list(df.columns) == [*COLUMNS, "source"] and df["prefetch"].tolist() == [False, True]
     assert df["source"].fillna("").tolist() == ["sweep", ""]
     for r in df.to_dict(orient="records"):
-        assert planner.rebuild(r).plan_id == r["plan_id"]
+        assert planner.rebuild(knobs_from_row(r), r["plan_id"]).plan_id == r["plan_id"]
     legacy = {k: v for k, v in old.items() if k != "prefetch"}  # e.g. a front read with pd.read_csv
-    assert not knobs_from_row(legacy).prefetch and planner.rebuild(legacy).plan_id == old["plan_id"]
+    assert not knobs_from_row(legacy).prefetch
+    assert planner.rebuild(knobs_from_row(legacy), old["plan_id"]).plan_id == old["plan_id"]
     assert knobs_from_row({**new, "prefetch": "True"}).prefetch
 
 
@@ -126,7 +130,7 @@ def test_fixed_length_warm_up_asks_for_its_own_length(fresh):
     import warnings
 
     from placement.plan import build_plan
-    from profiler.throughput import timed_generate
+    from placement.decode import timed_generate
 
     model, _ = fresh()
     engine = Engine(model)
@@ -155,12 +159,10 @@ def test_profile_rejects_a_file_that_is_not_a_profile(tmp_path):
 @needs_data
 def test_sensitivity_scores_rank_plans_and_are_cached(fresh, tmp_path, monkeypatch):
     monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
-    model, tok = fresh()
-    engine = Engine(model)
-    loaded = type("L", (), {"model": model, "tokenizer": tok})()
-    prof = Profiler("tiny-random", loaded, engine, Settings(datasets=(), prompt_tokens=8, new_tokens=2, repeats=1))
+    session = open_session(ModelIdentity("tiny-random"), "cpu")
+    prof = Profiler(session, Settings(datasets=(), prompt_tokens=8, new_tokens=2, repeats=1))
     plan = prof.plan(Knobs(quantized=4, bits=2, selection="sensitivity"))
-    scores = prof.planner.scores[("sensitivity", 2, 64)]
+    scores = session.planner.scores[("sensitivity", 2, 64)]
     chosen = sorted(scores[e.layer][e.expert] for e, s in plan.items() if s.bits != 16)
     rest = sorted(scores[e.layer][e.expert] for e, s in plan.items() if s.bits == 16)
     assert chosen[-1] <= rest[0] and rest[-1] > 0

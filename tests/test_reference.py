@@ -8,8 +8,9 @@ import torch
 
 from placement.engine import Engine
 from placement.models import REFERENCE_DIR, load_model
-from placement.plan import Knobs, build_plan
-from profiler.data import DATASETS, data_dir, eval_text
+from catalog.knobs import Knobs
+from placement.plan import build_plan
+from catalog.data import DATASETS, data_dir, eval_text
 from profiler.perplexity import eval_windows, perplexity
 
 HAVE_WIKI = (data_dir() / DATASETS["wikitext2"]).is_file()

@@ -2,7 +2,8 @@ import pandas as pd
 import pytest
 
 from placement import kernels
-from placement.plan import Knobs, build_plan
+from catalog.knobs import Knobs
+from placement.plan import build_plan
 from profiler.search import population_for, sweep_points
 from qos.cli import main
 from tests.test_profiler import needs_data

@@ -1,0 +1,194 @@
+"""Measured rows: one tidy row per measured plan, the one schema that profiles, searches and fronts
+share, with the model identity the row was measured on and one definition of every objective.
+
+Everything downstream (fronts, pictures, the policy, the server) reads these files; a front carries
+what is needed to rebuild its plans: the model identity columns and the knob columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+from catalog.data import DATASETS
+from catalog.knobs import KNOB_COLUMNS, Knobs, knobs_from_row, parse_bool
+
+
+# --- what a row was measured on ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model a row was measured on: enough to load it again and to tell it from another.
+
+    `layers` None: all of the model's layers; `dtype` None: the device's default; `calib` None: the
+    default calibration text (PTB train of the data folder); `fingerprint` a hash of the weights'
+    source (see placement.models.fingerprint), None in rows written before it was recorded.
+    """
+
+    model: str
+    layers: int | None = None
+    dtype: str | None = None
+    model_seed: int = 0
+    calib: str | None = None
+    fingerprint: str | None = None
+
+    def __post_init__(self):
+        if not self.model:
+            raise ValueError("a model identity needs a model name or path")
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"layers={self.layers} must be >= 1")
+
+    def cells(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> ModelIdentity:
+        """The identity of a row; rows from before these columns existed have the defaults, and
+        their model was seeded with the selection seed (one --seed set both)."""
+        def cell(name):
+            v = row.get(name)
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else v
+
+        seed = cell("model_seed")
+        return cls(str(row["model"]), None if cell("layers") is None else int(cell("layers")),
+                   None if cell("dtype") is None else str(cell("dtype")),
+                   int(seed if seed is not None else (cell("seed") or 0)),
+                   None if cell("calib") is None else str(cell("calib")),
+                   None if cell("fingerprint") is None else str(cell("fingerprint")))
+
+    def describe(self) -> str:
+        parts = [f"{self.layers} layers" if self.layers else "all layers", self.dtype or "default dtype",
+                 f"seed {self.model_seed}"]
+        return f"{self.model} ({', '.join(parts)})"
+
+    def mismatch(self, other: ModelIdentity) -> list[str]:
+        """The fields where `other` differs (a fingerprint only counts when both have one)."""
+        out = []
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "fingerprint" and (a is None or b is None):
+                continue
+            if a != b:
+                out.append(f"{f.name} {a!r} vs {b!r}")
+        return out
+
+
+IDENTITY_COLUMNS = [f.name for f in fields(ModelIdentity)]
+
+# --- the columns -----------------------------------------------------------------------------------
+# Objectives and how each is optimised; `ppl` is derived (see with_ppl), the rest are columns.
+OBJECTIVES = {
+    "decode_tok_s": "max", "decode_tok_s_batch": "max", "prefill_tok_s": "max", "ttft_s": "min",
+    "ppl": "min", "gpu_bytes": "min", "host_bytes": "min", "peak_accel_bytes": "min",
+}
+PPL_COLUMNS = [f"ppl_{d}" for d in DATASETS]
+COLUMNS = [
+    *IDENTITY_COLUMNS, "plan_id", "precision_id", *KNOB_COLUMNS, "experts_total",
+    "decode_tok_s", "decode_tok_s_batch", "batch_size", "prefill_tok_s", "ttft_s",
+    "gpu_bytes", "host_bytes", "peak_accel_bytes", "hit_rate", "fetched_bytes_per_token",
+    *PPL_COLUMNS, "ppl_note", "seqlen",
+    "prompt_tokens", "new_tokens", "repeats", "device", "device_name", "torch", "transformers", "hqq",
+    "measured_at",
+]
+
+
+def ppl_columns(columns: Iterable[str], datasets: Iterable[str] | None = None) -> list[str]:
+    """The perplexity columns that make up `ppl`: those of `datasets`, else every one present."""
+    columns = list(columns)
+    if datasets:
+        chosen = [f"ppl_{d}" for d in datasets]
+        missing = [c for c in chosen if c not in columns]
+        if missing:
+            raise ValueError(f"no column(s) {', '.join(missing)} in the file")
+        return chosen
+    return [c for c in PPL_COLUMNS if c in columns]
+
+
+def with_ppl(df: pd.DataFrame, datasets: list[str] | None = None) -> pd.DataFrame:
+    """Adds `ppl`, the objective: the mean perplexity over the chosen datasets (all measured ones by
+    default). The one definition; `row_ppl` is the same for one row."""
+    cols = [c for c in ppl_columns(df.columns, datasets) if df[c].notna().any()]
+    if not cols:
+        raise ValueError("the file has no perplexity measurements")
+    out = df.copy()
+    out["ppl"] = out[cols].mean(axis=1)
+    return out
+
+
+def row_ppl(row: Mapping, datasets: Iterable[str]) -> float:
+    """`ppl` of one row over `datasets`, as with_ppl computes it."""
+    values = [float(row[c]) for c in ppl_columns(row.keys(), datasets)]
+    return sum(values) / len(values)
+
+
+# --- typed rows ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measured:
+    """One measured plan as the policy and the server use it."""
+
+    identity: ModelIdentity
+    knobs: Knobs
+    plan_id: str
+    decode_tok_s: float
+    ppl: float
+    gpu_bytes: int
+    host_bytes: int
+
+    @classmethod
+    def from_record(cls, row: Mapping) -> Measured:
+        return cls(ModelIdentity.from_row(row), knobs_from_row(row), str(row["plan_id"]),
+                   float(row["decode_tok_s"]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]))
+
+
+def read_front(path: str | Path, datasets: list[str] | None = None) -> list[Measured]:
+    """The measured plans of a front or profile file, all of one model identity."""
+    df = read_profile(path)
+    if df.empty:
+        raise ValueError(f"{path} has no measured plans")
+    rows = [Measured.from_record(r) for r in with_ppl(df, datasets).to_dict(orient="records")]
+    identities = {r.identity for r in rows}
+    if len(identities) > 1:
+        raise ValueError(f"{path} mixes plans of several models: "
+                         f"{'; '.join(sorted(i.describe() for i in identities))}")
+    return rows
+
+
+# --- the file --------------------------------------------------------------------------------------
+def read_profile(path: str | Path) -> pd.DataFrame:
+    """A profile's rows; columns added since it was written take their defaults."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    missing = {"model", "plan_id"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} is not a moe-qos profile: no column(s) {', '.join(sorted(missing))}")
+    if "prefetch" in df.columns:
+        df["prefetch"] = df["prefetch"].map(parse_bool)
+    else:  # profiles from before the prefetch knob: every plan ran without it
+        df.insert(df.columns.get_loc("cache_slots") + 1 if "cache_slots" in df.columns else len(df.columns),
+                  "prefetch", False)
+    return df
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """Append one row in the file's own column order; a file written before a column was added
+    (or by a search, with its extra columns) is rewritten first with the missing columns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.stat().st_size == 0:
+        pd.DataFrame([row], columns=COLUMNS).to_csv(path, index=False)
+        return
+    header = list(pd.read_csv(path, nrows=0).columns)
+    if any(c not in header for c in COLUMNS):
+        old = read_profile(path)
+        old = old.reindex(columns=[*COLUMNS, *(c for c in old.columns if c not in COLUMNS)])
+        old.to_csv(path, index=False)
+        header = list(old.columns)
+    pd.DataFrame([row]).reindex(columns=header).to_csv(path, mode="a", header=False, index=False)
