@@ -435,9 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
     margin = int((args.margin_gib if args.margin_gib is not None else args.reserve_gib / 2) * GIB)
     sim_total = largest + reserve_guess + 2 * margin if args.simulate else None
     oom_log = OOMCount()
-    logging.getLogger("runtime.server").addHandler(oom_log)
-    server = Server(args.model, str(front), str(slos), device=args.device, tick_s=args.tick_s,
-                    free_bytes=sim_total, data=args.data, layers=args.layers)
+    logging.getLogger("runtime").addHandler(oom_log)
+    server = Server(str(front), str(slos), model=args.model, layers=args.layers, device=args.device,
+                    tick_s=args.tick_s, free_bytes=sim_total, data=args.data)
     try:
         reserve = server.slos.reserve_bytes
         if margin >= reserve:
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(0.1)
         cotenant.finish()
         deadline = time.time() + args.settle_s  # the co-tenant is gone: the server should grow back
-        while time.time() < deadline and (server.engine.plan.plan_id != plan0 or server.pending is not None):
+        while time.time() < deadline and (server.engine.plan.plan_id != plan0 or not server.executor.settled()):
             time.sleep(args.tick_s / 2)
         time.sleep(2 * args.tick_s)  # a few samples at the final plan
         client.finish()
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
         final_plan = server.engine.plan.plan_id
     finally:
         server.stop()
-        logging.getLogger("runtime.server").removeHandler(oom_log)
+        logging.getLogger("runtime").removeHandler(oom_log)
 
     timeline = pd.DataFrame(sampler.rows, columns=TIMELINE_COLUMNS)
     timeline["t"] -= t0

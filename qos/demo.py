@@ -44,22 +44,30 @@ def _show(step: str, status: dict) -> None:
 
 
 def run(model: str, device: str | None) -> dict:
-    import ray
-
-    from qos.cli import main as qos
+    from catalog.knobs import Knobs, parse_grid
+    from catalog.pareto import front
+    from catalog.rows import ModelIdentity, read_profile, with_ppl
+    from placement.session import open_session
+    from profiler.profile import Profiler, Settings, profile_grid
     from runtime import ray_actor
 
     work = Path(tempfile.mkdtemp(prefix="qos-demo-"))
     profile, slos = work / "profile.csv", work / "slos.yaml"
     print(f"[1] profiling {model} (a small grid, 2 perplexity windows per dataset) -> {profile}")
-    qos(["profile", "--model", model, "--grid", "quantized=0,50%,100%;bits=4,2;gpu_experts=25%,100%",
-         "--out", str(profile), "--max-windows", "2", "--new-tokens", "16", "--repeats", "1", "--quiet",
-         *(["--device", device] if device else [])])
+    session = open_session(ModelIdentity(model), device)
+    profiler = Profiler(session, Settings(max_windows=2, new_tokens=16, repeats=1))
+    total = session.spec.num_layers * session.spec.num_experts
+    grid = parse_grid("quantized=0,50%,100%;bits=4,2;gpu_experts=25%,100%", total)
+    profile_grid(profiler, [Knobs(**c) for c in grid], profile)
+    del profiler, session  # the server loads its own copy of the model
+
     print("\n[2] the front")
-    qos(["front", str(profile)])
+    best = front(with_ppl(read_profile(profile)))
+    print(best[["plan_id", "quantized", "bits", "gpu_experts", "decode_tok_s", "ppl", "gpu_bytes"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}"))
 
     slos.write_text(SLOS.format(floor=20, prefer="quality"))
-    with ray_actor.local_cluster(), ray_actor.running("qos-demo", model, str(profile), str(slos),
+    with ray_actor.local_cluster(), ray_actor.running("qos-demo", str(profile), str(slos),
                                                       device=device, tick_s=0.5) as handle:
         _show("[3] serving (nobody active yet: best quality that fits)", ray_actor.call(handle, "status"))
 
@@ -83,7 +91,7 @@ def run(model: str, device: str | None) -> dict:
         time.sleep(1.2)
         _show("[7] memory freed", ray_actor.call(handle, "status"))
 
-        results = ray.get(refs)
+        results = [ray_actor.result(ref) for ref in refs]
         print(f"\n   {len(results)} of {len(refs)} requests answered, served by plans "
               f"{sorted({pid for r in results for pid in r['plan_ids']})}")
         print(f"   e.g. {results[0]['tenant']}: {results[0]['prompt']!r} -> {results[0]['text']!r}")

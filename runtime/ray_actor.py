@@ -25,9 +25,11 @@ def connect(address: str | None = None) -> None:
                          f"(and RAY_AUTH_MODE=disabled for local use), or pass --address ({err})") from None
 
 
-def serve(model: str, front: str, slos: str, *, name: str = DEFAULT_NAME, device: str | None = None,
-          tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None, num_gpus: float | None = None):
-    """Start the server actor (detached: it outlives this process) and wait until it serves."""
+def serve(front: str, slos: str, *, name: str = DEFAULT_NAME, model: str | None = None, layers: int | None = None,
+          device: str | None = None, tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
+          num_gpus: float | None = None):
+    """Start the server actor (detached: it outlives this process) and wait until it serves the
+    model the front was measured on (`model`/`layers`, when given, must agree with it)."""
     from runtime.server import Server
 
     try:
@@ -40,8 +42,18 @@ def serve(model: str, front: str, slos: str, *, name: str = DEFAULT_NAME, device
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device != "cpu" else 0
     actor_cls = ray.remote(Server).options(name=name, namespace=NAMESPACE, lifetime="detached",
                                            max_concurrency=64, num_gpus=num_gpus, num_cpus=1)
-    handle = actor_cls.remote(model, front, slos, device=device, tick_s=tick_s, free_bytes=free_bytes, data=data)
-    ray.get(handle.ready.remote())
+    handle = actor_cls.remote(front, slos, model=model, layers=layers, device=device, tick_s=tick_s,
+                              free_bytes=free_bytes, data=data)
+    try:
+        ray.get(handle.ready.remote())
+    except ray.exceptions.RayActorError as err:  # the constructor failed: say why in one line
+        ray.kill(handle)
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, ray.exceptions.RayTaskError):
+            cause = cause.as_instanceof_cause()
+        if isinstance(cause, ValueError):
+            raise ValueError(str(cause).strip().splitlines()[-1]) from None
+        raise
     return handle
 
 
@@ -54,11 +66,23 @@ def server(name: str = DEFAULT_NAME):
 
 def call(handle, method: str, *args, **kwargs):
     """A remote call whose errors come back as the server raised them (ValueError for bad input)."""
+    return result(getattr(handle, method).remote(*args, **kwargs))
+
+
+def result(ref):
+    """The value of a remote call; a ValueError the server raised comes back as one line."""
     try:
-        return ray.get(getattr(handle, method).remote(*args, **kwargs))
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         cause = err.as_instanceof_cause()
-        raise (ValueError(str(cause.__cause__ or cause).splitlines()[-1]) if isinstance(cause, ValueError) else cause) from None
+        raise (ValueError(str(cause.__cause__ or cause).strip().splitlines()[-1]) if isinstance(cause, ValueError)
+               else cause) from None
+
+
+def generate_all(handle, requests: list[tuple[str, str, int]]) -> list[dict]:
+    """Send (tenant, prompt, max_new_tokens) requests at once; their results in order."""
+    refs = [handle.generate.remote(*r) for r in requests]
+    return [result(ref) for ref in refs]
 
 
 def stop(name: str = DEFAULT_NAME) -> None:

@@ -36,7 +36,7 @@ def front(tmp_path_factory):
 def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp_path):
     slos = tmp_path / "slos.yaml"
     slos.write_text(SLOS.format(prefer="quality"))
-    server = Server("tiny-random", str(front), str(slos), device="cpu", tick_s=3600)  # ticks by hand
+    server = Server(str(front), str(slos), device="cpu", tick_s=3600)  # ticks by hand
     try:
         df = pd.read_csv(front)
         assert server.status()["plan"]["quantized"] == 0  # nobody active, quality preferred, no pressure
@@ -51,7 +51,7 @@ def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp
         results = [f.result(timeout=120) for f in futures]
         assert len(results) == 6 and all(r["new_tokens"] == 12 for r in results)
         server.tick()
-        server._apply_pending()
+        server.executor.reconcile()
         status = server.status()
         assert status["plan"]["gpu_bytes"] <= smallest
         assert status["history"] and status["history"][-1]["to"] == status["plan_id"]
@@ -80,7 +80,7 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
     slos = tmp_path / "slos.yaml"
     slos.write_text(SLOS.format(prefer="quality"))
     with ray_actor.local_cluster(num_cpus=4), ray_actor.running(
-            "test-server", "tiny-random", str(front), str(slos), device="cpu", tick_s=0.5) as handle:
+            "test-server", str(front), str(slos), device="cpu", tick_s=0.5) as handle:
         start = ray_actor.call(handle, "status")
         assert start["plan"]["quantized"] == 0
         refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
@@ -102,3 +102,29 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
         assert after["plan"]["gpu_bytes"] <= smallest and after["history"][-1]["to"] == after["plan_id"]
         with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
             ray_actor.call(handle, "generate", "nobody", "hi")
+
+
+def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(tmp_path):
+    """The controller alone, on a hand-made front: no model, no executor."""
+    from catalog.knobs import Knobs
+    from catalog.rows import Measured, ModelIdentity
+    from runtime.controller import Controller, World
+
+    ident = ModelIdentity("tiny-random")
+    front = [Measured(ident, Knobs(), "big", 10.0, 5.0, 1000, 0),
+             Measured(ident, Knobs(quantized=16), "small", 20.0, 6.0, 400, 0)]
+    slos = tmp_path / "slos.yaml"
+    slos.write_text(SLOS.format(prefer="quality"))
+    c = Controller(front, slos)
+    first = c.tick(World(None, 0, frozenset()), free_bytes=2000)
+    assert c.desired.plan_id == "big" == first.plan_id and first.switch
+    serving = World("big", 1000, frozenset({"batch"}))
+    again = c.tick(serving, free_bytes=1000)  # nothing changed: the same goal, no switch
+    assert not again.switch and c.desired.plan_id == "big" and c.ticks == 2
+    squeezed = c.tick(serving, free_bytes=-500)  # a co-tenant took memory: only "small" fits
+    assert squeezed.switch and c.desired.plan_id == "small" and "big" not in c.desired.reason
+    slos.write_text("tenants: [{name: x, priority: high}]")
+    import os
+    os.utime(slos, (1, 1))  # a new mtime whatever the clock's resolution
+    c.tick(serving, free_bytes=1000)
+    assert c.rejections and c.slos.prefer == "quality"  # the bad file is recorded, the good SLOs stay

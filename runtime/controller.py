@@ -1,0 +1,93 @@
+"""The controller: reads the world each tick, decides the plan to serve, and keeps that desired
+state apart from what the executor actually serves (the executor reconciles toward it).
+
+A tick re-reads the SLO file when it changes (a bad file is rejected and recorded; the old SLOs
+stay), reads free accelerator memory and the executor's state (plan held, active tenants), and asks
+the pure policy (catalog.policy.choose) which measured plan to serve. Each step of a tick fails on
+its own: the loop that calls tick() never dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog.policy import Decision, Option, choose
+from catalog.rows import Measured
+from catalog.slo import SLOError, SLOSpec, load_slos
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """What the executor tells the controller each tick."""
+
+    plan_id: str | None  # the plan it serves now
+    held_bytes: int  # accelerator bytes it holds
+    active: frozenset[str]  # tenants with queued or running requests
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The goal state: the plan to serve and why."""
+
+    plan_id: str
+    reason: str
+    at: float
+
+
+class Controller:
+    def __init__(self, front: list[Measured], slo_path: str | Path, *, hysteresis: float = 0.05,
+                 switch_bytes: Callable[[str], int] = lambda plan_id: 0):
+        if not front:
+            raise ValueError("the front has no measured plans")
+        self.slo_path = Path(slo_path)
+        self.slos: SLOSpec = load_slos(self.slo_path)
+        self.slo_mtime = self.slo_path.stat().st_mtime
+        self.options = [Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes) for m in front]
+        # the quality reference: the best 16-bit plan's perplexity (any plan's, if none is 16-bit)
+        quality = [m.ppl for m in front if m.knobs.quantized == 0] or [min(m.ppl for m in front)]
+        self.base_ppl = min(quality)
+        self.hysteresis = hysteresis
+        self.switch_bytes = switch_bytes  # plan_id -> bytes a switch to it would move
+        self.desired: Desired | None = None
+        self.last_decision: Decision | None = None
+        self.budget_bytes: int | None = None
+        self.free_bytes: int | None = None
+        self.rejections: list[dict] = []
+        self.ticks = 0
+
+    def reload_slos(self) -> None:
+        """Re-read the SLO file if it changed; a bad file never replaces a good one."""
+        mtime = self.slo_path.stat().st_mtime
+        if mtime == self.slo_mtime:
+            return
+        self.slo_mtime = mtime
+        try:
+            self.slos = load_slos(self.slo_path)
+            log.info("reloaded SLOs from %s", self.slo_path)
+        except SLOError as err:
+            self.rejections.append({"at": time.time(), "error": str(err)})
+            log.warning("rejected SLO file: %s", err)
+
+    def budget(self, free_bytes: int, held_bytes: int) -> int:
+        """What a plan may take: free memory less the reserve, plus what the server holds now."""
+        return free_bytes - self.slos.reserve_bytes + held_bytes
+
+    def tick(self, world: World, free_bytes: int) -> Decision:
+        """One control step: decide from the world as read now; a changed decision becomes the
+        desired state."""
+        self.reload_slos()
+        self.free_bytes = free_bytes
+        self.budget_bytes = self.budget(free_bytes, world.held_bytes)
+        decision = choose(self.options, self.slos, world.active, self.budget_bytes, world.plan_id,
+                          base_ppl=self.base_ppl, switch_bytes=self.switch_bytes, hysteresis=self.hysteresis)
+        self.last_decision = decision
+        self.ticks += 1
+        if self.desired is None or decision.plan_id != self.desired.plan_id:
+            self.desired = Desired(decision.plan_id, decision.reason, time.time())
+        return decision
