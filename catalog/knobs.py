@@ -271,9 +271,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             target.add_argument(k.option, action="store_true", help=k.help.replace("%", "%%"))
             continue
         shown = {"gpu_experts": "all", "cache_slots": "2 x top-k", "gpu_budget": "none"}.get(k.name, k.default)
-        help_ = f"{k.help} (default: {shown})" + (f"; one of {', '.join(map(str, k.choices))}" if k.choices else "")
-        target.add_argument(k.option, type=_flag_type(k), default=k.default, metavar=k.name.upper(),
-                            help=help_.replace("%", "%%"))
+        metavar = "{" + ",".join(map(str, k.choices)) + "}" if k.choices else ("BYTES" if k.kind == "bytes" else "N")
+        target.add_argument(k.option, type=_flag_type(k), default=k.default, metavar=metavar,
+                            help=f"{k.help} (default: {shown})".replace("%", "%%"))
 
 
 def _flag_type(k: Knob):
