@@ -79,10 +79,13 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     slos = tmp_path / "slos.yaml"
     slos.write_text(SLOS.format(prefer="quality"))
-    with ray_actor.local_cluster(num_cpus=4), ray_actor.running(
-            "test-server", str(front), str(slos), device="cpu", tick_s=0.5) as handle:
+    with ray_actor.local_cluster(num_cpus=4):
+        # the front names its model: `qos serve` needs no --model
+        assert main(["serve", "--front", str(front), "--slos", str(slos), "--name", "test-server",
+                     "--device", "cpu", "--tick", "0.5", "--json"]) == 0
+        handle = ray_actor.server("test-server")
         start = ray_actor.call(handle, "status")
-        assert start["plan"]["quantized"] == 0
+        assert start["plan"]["quantized"] == 0 and start["model"].startswith("tiny-random (all layers, float32")
         refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
         slos.write_text(SLOS.format(prefer="throughput"))
         smallest = int(pd.read_csv(front)["gpu_bytes"].min())
@@ -102,6 +105,7 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
         assert after["plan"]["gpu_bytes"] <= smallest and after["history"][-1]["to"] == after["plan_id"]
         with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
             ray_actor.call(handle, "generate", "nobody", "hi")
+        assert main(["stop", "--name", "test-server"]) == 0
 
 
 def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(tmp_path):
