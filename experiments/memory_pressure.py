@@ -37,6 +37,7 @@ import argparse
 import logging
 import multiprocessing as mp
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -482,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         server.stop()
         logging.getLogger("runtime").removeHandler(oom_log)
+        shutil.rmtree(work, ignore_errors=True)  # the profile and SLO file (the profile is kept under prefix)
 
     timeline = pd.DataFrame(sampler.rows, columns=TIMELINE_COLUMNS)
     timeline["t"] -= t0

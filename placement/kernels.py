@@ -511,4 +511,6 @@ def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, i
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m placement.kernels times the fused kernels on a CUDA GPU; this machine has none")
     bench()

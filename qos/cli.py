@@ -297,7 +297,10 @@ def cmd_demo(args) -> dict:
 
 # --- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from qos import __version__
+
     parser = argparse.ArgumentParser(prog="qos", description="Serve MoE models with mixed-precision, offloaded experts.")
+    parser.add_argument("--version", action="version", version=f"moe-qos {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,7 @@ a simulated squeeze of accelerator memory, with the server's status after each s
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,15 @@ def _show(step: str, status: dict) -> None:
 
 
 def run(model: str, device: str | None) -> dict:
+    """The demo in a temporary folder of its own, removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="qos-demo-"))
+    try:
+        return _run(model, device, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(model: str, device: str | None, work: Path) -> dict:
     from catalog.knobs import Knobs, parse_grid
     from catalog.pareto import front
     from catalog.rows import ModelIdentity, read_profile, with_ppl
@@ -51,7 +61,6 @@ def run(model: str, device: str | None) -> dict:
     from profiler.profile import Profiler, Settings, profile_grid
     from runtime import ray_actor
 
-    work = Path(tempfile.mkdtemp(prefix="qos-demo-"))
     profile, slos = work / "profile.csv", work / "slos.yaml"
     print(f"[1] profiling {model} (a small grid, 2 perplexity windows per dataset) -> {profile}")
     session = open_session(ModelIdentity(model), device)
