@@ -62,8 +62,15 @@ class Controller:
         self.ticks = 0
 
     def reload_slos(self) -> None:
-        """Re-read the SLO file if it changed; a bad file never replaces a good one."""
-        mtime = self.slo_path.stat().st_mtime
+        """Re-read the SLO file if it changed; a bad or missing file never replaces good SLOs."""
+        try:
+            mtime = self.slo_path.stat().st_mtime
+        except OSError as err:
+            if self.slo_mtime is not None:  # recorded once, when it goes missing
+                self.slo_mtime = None
+                self.rejections.append({"at": time.time(), "error": f"cannot read SLO file {self.slo_path}: "
+                                        f"{err.strerror}; keeping the last good SLOs"})
+            return
         if mtime == self.slo_mtime:
             return
         self.slo_mtime = mtime

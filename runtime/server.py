@@ -73,6 +73,8 @@ class Server:
     def _control(self) -> None:
         while self.executor.running:
             time.sleep(self.tick_s)
+            if not self.executor.running:  # stopped while asleep
+                break
             try:
                 self.tick()
                 if self.executor.queued() == 0:

@@ -132,3 +132,7 @@ def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(t
     os.utime(slos, (1, 1))  # a new mtime whatever the clock's resolution
     c.tick(serving, free_bytes=1000)
     assert c.rejections and c.slos.prefer == "quality"  # the bad file is recorded, the good SLOs stay
+    slos.unlink()
+    c.tick(serving, free_bytes=1000)
+    c.tick(serving, free_bytes=1000)  # a missing file is one rejection, not one per tick
+    assert len(c.rejections) == 2 and "keeping the last good SLOs" in c.rejections[-1]["error"]
