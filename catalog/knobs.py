@@ -27,6 +27,11 @@ def choice_error(what: str, value, allowed) -> ValueError:
     return ValueError(f"{what}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}")
 
 
+def check_group_size(group_size: int) -> None:
+    if group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size={group_size} must be a positive multiple of 8")
+
+
 def parse_bytes(text: str | int) -> int:
     """'80000000', '6GiB', '512MB' -> bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
@@ -99,8 +104,7 @@ class Knobs:
             raise ValueError(f"gpu_budget={self.gpu_budget} must be >= 0 bytes")
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ValueError(f"cache_slots={self.cache_slots} must be >= 1")
-        if self.group_size <= 0 or self.group_size % 8:
-            raise ValueError(f"group_size={self.group_size} must be a positive multiple of 8")
+        check_group_size(self.group_size)
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch={self.prefetch!r} must be True or False")
         if self.quantized == 0:  # nothing is quantized: one spelling, so equal plans compare equal
@@ -287,11 +291,10 @@ def _flag_type(k: Knob):
     return parse
 
 
-def knobs_from_args(args: argparse.Namespace, total: int | None = None, **overrides) -> Knobs:
+def knobs_from_args(args: argparse.Namespace, total: int | None = None) -> Knobs:
     """The Knobs the plan flags (and `--seed`) ask for; `total` resolves percentages."""
     values = {k.name: getattr(args, k.name) for k in KNOBS if k.flag}
     values["seed"] = getattr(args, "seed", 0)
-    values.update(overrides)
     pending = [n for n, v in values.items() if isinstance(v, str) and v.endswith("%")]
     if pending and total is None:
         raise ValueError(f"{', '.join(pending)} as a share needs the model's expert count")

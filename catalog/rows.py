@@ -1,5 +1,6 @@
 """Measured rows: one tidy row per measured plan, the one schema that profiles, searches and fronts
-share, with the model identity the row was measured on and one definition of every objective.
+share, with the model identity the row was measured on and one definition of
+the derived objective `ppl` (every other objective is a column).
 
 Everything downstream (fronts, pictures, the policy, the server) reads these files; a front carries
 what is needed to rebuild its plans: the model identity columns and the knob columns.
@@ -79,11 +80,6 @@ class ModelIdentity:
 IDENTITY_COLUMNS = [f.name for f in fields(ModelIdentity)]
 
 # --- the columns -----------------------------------------------------------------------------------
-# Objectives and how each is optimised; `ppl` is derived (see with_ppl), the rest are columns.
-OBJECTIVES = {
-    "decode_tok_s": "max", "decode_tok_s_batch": "max", "prefill_tok_s": "max", "ttft_s": "min",
-    "ppl": "min", "gpu_bytes": "min", "host_bytes": "min", "peak_accel_bytes": "min",
-}
 PPL_COLUMNS = [f"ppl_{d}" for d in DATASETS]
 COLUMNS = [
     *IDENTITY_COLUMNS, "plan_id", "precision_id", *KNOB_COLUMNS, "experts_total",

@@ -12,7 +12,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from catalog.knobs import BITS, OFFLOAD_MODES, Knobs, choice_error
+from catalog.knobs import BITS, OFFLOAD_MODES, Knobs, check_group_size, choice_error
 from placement.packed import expert_layout
 from placement.spec import ModelSpec
 
@@ -69,8 +69,7 @@ class Plan:
             raise choice_error("offload", self.offload, OFFLOAD_MODES)
         if self.cache_slots < 0:
             raise ValueError(f"cache_slots={self.cache_slots} must be >= 0")
-        if self.group_size <= 0 or self.group_size % 8:
-            raise ValueError(f"group_size={self.group_size} must be a positive multiple of 8")
+        check_group_size(self.group_size)
         if not self.states or len({len(row) for row in self.states}) != 1:
             raise ValueError("a plan needs the same, non-zero number of experts in every layer")
         if self.offload == "fetch" and self.host_experts and self.cache_slots < 1:

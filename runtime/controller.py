@@ -56,8 +56,7 @@ class Controller:
         self.switch_bytes = switch_bytes  # plan_id -> bytes a switch to it would move
         self.desired: Desired | None = None
         self.last_decision: Decision | None = None
-        self.budget_bytes: int | None = None
-        self.free_bytes: int | None = None
+        self.budget_bytes: int | None = None  # at the last tick: what its decision was made on
         self.rejections: list[dict] = []
         self.ticks = 0
 
@@ -89,7 +88,6 @@ class Controller:
         """One control step: decide from the world as read now; a changed decision becomes the
         desired state."""
         self.reload_slos()
-        self.free_bytes = free_bytes
         self.budget_bytes = self.budget(free_bytes, world.held_bytes)
         decision = choose(self.options, self.slos, world.active, self.budget_bytes, world.plan_id,
                           base_ppl=self.base_ppl, switch_bytes=self.switch_bytes, hysteresis=self.hysteresis)

@@ -36,8 +36,8 @@ class Server:
         self.tick_s = tick_s
         self.set_free_memory(free_bytes)
         self.tick()  # choose and apply the first plan before serving
-        self.executor.reconcile(self.controller.budget_bytes)
-        threading.Thread(target=self.executor.serve_forever, args=(self._between_steps,), daemon=True,
+        self._reconcile()
+        threading.Thread(target=self.executor.serve_forever, args=(self._reconcile,), daemon=True,
                          name="serve").start()
         threading.Thread(target=self._control, daemon=True, name="control").start()
 
@@ -56,9 +56,9 @@ class Server:
     def free_bytes(self) -> int:
         return self.memory.free_bytes()
 
-    def budget(self) -> int:
+    def budget(self, free_bytes: int | None = None) -> int:
         """What a plan may take now: free memory less the reserve, plus what the server holds."""
-        return self.controller.budget(self.free_bytes(), self.held_bytes())
+        return self.controller.budget(self.free_bytes() if free_bytes is None else free_bytes, self.held_bytes())
 
     def tick(self) -> dict:
         """One control step: read the world, decide, hand the desired plan to the executor."""
@@ -67,7 +67,9 @@ class Server:
             self.executor.want(self.controller.desired)
             return {"plan_id": decision.plan_id, "switch": decision.switch, "reason": decision.reason}
 
-    def _between_steps(self) -> None:
+    def _reconcile(self) -> None:
+        """Move to the desired plan (between decode steps, or when idle), recording the budget the
+        decision was made on; no memory reading on this per-step path."""
         self.executor.reconcile(self.controller.budget_bytes)
 
     def _control(self) -> None:
@@ -78,7 +80,7 @@ class Server:
             try:
                 self.tick()
                 if self.executor.queued() == 0:
-                    self.executor.reconcile(self.controller.budget_bytes)  # idle: no decode step to wait for
+                    self._reconcile()  # idle: no decode step to wait for
             except Exception:  # the controller must outlive a bad tick
                 log.exception("controller tick failed")
 
@@ -109,6 +111,7 @@ class Server:
     def status(self) -> dict:
         with self.lock:
             plan, c, d = self.engine.plan, self.controller, self.controller.last_decision
+            free = self.free_bytes()
             tenants = []
             for t in c.slos.tenants:
                 measured = self.executor.measured_tok_s(t.name)
@@ -125,7 +128,7 @@ class Server:
                 "model": self.session.identity.describe(),
                 "plan_id": plan.plan_id if plan else None, "plan": plan.summary(self.engine.spec) if plan else None,
                 "desired_plan_id": c.desired.plan_id if c.desired else None,
-                "free_bytes": self.free_bytes(), "budget_bytes": self.budget(),
+                "free_bytes": free, "budget_bytes": self.budget(free),
                 "reserve_bytes": c.slos.reserve_bytes, "prefer": c.slos.prefer, "tenants": tenants,
                 "queued": self.executor.queued(), "ticks": c.ticks, "last_decision": d.reason if d else None,
                 "history": list(self.history), "slo_rejections": list(c.rejections),
