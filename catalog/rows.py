@@ -61,7 +61,7 @@ class ModelIdentity:
                    None if cell("fingerprint") is None else str(cell("fingerprint")))
 
     def describe(self) -> str:
-        parts = [f"{self.layers} layers" if self.layers else "all layers", self.dtype or "default dtype",
+        parts = [f"{self.layers} layer{'s' if self.layers > 1 else ''}" if self.layers else "all layers", self.dtype or "default dtype",
                  f"seed {self.model_seed}"]
         return f"{self.model} ({', '.join(parts)})"
 

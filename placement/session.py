@@ -114,7 +114,7 @@ def identity_for(front: ModelIdentity | None, *, model: str | None = None, layer
     asked = {"model": model, "dtype": None if dtype == "auto" else dtype, "model_seed": seed, "calib": calib}
     wrong = [f"{k} {v!r}" for k, v in asked.items() if v is not None and v != getattr(front, k)]
     if (model is not None or layers is not None) and layers != front.layers:
-        wrong.append(f"{layers} layers" if layers else "all layers")
+        wrong.append(f"{layers} layer{'s' if layers > 1 else ''}" if layers else "all layers")
     if wrong:
         raise ValueError(f"{source} was measured on {front.describe()}, not on {', '.join(wrong)}: "
                          "profile that model, or leave the model flags out to serve the front's own")
