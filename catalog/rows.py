@@ -83,12 +83,22 @@ IDENTITY_COLUMNS = [f.name for f in fields(ModelIdentity)]
 PPL_COLUMNS = [f"ppl_{d}" for d in DATASETS]
 COLUMNS = [
     *IDENTITY_COLUMNS, "plan_id", "precision_id", *KNOB_COLUMNS, "experts_total",
-    "decode_tok_s", "decode_tok_s_batch", "batch_size", "prefill_tok_s", "ttft_s",
+    "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_p50_ms", "tpot_p95_ms", "batch_sizes",
     "gpu_bytes", "host_bytes", "peak_accel_bytes", "hit_rate", "fetched_bytes_per_token",
     *PPL_COLUMNS, "ppl_note", "seqlen",
-    "prompt_tokens", "new_tokens", "repeats", "device", "device_name", "torch", "transformers", "hqq",
+    "prompt_tokens", "new_tokens", "repeats", "decoder", "decode_graphs", "device", "device_name", "torch", "transformers", "hqq",
     "measured_at",
 ]
+
+
+# decode timed at batch b > 1: aggregate tok/s, per-sequence tok/s, p95 time per output token
+BATCH_PREFIXES = ("agg_tok_s_b", "seq_tok_s_b", "tpot_p95_ms_b")
+
+
+def batch_columns(columns: Iterable[str]) -> list[str]:
+    """The per-batch-size columns among `columns`, by batch size then kind."""
+    found = [c for c in columns if any(c.startswith(p) and c[len(p):].isdigit() for p in BATCH_PREFIXES)]
+    return sorted(found, key=lambda c: (int(c.rsplit("_b", 1)[1]), c))
 
 
 def ppl_columns(columns: Iterable[str], datasets: Iterable[str] | None = None) -> list[str]:
@@ -165,6 +175,11 @@ def read_profile(path: str | Path) -> pd.DataFrame:
     missing = {"model", "plan_id"} - set(df.columns)
     if missing:
         raise ValueError(f"{path} is not a moe-qos profile: no column(s) {', '.join(sorted(missing))}")
+    if "decode_tok_s_batch" in df.columns:  # profiles from before batch_sizes: one optional batch size
+        for b in df["batch_size"].dropna().unique():
+            if int(b) > 1:
+                df[f"agg_tok_s_b{int(b)}"] = df["decode_tok_s_batch"].where(df["batch_size"] == b)
+        df = df.drop(columns=["decode_tok_s_batch", "batch_size"])
     if "prefetch" in df.columns:
         df["prefetch"] = df["prefetch"].map(parse_bool)
     else:  # profiles from before the prefetch knob: every plan ran without it
@@ -179,12 +194,13 @@ def append_row(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.stat().st_size == 0:
-        pd.DataFrame([row], columns=COLUMNS).to_csv(path, index=False)
+        pd.DataFrame([row], columns=[*COLUMNS, *(c for c in row if c not in COLUMNS)]).to_csv(path, index=False)
         return
     header = list(pd.read_csv(path, nrows=0).columns)
-    if any(c not in header for c in COLUMNS):
+    if any(c not in header for c in [*COLUMNS, *row]):
         old = read_profile(path)
-        old = old.reindex(columns=[*COLUMNS, *(c for c in old.columns if c not in COLUMNS)])
+        extra = [c for c in [*old.columns, *row] if c not in COLUMNS]
+        old = old.reindex(columns=[*COLUMNS, *dict.fromkeys(extra)])
         old.to_csv(path, index=False)
         header = list(old.columns)
     pd.DataFrame([row]).reindex(columns=header).to_csv(path, mode="a", header=False, index=False)

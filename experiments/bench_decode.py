@@ -41,7 +41,8 @@ from placement.engine import Engine
 from placement.models import load_model
 from catalog.knobs import Knobs
 from placement.plan import build_plan
-from placement.decode import GraphDecoder, timed_generate
+from experiments.baselines import timed_generate
+from placement.decode import Decoder
 
 GiB = 1 << 30
 # Round-to-nearest in HQQ's format (see the module docstring).
@@ -93,7 +94,7 @@ def bench_layers(layers: int, args) -> list[dict]:
 
     engine = Engine(model, quantizer=FAST_QUANTIZER)
     total = engine.spec.num_layers * engine.spec.num_experts
-    decoder = GraphDecoder(model, engine, args.prompt_tokens + args.new_tokens)
+    decoder = Decoder(model, engine, max_seqs=1, max_len=args.prompt_tokens + args.new_tokens + 1)
     gpu_time = {}  # bits -> seconds per token with every expert on the GPU (fused kernels)
     budgets = {}
     for name, knobs, opts in moe_qos_plans(total):
@@ -103,11 +104,11 @@ def bench_layers(layers: int, args) -> list[dict]:
         report = engine.apply(plan)
         engine.configure(use_kernels=opts.get("use_kernels", True))
         torch.cuda.reset_peak_memory_stats()
-        decoder.generate(prompt, new_tokens)  # warm-up: kernel choice, graph capture
+        decoder.generate([prompt], new_tokens, fixed_length=True)  # warm-up: kernel choice, graph capture
         t = time.perf_counter()
-        g = decoder.generate(prompt, new_tokens)
+        run = decoder.generate([prompt], new_tokens, fixed_length=True)
         wall = time.perf_counter() - t
-        s = decoder.decode_stats
+        g, s = run.sequences[0], run.stats
         steps = new_tokens - 1
         lookups = s["fetch_hits"] + s["fetch_misses"]
         fetched = s["bytes_fetched"] / steps

@@ -1,49 +1,124 @@
-"""Timed generation: time to first token and decode tokens per second on real generation."""
+"""The one decoder: every command that generates (the server, `qos generate`, `qos profile`, the
+benchmarks, the cost model's calibration) decodes through `Decoder`, so what is profiled is what is
+served.
+
+- A KV cache with one slot per running sequence (`SlotCache`): sequences join and leave between
+  steps at their own positions, so one forward pass decodes every running sequence.
+- A decode step over the slots [0, B) reads the cache up to a length bucket L (a power of two), and
+  runs as one CUDA graph replay per (B, L) bucket when the engine's plan is capturable (every expert
+  in the fused kernels, no host sync); eagerly otherwise. Graphs are captured on first use and again
+  after a reconfiguration changes the engine's kernel layout.
+- Prefill writes one sequence's prompt (or a chunk of it) into its slot, eagerly.
+- Greedy or sampled decoding per sequence (`Sampling`: temperature, top-p, seed, stop tokens).
+
+Free slots in a decode batch compute garbage at the scratch position (the cache's last position,
+which no sequence reaches) and are ignored; a sequence's attention sees only its own positions.
+"""
 
 from __future__ import annotations
 
+import inspect
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 
-class _Clock(BaseStreamer):
-    """Records when `generate` hands out the prompt and each new token (after a device sync)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.times: list[float] = []
-
-    def put(self, value):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
+def _bucket(n: int, low: int, high: int) -> int:
+    """The smallest power of two >= n (and >= low), capped at high."""
+    b = low
+    while b < n:
+        b *= 2
+    return min(b, high)
 
 
-class _EveryStep(StoppingCriteria):
-    """Never stops generation; calls `fn()` after each step, between two forward passes."""
+@dataclass(frozen=True)
+class Sampling:
+    """How a sequence picks its tokens: greedy at temperature 0, else sampled from the softmax at
+    `temperature` within the top-p nucleus, reproducibly when `seed` is given."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
-    def __call__(self, input_ids, scores, **kwargs):
-        self.fn()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    def __post_init__(self):
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        ids = self.stop_token_ids
+        if not isinstance(ids, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"stop_token_ids must be a tuple of token ids, got {ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+class SlotCache:
+    """Keys and values per attention layer as [slots, kv_heads, max_len, head_dim], allocated at a
+    layer's first update. Hugging Face attention calls `update(k, v, layer)` and attends over what it
+    returns; where those go is set before each forward (`for_decode` / `for_prefill`)."""
+
+    def __init__(self, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self._target: tuple = ()
+
+    def for_decode(self, rows: torch.Tensor, pos: torch.Tensor, kv_len: int) -> None:
+        """Next forward: token b of the batch is slot rows[b] at position pos[b] (both [B], on the device)."""
+        self._target = ("decode", rows, pos, kv_len)
+
+    def for_prefill(self, slot: int, start: int, kv_len: int) -> None:
+        """Next forward: one sequence's tokens at positions start, start + 1, ... of `slot`."""
+        self._target = ("prefill", slot, start, kv_len)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # key_states [B, kv_heads, T, head_dim]
+        if layer_idx not in self.k:
+            B, heads, T, dim = key_states.shape
+            shape = (self.slots, heads, self.max_len, dim)
+            self.k[layer_idx] = key_states.new_zeros(shape)
+            self.v[layer_idx] = value_states.new_zeros(shape)
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self._target[0] == "decode":
+            _, rows, pos, kv_len = self._target
+            k[rows, :, pos] = key_states[:, :, 0]  # [B, heads, dim] (index tensors: capturable)
+            v[rows, :, pos] = value_states[:, :, 0]
+            B = rows.shape[0]
+            return k[:B, :, :kv_len], v[:B, :, :kv_len]
+        _, slot, start, kv_len = self._target
+        T = key_states.shape[2]
+        k[slot, :, start:start + T] = key_states[0]
+        v[slot, :, start:start + T] = value_states[0]
+        return k[slot:slot + 1, :, :kv_len], v[slot:slot + 1, :, :kv_len]
+
+    def get_seq_length(self, *args, **kwargs) -> int:  # positions are always passed explicitly
+        return 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
 
 
 @dataclass(frozen=True)
 class Generation:
-    ids: list[int]  # new tokens of the first sequence
-    prompt_tokens: int  # over the batch
-    ttft_s: float  # prefill plus the first sampled token
-    decode_tok_s: float | None  # tokens after the first (over the batch) per second; None with fewer than 2
+    """One sequence decoded by `Decoder.generate`, timed."""
+
+    ids: list[int]  # new tokens
+    prompt_tokens: int
+    ttft_s: float  # from the start of the call to this sequence's first token
+    decode_tok_s: float | None  # this sequence's tokens after its first, per second of decoding
     total_s: float
+    finish_reason: str  # "stop" (end-of-sequence or a stop token) or "length"
 
     @property
     def new_tokens(self) -> int:
@@ -54,138 +129,275 @@ class Generation:
         return self.prompt_tokens / self.ttft_s
 
 
-@torch.no_grad()
-def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id=None,
-                   warmup_tokens: int | None = None, after_warmup=None, batch_size: int = 1,
-                   fixed_length: bool = False, between_steps=None) -> Generation:
-    """Greedy generation of up to `max_new_tokens` after `prompt_ids` (the same prompt `batch_size`
-    times), timed token by token; `fixed_length` ignores end-of-sequence for fixed-size runs.
+@dataclass(frozen=True)
+class BatchTiming:
+    """A `Decoder.generate` call: its sequences and the aggregate decode speed over its steps."""
 
-    An untimed generation of `warmup_tokens` (default: as many as the timed one) runs first: first
-    calls pick GPU kernels for every new shape (each cache length), which would otherwise be charged
-    to the measured run. `after_warmup()` runs between the two (to reset counters, say);
-    `between_steps()` runs after every decode step of the timed run (to reconfigure, say).
-    """
-    if not prompt_ids:
-        raise ValueError("the prompt is empty after tokenization")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    input_ids = torch.tensor([prompt_ids] * batch_size, device=device)  # [B, T]
-    clock = _Clock(device)
-    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, eos_token_id=eos_token_id,
-                  pad_token_id=eos_token_id if eos_token_id is not None else 0)
-    warmup_tokens = max_new_tokens if warmup_tokens is None else warmup_tokens
-    if warmup_tokens:  # fixed length: the warm-up's own length, never a minimum above its maximum
-        model.generate(input_ids, max_new_tokens=warmup_tokens,
-                       **kwargs, **({"min_new_tokens": warmup_tokens} if fixed_length else {}))
-    if fixed_length:
-        kwargs["min_new_tokens"] = max_new_tokens
-    if after_warmup is not None:
-        after_warmup()
-    if between_steps is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_EveryStep(between_steps)])
-    out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=clock, **kwargs)
-    new = out[0, input_ids.shape[1]:].tolist()
-    t = clock.times  # [prompt, token 1, token 2, ...]
-    decode = batch_size * (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None
-    return Generation(new, len(prompt_ids) * batch_size, t[1] - t[0], decode, t[-1] - t[0])
+    sequences: list[Generation]
+    steps: int
+    decode_tokens: int  # tokens produced by decode steps (all sequences)
+    decode_s: float
+    step_s: list[float] = field(default_factory=list)  # each decode step's time (its tokens' time per output token)
+    stats: dict = field(default_factory=dict)  # the engine's counters over the decode steps
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """Aggregate: decode tokens of every sequence per second."""
+        return self.decode_tokens / self.decode_s if self.decode_tokens and self.decode_s > 0 else None
 
 
-class GraphDecoder:
-    """Greedy batch-1 decode with a static KV cache where each decode step is one CUDA graph replay.
+class Decoder:
+    """Decodes up to `max_seqs` sequences of up to `max_len` positions (prompt and new tokens) at
+    once through `engine`'s model. Not thread-safe: one thread drives it (the executor's)."""
 
-    A decode step of a Hugging Face model launches hundreds of small kernels (about 1.6 ms per
-    Mixtral layer on an H100, far above the bytes it reads), so graphs pay where the engine can be
-    captured: every expert runs in a fused kernel, no host sync (`engine.capturable`). Otherwise the
-    steps run eagerly on the same static cache and `reason` says why. The graph is captured on the
-    first call and again when the engine's kernel layout changes (after a reconfiguration).
-    """
+    MIN_KV = 64  # smallest attention length bucket
 
-    def __init__(self, model, engine, max_len: int):
-        from transformers import StaticCache
-
-        self.model, self.engine, self.max_len = model, engine, max_len
-        self.device = next(model.parameters()).device
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)  # the token fed next
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # its position
-        self.produced = torch.zeros(max_len + 1, dtype=torch.long, device=self.device)  # by position
-        self.graph = None
+    def __init__(self, model, engine, *, max_seqs: int = 16, max_len: int = 2048, graphs: bool = True):
+        if max_seqs < 1:
+            raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and max_len > context:
+            raise ValueError(f"max_len={max_len} exceeds the model's context ({context})")
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.model, self.engine = model, engine
+        self.device = engine.accel
+        self.max_seqs, self.max_len = max_seqs, max_len
+        self.scratch = max_len - 1  # the position free slots write to; sequences end before it
+        self.cache = SlotCache(max_seqs, max_len)
+        dev = self.device
+        self.tok = torch.zeros(max_seqs, dtype=torch.long, device=dev)  # the token each slot feeds next
+        self.pos = torch.full((max_seqs,), self.scratch, dtype=torch.long, device=dev)  # ... at this position
+        self.active = torch.zeros(max_seqs, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(max_seqs, device=dev)
+        self.kv_range = torch.arange(max_len, device=dev)
+        self.logits: torch.Tensor | None = None  # [max_seqs, V] fp32, written by every step
+        self.next_pos = [self.scratch] * max_seqs  # host mirror of pos
+        self.sampling: dict[int, tuple[Sampling, torch.Generator | None]] = {}  # open slot -> ...
+        self.decoding: set[int] = set()  # open slots that take part in decode steps
+        self.use_graphs = graphs
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.signature = None
-        self.capture_s = None
-        self.reason = None
-        self.decode_stats: dict = {}  # the engine's counters over the decode steps of the last call
+        self.pool = None
+        self.capture_s = 0.0  # spent capturing graphs, in total
+        self.reason: str | None = None  # why steps run eagerly, when they do
+        self.mask_min = torch.finfo(engine.dtype).min
+        # transformers renamed the model's cache argument (past_key_values -> cache) in 5.2x
+        params = inspect.signature(model.model.forward).parameters if hasattr(model, "model") else {}
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def _step(self):
-        logits = self.model(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos,
-                            position_ids=self.pos[None], use_cache=True).logits
-        nxt = logits[:, -1].argmax(-1)  # [1]
-        self.tok.copy_(nxt[:, None])
-        self.pos.add_(1)
-        self.produced.index_copy_(0, self.pos, nxt)
+    # --- slots --------------------------------------------------------------------------------
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.max_seqs) if s not in self.sampling]
 
-    def _capture(self, warm_steps: int) -> int:
-        """Warm up on a side stream (real steps: they advance the decode), then capture one step."""
-        t = time.perf_counter()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warm_steps):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        self.signature = self.engine.kernel_signature
-        self.capture_s = time.perf_counter() - t
-        return warm_steps
+    def open(self, slot: int, sampling: Sampling = GREEDY) -> None:
+        """Take `slot` for a sequence that samples by `sampling`; it joins the decode steps at feed()."""
+        if slot in self.sampling:
+            raise RuntimeError(f"slot {slot} is taken")
+        gen = None
+        if not sampling.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(1 << 62, ()).item()))
+        self.sampling[slot] = (sampling, gen)
 
-    def _use_graph(self) -> bool:
-        if self.device.type != "cuda":
+    def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Write the keys and values of `ids` at positions start, start + 1, ... of `slot`; the
+        logits after the last of them ([V], fp32)."""
+        end = start + len(ids)
+        if not ids or end > self.scratch:
+            raise ValueError(f"positions {start}..{end - 1} do not fit the cache ({self.scratch} positions)")
+        kv_len = _bucket(end, self.MIN_KV, self.max_len)
+        x = torch.tensor([ids], device=self.device)  # [1, T]
+        positions = torch.arange(start, end, device=self.device)
+        allowed = self.kv_range[None, :kv_len] <= positions[:, None]  # [T, L]
+        self.cache.for_prefill(slot, start, kv_len)
+        with torch.no_grad():
+            logits = self._forward(x, positions[None], allowed[None, None])  # [1, 1, V]: the last position
+        return logits[0, -1].float()
+
+    def feed(self, slot: int, token: int | torch.Tensor, position: int) -> None:
+        """The open slot joins the decode steps: the next step feeds `token` at `position`."""
+        if position >= self.scratch:
+            raise ValueError(f"position {position} is past the cache ({self.scratch} positions)")
+        self.tok[slot] = token
+        self.pos[slot] = position
+        self.active[slot] = True
+        self.next_pos[slot] = position
+        self.decoding.add(slot)
+
+    def close(self, slot: int) -> None:
+        """The slot's sequence is done (its cache is simply overwritten by the next occupant)."""
+        self.sampling.pop(slot, None)
+        self.decoding.discard(slot)
+        self.active[slot] = False
+        self.pos[slot] = self.scratch
+        self.next_pos[slot] = self.scratch
+
+    # --- sampling -----------------------------------------------------------------------------
+    def sample(self, slot: int, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of open slot `slot` from its logits [V] (a 0-d tensor on the device)."""
+        s, gen = self.sampling[slot]
+        if s.greedy:
+            return logits.argmax()
+        z = logits / s.temperature
+        if s.top_p < 1:
+            probs, order = torch.softmax(z, -1).sort(descending=True)
+            outside = probs.cumsum(-1) - probs > s.top_p  # tokens after the nucleus is full
+            z = z.scatter(0, order, torch.where(outside, float("-inf"), z.gather(0, order)))
+        return torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[0]
+
+    # --- steps --------------------------------------------------------------------------------
+    def _forward(self, input_ids, position_ids, allowed):
+        """The model on input_ids [B, T] at position_ids [B, T] attending where allowed [B, 1, T, L];
+        logits of the last position [B, 1, V]."""
+        mask = torch.where(allowed, 0.0, self.mask_min).to(self.engine.dtype)  # additive: eager and sdpa
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                         cache_position=position_ids[0], use_cache=True, logits_to_keep=1,
+                         **{self._cache_arg: self.cache})
+        return out.logits
+
+    def _decode_forward(self, B: int, kv_len: int) -> None:
+        """Slots [0, B) advance one position: logits into self.logits[:B]."""
+        pos = self.pos[:B]
+        self.cache.for_decode(self.rows[:B], pos, kv_len)
+        allowed = self.kv_range[None, :kv_len] <= pos[:, None]  # [B, L]
+        logits = self._forward(self.tok[:B, None], pos[:, None], allowed[:, None, None])
+        self.logits[:B].copy_(logits[:, -1])
+
+    def _graph_for(self, B: int, kv_len: int):
+        """The CUDA graph of a decode step of this bucket, captured now if needed; None when the
+        engine's plan cannot be captured (self.reason says why)."""
+        eng = self.engine
+        if not self.use_graphs:
+            self.reason = "graphs are off"
+        elif self.device.type != "cuda":
             self.reason = "no CUDA device"
-        elif not self.engine.capturable:
+        elif not eng.capturable or not eng.kernel_path(B):
             self.reason = "the plan has experts outside the fused kernels (host experts or 3-bit)"
         else:
             self.reason = None
-        return self.reason is None
+        if self.reason is not None:
+            return None
+        if self.signature != eng.kernel_signature:  # reconfigured: the old graphs read stale tables
+            self.graphs.clear()
+            self.signature = eng.kernel_signature
+        key = (B, kv_len)
+        if key not in self.graphs:
+            t = time.perf_counter()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm up (kernels compiled, workspaces made): same writes
+                self._decode_forward(B, kv_len)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):  # graphs run one at a time: one pool
+                self._decode_forward(B, kv_len)
+            self.graphs[key] = graph
+            self.capture_s += time.perf_counter() - t
+        return self.graphs[key]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """Decode `max_new_tokens` after the prompt (no early stop), timed like timed_generate."""
-        P = len(prompt_ids)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty after tokenization")
-        if P + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({P}) plus new tokens ({max_new_tokens}) exceed the cache ({self.max_len})")
-        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
-        self.cache.reset()
+    def step(self) -> dict[int, int]:
+        """One decode step of every active slot; {slot: its new token}. Each slot then feeds its
+        new token at the next position."""
+        if not self.decoding:
+            return {}
+        slots = sorted(self.decoding)
+        B = _bucket(slots[-1] + 1, 1, self.max_seqs)
+        kv_len = _bucket(max(self.next_pos[s] for s in slots) + 1, self.MIN_KV, self.max_len)
+        if self.logits is None:
+            V = self.model.get_output_embeddings().weight.shape[0]
+            self.logits = torch.zeros(self.max_seqs, V, dtype=torch.float32, device=self.device)
+        graph = self._graph_for(B, kv_len)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_forward(B, kv_len)
+        logits = self.logits[:B]
+        nxt = logits.argmax(-1)  # [B]
+        for s in slots:
+            if not self.sampling[s][0].greedy:
+                nxt[s] = self.sample(s, logits[s])
+        active = self.active[:B]
+        self.tok[:B] = torch.where(active, nxt, self.tok[:B])
+        self.pos[:B] += active.long()
+        for s in slots:
+            self.next_pos[s] += 1
+        got = nxt.tolist()  # the one host sync of a step
+        return {s: got[s] for s in slots}
+
+    # --- a whole batch, timed (generate, profile, benchmarks) -------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling = GREEDY,
+                 eos_token_id: int | list[int] | None = None, fixed_length: bool = False,
+                 between_steps=None) -> BatchTiming:
+        """Decode every prompt (one slot each, all at once) to `max_new_tokens` or its end of
+        sequence (never with `fixed_length`), timed: per sequence its time to first token and decode
+        speed, and the batch's aggregate decode speed. `between_steps()` runs after each step."""
+        if not prompts or len(prompts) > self.max_seqs:
+            raise ValueError(f"give 1 to {self.max_seqs} prompts, got {len(prompts)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for p in prompts:
+            if not p:
+                raise ValueError("a prompt is empty after tokenization")
+            if len(p) + max_new_tokens > self.scratch:
+                raise ValueError(f"prompt ({len(p)}) plus new tokens ({max_new_tokens}) exceed the cache "
+                                 f"({self.scratch} positions)")
+        if self.sampling:
+            raise RuntimeError("the decoder is serving sequences; generate() needs it idle")
+        stop = set() if fixed_length else {*_ids(eos_token_id), *sampling.stop_token_ids}
+        sync = self._sync
         sync()
         t0 = time.perf_counter()
-        ids = torch.tensor([prompt_ids], device=self.device)
-        logits = self.model(input_ids=ids, past_key_values=self.cache, cache_position=torch.arange(P, device=self.device),
-                            use_cache=True).logits
-        first = logits[:, -1].argmax(-1)
-        self.tok.copy_(first[:, None])
-        self.pos.fill_(P)
-        self.produced[P] = first[0]
-        sync()
-        t1 = time.perf_counter()
+        out: dict[int, list[int]] = {}
+        first_at: dict[int, float] = {}
+        done_at: dict[int, float] = {}
+        for slot, p in enumerate(prompts):
+            self.open(slot, sampling)
+            first = int(self.sample(slot, self.prefill(slot, p)))
+            first_at[slot] = time.perf_counter()  # (int() synced)
+            out[slot] = [first]
+            if max_new_tokens > 1 and first not in stop:
+                self.feed(slot, first, len(p))
+            else:
+                self.close(slot)
+                done_at[slot] = first_at[slot]
         before = asdict(self.engine.stats)
-        steps = max_new_tokens - 1
-        if steps and self._use_graph():
-            if self.graph is None or self.signature != self.engine.kernel_signature:
-                steps -= self._capture(min(2, steps))
-            for _ in range(steps):
-                self.graph.replay()
-        else:
-            for _ in range(steps):
-                self._step()
-        sync()
+        t1 = time.perf_counter()
+        decode_tokens, step_s, last = 0, [], t1
+        while self.decoding:
+            new = self.step()
+            decode_tokens += len(new)
+            now = time.perf_counter()  # (step() synced)
+            step_s.append(now - last)
+            for s, t in new.items():
+                out[s].append(t)
+                if len(out[s]) >= max_new_tokens or t in stop:
+                    self.close(s)
+                    done_at[s] = now
+            if between_steps is not None:
+                between_steps()
+            last = time.perf_counter()
         t2 = time.perf_counter()
-        self.decode_stats = {k: v - before[k] for k, v in asdict(self.engine.stats).items()}
-        ids = self.produced[P : P + max_new_tokens].tolist()
-        decode = (max_new_tokens - 1) / (t2 - t1) if max_new_tokens > 1 else None
-        return Generation(ids, P, t1 - t0, decode, t2 - t0)
+        seqs = []
+        for s, p in enumerate(prompts):
+            n = len(out[s]) - 1
+            span = done_at[s] - first_at[s]
+            reason = "stop" if out[s][-1] in stop else "length"
+            seqs.append(Generation(out[s], len(p), first_at[s] - t0, n / span if n and span > 0 else None,
+                                   done_at[s] - t0, reason))
+        stats = {k: v - before[k] for k, v in asdict(self.engine.stats).items()}
+        return BatchTiming(seqs, len(step_s), decode_tokens, t2 - t1, step_s, stats)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _ids(eos) -> list[int]:
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)

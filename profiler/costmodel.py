@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from placement import kernels
-from placement.decode import timed_generate
+from placement.decode import Decoder
 from placement.plan import BITS, ExpertId, ExpertState, Plan
 from placement.tiers import ACCEL, CPU, in_kernels, leaves_kernels, serving_path
 
@@ -97,11 +97,13 @@ class CostModel:
 
 
 def decode_s(engine, plan: Plan, prompt: list[int], new_tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """Median seconds per decoded token under `plan` (after a warm-up), and fetch misses per token."""
+    """Median seconds per decoded token under `plan` through the serving decoder at batch 1 (after a
+    warm-up), and fetch misses per token."""
     engine.apply(plan)
-    runs = [timed_generate(engine.model, prompt, new_tokens, fixed_length=True,
-                           warmup_tokens=None if i == 0 else 0,
-                           after_warmup=engine.reset_stats if i == 0 else None) for i in range(repeats)]
+    decoder = Decoder(engine.model, engine, max_seqs=1, max_len=len(prompt) + new_tokens + 1)
+    decoder.generate([prompt], new_tokens, fixed_length=True)
+    engine.reset_stats()
+    runs = [decoder.generate([prompt], new_tokens, fixed_length=True).sequences[0] for _ in range(repeats)]
     return statistics.median(1.0 / r.decode_tok_s for r in runs), engine.stats.fetch_misses / (repeats * new_tokens)
 
 

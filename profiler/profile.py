@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import platform
 import statistics
 from collections.abc import Callable, Iterable
@@ -16,14 +17,16 @@ import torch
 
 from catalog.data import DATASETS, calibration_text, eval_text
 from catalog.knobs import Knobs, knob_cells
-from catalog.rows import COLUMNS, append_row, read_profile
-from placement.decode import timed_generate
+from catalog.rows import COLUMNS, append_row, batch_columns, read_profile
+from placement.decode import Decoder
 from placement.plan import Plan
 from placement.planner import row_knobs
 from placement.session import Session
 from profiler.perplexity import eval_windows, perplexity
 
 log = logging.getLogger(__name__)
+MAX_BATCH = 256
+DECODER = "slots-1"  # rows timed through placement.decode.Decoder (older rows: transformers' generate)
 
 
 @dataclass(frozen=True)
@@ -35,13 +38,16 @@ class Settings:
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
-    batch_size: int = 1  # a second decode measurement at this batch size when > 1
+    batch_sizes: tuple[int, ...] = (1,)  # concurrent sequences to time decoding at (batch 1 always)
     ppl_batch: int = 1  # windows per forward pass when scoring perplexity
 
     def __post_init__(self):
-        for name in ("prompt_tokens", "new_tokens", "repeats", "batch_size", "ppl_batch"):
+        for name in ("prompt_tokens", "new_tokens", "repeats", "ppl_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH
+                                       for b in self.batch_sizes):
+            raise ValueError(f"batch-sizes must be integers from 1 to {MAX_BATCH}, got {self.batch_sizes!r}")
         if self.new_tokens < 2:
             raise ValueError("new-tokens must be >= 2 to time decoding")
         unknown = set(self.datasets) - set(DATASETS)
@@ -81,6 +87,7 @@ class Profiler:
         self._windows: dict[str, tuple[list, str]] = {}
         self.fixed = {"device": str(self.engine.accel), "device_name": _device_name(self.engine.accel), **_versions()}
         self.prompt = self._prompt()
+        self.decoder: Decoder | None = None  # made at the first measurement, kept across plans
 
     # --- inputs -------------------------------------------------------------------------------
     def _prompt(self) -> list[int]:
@@ -107,31 +114,50 @@ class Profiler:
         return self.session.plan(knobs)
 
     # --- measurements -------------------------------------------------------------------------
+    def _decoder(self) -> Decoder:
+        if self.decoder is None:
+            s = self.settings
+            self.decoder = Decoder(self.loaded.model, self.engine, max_seqs=max(s.batch_sizes),
+                                   max_len=s.prompt_tokens + s.new_tokens + 1)
+        return self.decoder
+
     def _throughput(self) -> dict:
-        s, engine, model = self.settings, self.engine, self.loaded.model
+        """Decode timed through the serving decoder: at batch 1 (per-sequence speed, time to first
+        token, time per output token) and at every other batch size asked for (aggregate and
+        per-sequence speed). An untimed run of each batch size first captures its graphs."""
+        s, engine = self.settings, self.engine
+        decoder = self._decoder()
         cuda = engine.accel.type == "cuda"
-        runs = []
         if cuda:
             torch.cuda.reset_peak_memory_stats(engine.accel)
-        for i in range(s.repeats):
-            runs.append(timed_generate(model, self.prompt, s.new_tokens, fixed_length=True,
-                                       warmup_tokens=None if i == 0 else 0,
-                                       after_warmup=engine.reset_stats if i == 0 else None))
-        stats = engine.stats
-        out = {
-            "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
-            "prefill_tok_s": statistics.median(r.prefill_tok_s for r in runs),
-            "ttft_s": statistics.median(r.ttft_s for r in runs),
-            "hit_rate": stats.hit_rate,
-            "fetched_bytes_per_token": stats.bytes_fetched / (s.repeats * s.new_tokens),
-            "peak_accel_bytes": torch.cuda.max_memory_allocated(engine.accel) if cuda else None,
-            "batch_size": s.batch_size,
-            "decode_tok_s_batch": None,
-        }
-        if s.batch_size > 1:
-            batched = [timed_generate(model, self.prompt, s.new_tokens, fixed_length=True, batch_size=s.batch_size,
-                                      warmup_tokens=None if i == 0 else 0) for i in range(s.repeats)]
-            out["decode_tok_s_batch"] = statistics.median(r.decode_tok_s for r in batched)
+        out = {}
+        for b in sorted({1, *s.batch_sizes}):
+            prompts = [self.prompt] * b
+            decoder.generate(prompts, s.new_tokens, fixed_length=True)  # warm-up
+            if b == 1:
+                engine.reset_stats()
+            runs = [decoder.generate(prompts, s.new_tokens, fixed_length=True) for _ in range(s.repeats)]
+            steps_ms = sorted(1000 * t for r in runs for t in r.step_s)
+            if b == 1:
+                seqs = [r.sequences[0] for r in runs]
+                stats = engine.stats
+                out |= {
+                    "decode_tok_s": statistics.median(g.decode_tok_s for g in seqs),
+                    "prefill_tok_s": statistics.median(g.prefill_tok_s for g in seqs),
+                    "ttft_s": statistics.median(g.ttft_s for g in seqs),
+                    "tpot_p50_ms": _percentile(steps_ms, 50), "tpot_p95_ms": _percentile(steps_ms, 95),
+                    "hit_rate": stats.hit_rate,
+                    "fetched_bytes_per_token": stats.bytes_fetched / (s.repeats * s.new_tokens),
+                }
+            else:
+                out |= {
+                    f"agg_tok_s_b{b}": statistics.median(r.decode_tok_s for r in runs),
+                    f"seq_tok_s_b{b}": 1000 / statistics.median(steps_ms),
+                    f"tpot_p95_ms_b{b}": _percentile(steps_ms, 95),
+                }
+        out["peak_accel_bytes"] = torch.cuda.max_memory_allocated(engine.accel) if cuda else None
+        out["decode_graphs"] = decoder.reason or "on"
+        out["batch_sizes"] = ",".join(map(str, sorted({1, *s.batch_sizes})))
         return out
 
     def _perplexity(self, plan: Plan) -> dict:
@@ -168,16 +194,24 @@ class Profiler:
             "host_bytes": summary["host_bytes"],
             **self._throughput(), **self._perplexity(plan), "seqlen": self.seqlen,
             "prompt_tokens": len(self.prompt), "new_tokens": self.settings.new_tokens,
-            "repeats": self.settings.repeats, **self.fixed,
+            "repeats": self.settings.repeats, "decoder": DECODER, **self.fixed,
             "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        return {c: row.get(c) for c in COLUMNS}
+        return {c: row.get(c) for c in [*COLUMNS, *batch_columns(row)]}
 
     def comparable(self, row: dict) -> bool:
         """Whether an earlier row is a measurement of this profiler's: same model, hardware and
         perplexity window."""
-        same = {"model": self.session.identity.model, "device_name": self.fixed["device_name"], "seqlen": self.seqlen}
+        same = {"model": self.session.identity.model, "device_name": self.fixed["device_name"], "seqlen": self.seqlen,
+                "decoder": DECODER}
         return all(row.get(k) == v for k, v in same.items())
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    """The q-th percentile of sorted values (nearest rank), None without values."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))]
 
 
 class Measurements:

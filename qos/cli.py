@@ -83,22 +83,44 @@ def cmd_plan(args) -> dict:
     return out
 
 
-def cmd_generate(args) -> dict:
-    from placement.decode import timed_generate
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
+
+def cmd_generate(args) -> dict:
+    """Decode through the serving decoder: once to warm it up (graph capture, kernel compilation),
+    then timed."""
+    from placement.decode import Decoder, Sampling
+
+    sampling = Sampling(args.temperature, args.top_p, args.sample_seed)
     session, plan, report = _session_and_plan(args)
     engine, tok = session.engine, session.tokenizer
-    gen = timed_generate(session.model, tok.encode(args.prompt), args.max_new_tokens,
-                         eos_token_id=tok.eos_token_id, after_warmup=engine.reset_stats)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    context = session.model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens >= context:
+        raise ValueError(f"the prompt is {len(ids)} tokens and --max-new-tokens {args.max_new_tokens}: together "
+                         f"not below the model's context of {context}")
+    decoder = Decoder(session.model, engine, max_seqs=1, max_len=len(ids) + args.max_new_tokens + 1)
+    decoder.generate([ids], args.max_new_tokens, sampling=sampling, eos_token_id=tok.eos_token_id)
+    engine.reset_stats()
+    run = decoder.generate([ids], args.max_new_tokens, sampling=sampling, eos_token_id=tok.eos_token_id)
+    gen = run.sequences[0]
     return {
         "model": args.model,
         "plan_id": plan.plan_id,
         "text": tok.decode(gen.ids),
+        "finish_reason": gen.finish_reason,
         "prompt_tokens": gen.prompt_tokens,
         "new_tokens": gen.new_tokens,
         "ttft_s": round(gen.ttft_s, 6),
         "prefill_tok_s": round(gen.prefill_tok_s, 3),
         "decode_tok_s": None if gen.decode_tok_s is None else round(gen.decode_tok_s, 3),
+        "decode_graphs": decoder.reason or "on",
         **{k: v for k, v in plan.summary(engine.spec).items() if k != "plan_id"},
         "memory": engine.memory(),
         "expert_stats": engine.stats.as_dict(),
@@ -113,7 +135,7 @@ def _profiler(args):
 
     settings = Settings(datasets=tuple(d for d in args.datasets.split(",") if d), data=args.data,
                         seqlen=args.seqlen, max_windows=args.max_windows, prompt_tokens=args.prompt_tokens,
-                        new_tokens=args.new_tokens, repeats=args.repeats, batch_size=args.batch_size,
+                        new_tokens=args.new_tokens, repeats=args.repeats, batch_sizes=args.batch_sizes,
                         ppl_batch=args.ppl_batch)
     return Profiler(_session(args), settings)
 
@@ -234,14 +256,17 @@ def cmd_serve(args) -> dict:
     from catalog.slo import load_slos
     from placement.session import identity_for
     from runtime import ray_actor
+    from runtime.limits import Limits
 
+    limits = Limits(max_seqs=args.max_seqs, max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue,
+                    max_len=args.max_len, max_new_tokens=args.max_new_tokens)
     load_slos(args.slos)  # a bad file fails here, not inside the cluster
     rows = read_front(args.front)  # and so does a front of another model than --model names
     identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
     ray_actor.connect(args.address)
     ray_actor.serve(args.front, args.slos, name=args.name, model=args.model, layers=args.layers,
                     device=None if args.device == "auto" else args.device, tick_s=args.tick,
-                    free_bytes=args.free_memory, data=args.data)
+                    free_bytes=args.free_memory, data=args.data, limits=limits)
     return ray_actor.call(ray_actor.server(args.name), "status") | {"name": args.name}
 
 
@@ -298,6 +323,7 @@ def cmd_demo(args) -> dict:
 # --- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from qos import __version__
+    from runtime.limits import Limits
 
     parser = argparse.ArgumentParser(prog="qos", description="Serve MoE models with mixed-precision, offloaded experts.")
     parser.add_argument("--version", action="version", version=f"moe-qos {__version__}")
@@ -315,8 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[common], help="generate text under a plan and time it")
     _add_model_args(p)
     _add_plan_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    p.add_argument("--sample-seed", type=int, help="makes sampling reproducible")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
@@ -331,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     m("--prompt-tokens", type=int, default=64)
     m("--new-tokens", type=int, default=32)
     m("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
-    m("--batch-size", type=int, default=1, help="also time decoding at this batch size")
+    m("--batch-sizes", type=_int_list, default=(1,), metavar="N,N,...",
+      help="also time decoding with this many concurrent sequences, e.g. 1,4,16 (batch 1 always; default: 1)")
     m("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
     m("--quiet", action="store_true", help="no progress bar")
     m("--json", action="store_true")
@@ -371,6 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
     p.add_argument("--free-memory", type=_bytes, help="simulated free accelerator memory (CPU machines, tests)")
     p.add_argument("--data", help="data folder, for calibration text of scored selections")
+    limits = p.add_argument_group("scheduling limits")
+    d = Limits()
+    limits.add_argument("--max-seqs", type=int, default=d.max_seqs,
+                        help="sequences decoded at once (default: %(default)s)")
+    limits.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens,
+                        help="tokens per step: one per running sequence plus prompt chunks (default: %(default)s)")
+    limits.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="requests waiting for a slot before new ones are refused (default: %(default)s)")
+    limits.add_argument("--max-len", type=int, default=d.max_len,
+                        help="positions per sequence, prompt plus new tokens; at most the model's context "
+                             "(default: %(default)s)")
+    limits.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help="the most new tokens a request may ask for (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common, ray_common], help="the server's plan, budget, tenants and history")

@@ -1,9 +1,14 @@
-"""The executor: owns the model session (engine), serves requests, and applies the desired plan
-between two decode steps (or at once when idle).
+"""The executor: owns the model session and its one decoder, schedules requests onto it with
+continuous batching, and applies the desired plan between two decode steps (or when idle).
 
-One thread decodes requests in arrival order at batch 1. A request accepted is always answered:
-reconfiguration only swaps experts, whose state the KV cache does not depend on, and a request that
-fails is answered with its error.
+One thread (`serve_forever`) runs the loop: reconcile the plan, admit waiting requests into free
+decoder slots (tenants by priority with weighted fairness, FIFO within a tenant), prefill them in
+chunks within a per-step token budget, then one decode step for every running sequence. Requests
+join and leave between steps; a reconfiguration only swaps experts, whose state the KV cache does
+not depend on, so running sequences carry on under the new plan.
+
+A request accepted is always answered: with its tokens, with its error, or, once cancelled or when
+the server stops, with what it had. Limits are checked at submit with errors that name them.
 """
 
 from __future__ import annotations
@@ -14,28 +19,119 @@ import statistics
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 
-from placement.decode import timed_generate
+from placement.decode import Decoder, Sampling
 from placement.plan import Plan
 from placement.session import Session
 from runtime.controller import Desired, World
+from runtime.limits import Limits, Rejected
 
 log = logging.getLogger(__name__)
 
 
+class Request:
+    """An accepted request: wait for its result, stream its tokens, or cancel it (any thread)."""
+
+    def __init__(self, rid: int, tenant: str, prompt: str, prompt_ids: list[int], max_new_tokens: int,
+                 sampling: Sampling, stop: tuple[str, ...]):
+        self.id, self.tenant, self.prompt, self.prompt_ids = rid, tenant, prompt, prompt_ids
+        self.max_new_tokens, self.sampling, self.stop = max_new_tokens, sampling, stop
+        self.accepted_at = time.time()
+        self.tokens: list[int] = []
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the cache so far
+        self.first_token_at: float | None = None
+        self.plan_ids: list[str] = []
+        self._events: queue.SimpleQueue = queue.SimpleQueue()  # token ids, then None at the end
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._result: dict | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list = []
+
+    # --- the client's side ----------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> dict:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not done after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The request's error once it is done (None when it succeeded)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not done after {timeout} s")
+        return self._error
+
+    def add_done_callback(self, fn) -> None:
+        """fn(request) when the request is done (at once if it is; else on the serving thread)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def cancel(self) -> None:
+        """Stop generating (between two steps); the result keeps the tokens made so far."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def stream(self, timeout: float | None = None):
+        """Token ids in the order they are made; ends when the request does (raising its error)."""
+        while True:
+            tok = self._events.get(timeout=timeout)
+            if tok is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield tok
+
+    # --- the executor's side --------------------------------------------------------------------
+    def _finish(self, result: dict | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._result, self._error = result, error
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        self._events.put(None)
+        for fn in callbacks:  # a failing callback is the client's problem, never the server's
+            try:
+                fn(self)
+            except Exception:
+                log.exception("a done-callback of request %s failed", self.id)
+
+
 class Executor:
-    def __init__(self, session: Session, plans: dict[str, Plan], check_tenant=lambda name: None):
-        self.session, self.plans = session, plans
+    def __init__(self, session: Session, plans: dict[str, Plan], check_tenant=lambda name: None, *,
+                 limits: Limits = Limits(), priority=lambda tenant: 1):
+        self.session, self.plans, self.limits = session, plans, limits
         self.engine = session.engine
+        self.tokenizer = session.tokenizer
         self.check_tenant = check_tenant  # raises for a tenant the SLOs do not name
+        self.priority = priority  # tenant -> its SLO priority (higher is served first)
+        context = getattr(session.model.config, "max_position_embeddings", limits.max_len)
+        self.max_len = min(limits.max_len, context)
+        self.decoder = Decoder(session.model, self.engine, max_seqs=limits.max_seqs, max_len=self.max_len)
         self.lock = threading.RLock()
-        self.requests: queue.Queue = queue.Queue()
-        self.waiting: dict[str, int] = {}  # tenant -> queued or running requests
+        self.wake = threading.Condition(self.lock)
+        self.waiting: dict[str, deque[Request]] = {}  # tenant -> requests without a slot, FIFO
+        self.running: dict[int, Request] = {}  # slot -> request (prefilling or decoding)
+        self.served_share: dict[str, float] = {}  # tenant -> admitted tokens / weight (fair queuing)
         self.served: dict[str, deque] = {}  # tenant -> recent decode tok/s
         self.desired: Desired | None = None
         self.history: list[dict] = []
-        self.running = True
+        self.serving = True
+        self.steps = 0
+        self._ids = 0
+        self._tok_lock = threading.Lock()  # the tokenizer is called from client threads
 
     # --- state the controller reads -------------------------------------------------------------
     def held_bytes(self) -> int:
@@ -44,8 +140,11 @@ class Executor:
     def world(self) -> World:
         with self.lock:
             plan = self.engine.plan
-            return World(plan.plan_id if plan else None, self.held_bytes(),
-                         frozenset(t for t, n in self.waiting.items() if n > 0))
+            return World(plan.plan_id if plan else None, self.held_bytes(), frozenset(self.active_tenants()))
+
+    def active_tenants(self) -> set[str]:
+        with self.lock:
+            return {t for t, q in self.waiting.items() if q} | {r.tenant for r in self.running.values()}
 
     def measured_tok_s(self, tenant: str) -> float | None:
         """Median decode speed of the tenant's recent requests."""
@@ -53,8 +152,17 @@ class Executor:
         return statistics.median(recent) if recent else None
 
     def queued(self) -> int:
+        """Requests accepted and not yet answered (waiting or running)."""
         with self.lock:
-            return sum(self.waiting.values())
+            return sum(len(q) for q in self.waiting.values()) + len(self.running)
+
+    def queue_depth(self, tenant: str | None = None) -> int:
+        with self.lock:
+            return sum(len(q) for t, q in self.waiting.items() if tenant in (None, t))
+
+    def running_count(self, tenant: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for r in self.running.values() if tenant in (None, r.tenant))
 
     # --- reconciling toward the desired plan -----------------------------------------------------
     def want(self, desired: Desired | None) -> None:
@@ -78,55 +186,213 @@ class Executor:
             self.history.append({"at": time.time(), "from": before, "to": desired.plan_id, "reason": desired.reason,
                                  "experts_moved": report.moves, "bytes_to_accel": report.bytes_to_accel,
                                  "requantized": report.requantized, "seconds": report.seconds,
-                                 "budget_bytes": budget_bytes})
+                                 "budget_bytes": budget_bytes, "running": len(self.running)})
 
     # --- requests ------------------------------------------------------------------------------
-    def submit(self, tenant: str, prompt: str, max_new_tokens: int = 32) -> Future:
+    def submit(self, tenant: str, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Request:
+        """Accept a request or refuse it at once (Rejected, naming the limit or the bad field)."""
         self.check_tenant(tenant)  # unknown tenant: a clear error for this request
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError("prompt must be a non-empty string")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        future: Future = Future()
+            raise Rejected("prompt must be a non-empty string")
+        lim = self.limits
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise Rejected(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if max_new_tokens > lim.max_new_tokens:
+            raise Rejected(f"max_new_tokens={max_new_tokens} is above this server's limit of {lim.max_new_tokens}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+            raise Rejected(f"stop must be a non-empty string or a list of up to 4 of them, got {stop!r}")
+        try:
+            sampling = Sampling(temperature, top_p, seed, tuple(self._eos()))
+        except ValueError as err:
+            raise Rejected(str(err)) from None
+        with self._tok_lock:
+            ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise Rejected("the prompt is empty after tokenization")
+        room = self.decoder.scratch  # positions a sequence may use
+        if len(ids) + max_new_tokens > room:
+            raise Rejected(f"the prompt is {len(ids)} tokens and max_new_tokens is {max_new_tokens}: together "
+                           f"above the {room} positions of this server's context; shorten the prompt or ask "
+                           f"for fewer tokens")
         with self.lock:
-            self.waiting[tenant] = self.waiting.get(tenant, 0) + 1
-        self.requests.put((tenant, prompt, max_new_tokens, future, time.time()))
-        return future
+            if not self.serving:
+                raise Rejected("the server is stopping; no new requests are accepted")
+            if self.queue_depth() >= lim.max_queue:
+                raise Rejected(f"queue full: {lim.max_queue} requests are waiting; retry later")
+            self._ids += 1
+            req = Request(self._ids, tenant, prompt, ids, max_new_tokens, sampling, stops)
+            if not self.waiting.get(tenant) and tenant not in {r.tenant for r in self.running.values()}:
+                # a tenant coming back starts level with the others (no credit for idle time)
+                shares = [self.served_share.get(t, 0.0) for t in self.active_tenants()]
+                self.served_share[tenant] = max(self.served_share.get(tenant, 0.0), min(shares, default=0.0))
+            self.waiting.setdefault(tenant, deque()).append(req)
+            self.wake.notify()
+        return req
 
+    def _eos(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    # --- the loop ------------------------------------------------------------------------------
     def serve_forever(self, between_steps) -> None:
-        """Decode requests until stopped; `between_steps()` runs before a request and after each
-        decode step (where the plan may change)."""
-        tok = self.session.tokenizer
-        while self.running:
+        """Serve until stopped; `between_steps()` runs before every step (where the plan may change)."""
+        while self.serving:
             try:
-                tenant, prompt, n, future, accepted = self.requests.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            served_by = []
-
-            def step():
                 between_steps()
-                pid = self.engine.plan.plan_id
-                if not served_by or served_by[-1] != pid:
-                    served_by.append(pid)
-
-            try:
-                step()
-                gen = timed_generate(self.session.model, tok.encode(prompt), n, warmup_tokens=0,
-                                     eos_token_id=tok.eos_token_id, between_steps=step)
-                result = {"tenant": tenant, "prompt": prompt, "text": tok.decode(gen.ids),
-                          "new_tokens": gen.new_tokens, "latency_s": time.time() - accepted,
-                          "ttft_s": gen.ttft_s, "decode_tok_s": gen.decode_tok_s, "plan_id": served_by[-1],
-                          "plan_ids": served_by}
-                if gen.decode_tok_s:
-                    self.served.setdefault(tenant, deque(maxlen=16)).append(gen.decode_tok_s)
-                future.set_result(result)
-            except Exception as err:  # answer the request with the error rather than lose it
-                log.exception("request failed")
-                future.set_exception(err)
-            finally:
                 with self.lock:
-                    self.waiting[tenant] -= 1
+                    self._note_plan()
+                    self._drop_cancelled()
+                    self._admit()
+                    busy = bool(self.running)
+                    if not busy:
+                        self.wake.wait(0.05)
+                        continue
+                self._prefill_chunks()
+                self._decode_step()
+            except Exception as err:  # answer what was running with the error; keep serving
+                log.exception("serving step failed")
+                with self.lock:
+                    for slot in list(self.running):
+                        self._end(slot, error=err)
+        self._answer_all("the server stopped")
+
+    def _note_plan(self) -> None:
+        plan = self.engine.plan
+        if plan is not None:
+            for r in self.running.values():
+                if not r.plan_ids or r.plan_ids[-1] != plan.plan_id:
+                    r.plan_ids.append(plan.plan_id)
+
+    def _pick_tenant(self) -> str | None:
+        """The waiting tenant to admit next: highest priority first among those whose fair share
+        is not ahead; weighted fair queuing keeps a flood of one tenant from starving another."""
+        candidates = [t for t, q in self.waiting.items() if q]
+        if not candidates:
+            return None
+        # share = admitted tokens / weight, weight 2^priority: a priority-2 tenant gets twice a priority-1's
+        return min(candidates, key=lambda t: (self.served_share.get(t, 0.0), -self.priority(t)))
+
+    def _admit(self) -> None:
+        free = self.decoder.free_slots()
+        while free:
+            tenant = self._pick_tenant()
+            if tenant is None:
+                return
+            req = self.waiting[tenant].popleft()
+            weight = 2.0 ** self.priority(tenant)
+            self.served_share[tenant] = self.served_share.get(tenant, 0.0) + \
+                (len(req.prompt_ids) + req.max_new_tokens) / weight
+            slot = free.pop(0)  # the lowest: keeps decode batches small
+            self.decoder.open(slot, req.sampling)
+            req.slot = slot
+            self.running[slot] = req
+            if self.engine.plan is not None:
+                req.plan_ids.append(self.engine.plan.plan_id)
+
+    def _prefill_chunks(self) -> None:
+        """Prefill waiting prompts, oldest first, within this step's token budget (what the decode
+        step leaves of max_batched_tokens): a long prompt is prefilled over several steps."""
+        with self.lock:
+            prefilling = sorted((r for r in self.running.values() if r.first_token_at is None), key=lambda r: r.id)
+            budget = self.limits.max_batched_tokens - len(self.decoder.decoding)
+        for req in prefilling:
+            if budget <= 0:
+                return
+            n = min(budget, len(req.prompt_ids) - req.prefilled)
+            try:
+                logits = self.decoder.prefill(req.slot, req.prompt_ids[req.prefilled:req.prefilled + n], req.prefilled)
+                req.prefilled += n
+                budget -= n
+                if req.prefilled == len(req.prompt_ids):
+                    first = int(self.decoder.sample(req.slot, logits))
+                    req.first_token_at = time.time()
+                    with self.lock:
+                        if not self._take(req, first):
+                            self.decoder.feed(req.slot, first, len(req.prompt_ids))
+            except Exception as err:  # this request fails alone
+                log.exception("prefill failed")
+                with self.lock:
+                    self._end(req.slot, error=err)
+
+    def _decode_step(self) -> None:
+        if not self.decoder.decoding:
+            return
+        new = self.decoder.step()
+        self.steps += 1
+        with self.lock:
+            for slot, tok in new.items():
+                self._take(self.running[slot], tok)
+
+    def _take(self, req: Request, tok: int) -> bool:
+        """Give `req` its next token; end it if that was its last. Whether it ended."""
+        req.tokens.append(tok)
+        req._events.put(tok)
+        reason = None
+        if tok in req.sampling.stop_token_ids:
+            reason = "stop"
+        elif req.stop and self._hits_stop(req):
+            reason = "stop"
+        elif len(req.tokens) >= req.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            self._end(req.slot, reason)
+        return reason is not None
+
+    def _hits_stop(self, req: Request) -> bool:
+        tail = self.tokenizer.decode(req.tokens[-8:])  # a stop string ends within the last few tokens
+        return any(s in tail for s in req.stop)
+
+    def _drop_cancelled(self) -> None:
+        for slot, req in list(self.running.items()):
+            if req.cancelled:
+                self._end(slot, "cancelled")
+        for q in self.waiting.values():
+            for req in [r for r in q if r.cancelled]:
+                q.remove(req)
+                req._finish(self._result(req, "cancelled"))
+
+    def _end(self, slot: int, reason: str = "error", error: BaseException | None = None) -> None:
+        req = self.running.pop(slot)
+        self.decoder.close(slot)
+        if error is not None:
+            req._finish(error=error)
+            return
+        result = self._result(req, reason)
+        if result["decode_tok_s"]:
+            self.served.setdefault(req.tenant, deque(maxlen=16)).append(result["decode_tok_s"])
+        req._finish(result)
+
+    def _result(self, req: Request, reason: str) -> dict:
+        now = time.time()
+        text = self.tokenizer.decode(req.tokens)
+        if reason == "stop" and req.stop:  # the text ends before the stop string
+            cut = min((text.find(s) for s in req.stop if s in text), default=-1)
+            text = text[:cut] if cut >= 0 else text
+        n = len(req.tokens)
+        decode_s = now - req.first_token_at if req.first_token_at else None
+        return {
+            "id": req.id, "tenant": req.tenant, "prompt": req.prompt, "text": text, "finish_reason": reason,
+            "prompt_tokens": len(req.prompt_ids), "new_tokens": n, "latency_s": now - req.accepted_at,
+            "ttft_s": req.first_token_at - req.accepted_at if req.first_token_at else None,
+            "decode_tok_s": (n - 1) / decode_s if n > 1 and decode_s else None,
+            "tpot_ms": 1000 * decode_s / (n - 1) if n > 1 and decode_s else None,
+            "plan_id": req.plan_ids[-1] if req.plan_ids else None, "plan_ids": list(req.plan_ids),
+        }
+
+    def _answer_all(self, why: str) -> None:
+        with self.lock:
+            for slot in list(self.running):
+                self._end(slot, "aborted")
+            for q in self.waiting.values():
+                while q:
+                    req = q.popleft()
+                    req._finish(error=Rejected(f"{why} before request {req.id} was served"))
 
     def stop(self) -> None:
-        self.running = False
+        """Stop serving: nothing new is accepted; what was accepted is answered (running requests
+        with what they have, waiting ones with an error)."""
+        with self.lock:
+            self.serving = False
+            self.wake.notify_all()

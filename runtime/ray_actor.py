@@ -27,9 +27,10 @@ def connect(address: str | None = None) -> None:
 
 def serve(front: str, slos: str, *, name: str = DEFAULT_NAME, model: str | None = None, layers: int | None = None,
           device: str | None = None, tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
-          num_gpus: float | None = None):
+          num_gpus: float | None = None, limits=None):
     """Start the server actor (detached: it outlives this process) and wait until it serves the
     model the front was measured on (`model`/`layers`, when given, must agree with it)."""
+    from runtime.limits import Limits
     from runtime.server import Server
 
     try:
@@ -43,7 +44,7 @@ def serve(front: str, slos: str, *, name: str = DEFAULT_NAME, model: str | None 
     actor_cls = ray.remote(Server).options(name=name, namespace=NAMESPACE, lifetime="detached",
                                            max_concurrency=64, num_gpus=num_gpus, num_cpus=1)
     handle = actor_cls.remote(front, slos, model=model, layers=layers, device=device, tick_s=tick_s,
-                              free_bytes=free_bytes, data=data)
+                              free_bytes=free_bytes, data=data, limits=limits or Limits())
     try:
         ray.get(handle.ready.remote())
     except ray.exceptions.RayActorError as err:  # the constructor failed: say why in one line
@@ -83,6 +84,12 @@ def generate_all(handle, requests: list[tuple[str, str, int]]) -> list[dict]:
     """Send (tenant, prompt, max_new_tokens) requests at once; their results in order."""
     refs = [handle.generate.remote(*r) for r in requests]
     return [result(ref) for ref in refs]
+
+
+def stream(handle, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling):
+    """The request's text piece by piece as the server makes it (a streaming generator call)."""
+    for ref in handle.stream.options(num_returns="streaming").remote(tenant, prompt, max_new_tokens, **sampling):
+        yield result(ref)
 
 
 def stop(name: str = DEFAULT_NAME) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from catalog.rows import read_front
 from placement.session import identity_for, open_session
 from runtime.controller import Controller
 from runtime.executor import Executor
+from runtime.limits import Limits
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
 
 log = logging.getLogger(__name__)
@@ -24,26 +26,34 @@ log = logging.getLogger(__name__)
 class Server:
     def __init__(self, front: str | Path, slos: str | Path, *, model: str | None = None, layers: int | None = None,
                  dtype: str | None = None, device: str | None = None, tick_s: float = 1.0,
-                 free_bytes: int | None = None, data: str | None = None, hysteresis: float = 0.05):
+                 free_bytes: int | None = None, data: str | None = None, hysteresis: float = 0.05,
+                 limits: Limits = Limits()):
         rows = read_front(front)
         identity = identity_for(rows[0].identity, model=model, layers=layers, dtype=dtype, source=str(front))
         self.session = open_session(identity, device, data=data)
         self.engine = self.session.engine
         self.plans = {m.plan_id: self.session.planner.rebuild(m.knobs, m.plan_id) for m in rows}
         self.controller = Controller(rows, slos, hysteresis=hysteresis, switch_bytes=self._switch_bytes)
-        self.executor = Executor(self.session, self.plans, check_tenant=lambda name: self.slos.tenant(name))
+        self.executor = Executor(self.session, self.plans, check_tenant=lambda name: self.slos.tenant(name),
+                                 limits=limits, priority=self._priority)
         self.lock = self.executor.lock  # one lock: a tick never sees a half-applied plan
         self.tick_s = tick_s
         self.set_free_memory(free_bytes)
         self.tick()  # choose and apply the first plan before serving
         self._reconcile()
-        threading.Thread(target=self.executor.serve_forever, args=(self._reconcile,), daemon=True,
-                         name="serve").start()
+        self.serve_thread = threading.Thread(target=self.executor.serve_forever, args=(self._reconcile,),
+                                             daemon=True, name="serve")
+        self.serve_thread.start()
         threading.Thread(target=self._control, daemon=True, name="control").start()
 
     @property
     def slos(self):
         return self.controller.slos
+
+    def _priority(self, tenant: str) -> int:
+        """A tenant's SLO priority; 0 for one the SLO file no longer names (its queued requests are
+        still served, last)."""
+        return next((t.priority for t in self.slos.tenants if t.name == tenant), 0)
 
     @property
     def history(self) -> list[dict]:
@@ -68,19 +78,20 @@ class Server:
             return {"plan_id": decision.plan_id, "switch": decision.switch, "reason": decision.reason}
 
     def _reconcile(self) -> None:
-        """Move to the desired plan (between decode steps, or when idle), recording the budget the
-        decision was made on; no memory reading on this per-step path."""
+        """Move to the desired plan, recording the budget the decision was made on; run by the serving
+        thread between two steps (or when idle), so the engine changes under no running step; no memory
+        reading on this per-step path."""
         self.executor.reconcile(self.controller.budget_bytes)
 
     def _control(self) -> None:
-        while self.executor.running:
+        while self.executor.serving:
             time.sleep(self.tick_s)
-            if not self.executor.running:  # stopped while asleep
+            if not self.executor.serving:  # stopped while asleep
                 break
             try:
                 self.tick()
-                if self.executor.queued() == 0:
-                    self._reconcile()  # idle: no decode step to wait for
+                with self.executor.wake:  # an idle serving loop reconciles at once
+                    self.executor.wake.notify()
             except Exception:  # the controller must outlive a bad tick
                 log.exception("controller tick failed")
 
@@ -92,11 +103,30 @@ class Server:
                    if s.tier == "accel" and now.state(eid) != s)
 
     # --- RPC ----------------------------------------------------------------------------------
-    def submit(self, tenant: str, prompt: str, max_new_tokens: int = 32):
-        return self.executor.submit(tenant, prompt, max_new_tokens)
+    def submit(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling):
+        """Accept a request (sampling: temperature, top_p, seed, stop); a Request to wait on,
+        stream or cancel."""
+        return self.executor.submit(tenant, prompt, max_new_tokens, **sampling)
 
-    def generate(self, tenant: str, prompt: str, max_new_tokens: int = 32) -> dict:
-        return self.submit(tenant, prompt, max_new_tokens).result()
+    def generate(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling) -> dict:
+        return self.submit(tenant, prompt, max_new_tokens, **sampling).result()
+
+    def stream(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling):
+        """The request's text as it is made, piece by piece (a generator; over Ray, a streaming call)."""
+        req = self.submit(tenant, prompt, max_new_tokens, **sampling)
+        tok, ids, shown = self.session.tokenizer, [], ""
+        try:
+            for t in req.stream():
+                ids.append(t)
+                text = tok.decode(ids)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+                    yield text[len(shown):]
+                    shown = text
+        finally:  # the consumer left early: stop generating for it
+            req.cancel()
+        text = req.result()["text"]  # the final text (a stop string cut off)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
 
     def set_free_memory(self, free_bytes: int | None) -> None:
         """Simulate (None: stop simulating) a device with `free_bytes` free now."""
@@ -112,12 +142,14 @@ class Server:
         with self.lock:
             plan, c, d = self.engine.plan, self.controller, self.controller.last_decision
             free = self.free_bytes()
+            active = self.executor.active_tenants()
             tenants = []
             for t in c.slos.tenants:
                 measured = self.executor.measured_tok_s(t.name)
                 slo_status = next((s for s in d.tenants if s.tenant == t.name), None) if d else None
                 tenants.append({
-                    "name": t.name, "priority": t.priority, "active": self.executor.waiting.get(t.name, 0) > 0,
+                    "name": t.name, "priority": t.priority, "active": t.name in active,
+                    "waiting": self.executor.queue_depth(t.name), "running": self.executor.running_count(t.name),
                     "min_decode_tok_s": t.min_decode_tok_s, "max_ppl_increase": t.max_ppl_increase,
                     "measured_decode_tok_s": measured,
                     "floor_met": None if measured is None or t.min_decode_tok_s is None else measured >= t.min_decode_tok_s,
@@ -130,7 +162,9 @@ class Server:
                 "desired_plan_id": c.desired.plan_id if c.desired else None,
                 "free_bytes": free, "budget_bytes": self.budget(free),
                 "reserve_bytes": c.slos.reserve_bytes, "prefer": c.slos.prefer, "tenants": tenants,
-                "queued": self.executor.queued(), "ticks": c.ticks, "last_decision": d.reason if d else None,
+                "queued": self.executor.queued(), "waiting": self.executor.queue_depth(),
+                "running": self.executor.running_count(), "decode_steps": self.executor.steps,
+                "limits": asdict(self.executor.limits) | {"max_len": self.executor.max_len}, "ticks": c.ticks, "last_decision": d.reason if d else None,
                 "history": list(self.history), "slo_rejections": list(c.rejections),
                 "memory": self.engine.memory(),
             }
@@ -138,5 +172,7 @@ class Server:
     def ready(self) -> bool:
         return True
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving; returns once every accepted request is answered (or after `timeout`)."""
         self.executor.stop()
+        self.serve_thread.join(timeout)

@@ -1,4 +1,5 @@
-"""Decode paths: the static-cache decoder, speculative prefetch, and the fused-kernel path of the
+"""Decode paths: the batched slot decoder against transformers (every family, tier and precision),
+sequences joining and leaving, sampling, speculative prefetch, and the fused-kernel path of the
 engine (run on the CPU through Triton's interpreter)."""
 
 import pytest
@@ -10,38 +11,143 @@ from placement.models import load_model
 from catalog.knobs import Knobs
 from placement.plan import build_plan
 from catalog.data import calibration_text
-from placement.decode import GraphDecoder, timed_generate
+from placement.decode import Decoder, Sampling
+from tests.conftest import FAMILIES
 
 
-@pytest.mark.parametrize("knobs", [Knobs(), Knobs(gpu_experts=4, cache_slots=4), Knobs(quantized=16, bits=4)],
-                         ids=["16-bit", "fetch", "4-bit"])
-def test_static_cache_decoder_matches_transformers_generate(fresh, knobs):
-    model, _ = fresh()
-    prompt = list(range(5, 25))
+def hf_greedy(model, prompt, n):
+    """Stock transformers greedy generation of exactly n tokens: the reference."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = [list(range(5, 25)), list(range(30, 37)), list(range(100, 141)), [7]]
+
+
+CASES = [(f, Knobs()) for f in FAMILIES] + [("tiny-random", Knobs(gpu_experts=4, cache_slots=4)),
+                                             ("tiny-random", Knobs(gpu_experts=4, offload="cpu")),
+                                             ("tiny-random", Knobs(quantized=16, bits=4))]
+
+
+@pytest.mark.parametrize("family,knobs", CASES,
+                         ids=[*(f"{f}-16-bit" for f in FAMILIES), "fetch", "cpu-tier", "4-bit"])
+def test_batched_decoder_matches_transformers_generate_token_for_token(fresh, family, knobs):
+    model, _ = fresh(family)
     engine = Engine(model)
     engine.apply(build_plan(engine.spec, knobs))
-    expected = timed_generate(model, prompt, 12, fixed_length=True, warmup_tokens=0).ids
-    decoder = GraphDecoder(model, engine, max_len=40)
-    for _ in range(2):  # the cache is reset between calls
-        got = decoder.generate(prompt, 12)
-        assert got.ids == expected
-        assert got.decode_tok_s > 0 and got.ttft_s > 0
+    expected = [hf_greedy(model, p, 12) for p in PROMPTS]
+    decoder = Decoder(model, engine, max_seqs=4, max_len=64)
+    for _ in range(2):  # slots are reused between calls
+        run = decoder.generate(PROMPTS, 12, fixed_length=True)
+        assert [g.ids for g in run.sequences] == expected
+        assert run.steps == 11 and run.decode_tokens == 4 * 11 and run.decode_tok_s > 0
+        assert all(g.ttft_s > 0 and g.decode_tok_s > 0 and g.finish_reason == "length" for g in run.sequences)
     assert decoder.reason == "no CUDA device"
     with pytest.raises(ValueError, match="exceed the cache"):
-        decoder.generate(prompt, 21)
+        decoder.generate([PROMPTS[0]], 44)
+    with pytest.raises(ValueError, match="give 1 to 4 prompts"):
+        decoder.generate(PROMPTS + [[1]], 4)
+
+
+def test_sequences_join_and_leave_between_steps_and_chunked_prefill_changes_nothing(fresh):
+    """Sequences start at different steps, in free slots left by finished ones, and long prompts
+    are prefilled in chunks: every sequence still equals running it alone."""
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    expected = {i: hf_greedy(model, p, 10) for i, p in enumerate(PROMPTS)}
+    decoder = Decoder(model, engine, max_seqs=2, max_len=64)
+    pending, got, slot_of = list(enumerate(PROMPTS)), {}, {}
+    while pending or decoder.decoding:
+        for slot in decoder.free_slots():
+            if not pending:
+                break
+            i, p = pending.pop(0)
+            decoder.open(slot)
+            for start in range(0, len(p), 8):  # chunks of 8 tokens
+                logits = decoder.prefill(slot, p[start:start + 8], start)
+            first = int(decoder.sample(slot, logits))
+            got[i], slot_of[slot] = [first], i
+            decoder.feed(slot, first, len(p))
+        for slot, tok in decoder.step().items():
+            i = slot_of[slot]
+            got[i].append(tok)
+            if len(got[i]) == 10:
+                decoder.close(slot)
+    assert got == expected
+
+
+def test_sampling_is_reproducible_by_seed_and_a_tiny_nucleus_is_greedy(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    decoder = Decoder(model, engine, max_seqs=4, max_len=64)
+    hot = Sampling(temperature=1.5, seed=3)
+
+    def ids(sampling, prompts=PROMPTS[:2]):
+        return [g.ids for g in decoder.generate(prompts, 10, sampling=sampling, fixed_length=True).sequences]
+
+    first = ids(hot)
+    assert first == ids(hot)  # same seed, same tokens
+    assert first != ids(Sampling(temperature=1.5, seed=4))
+    assert first[0] == ids(hot, PROMPTS[:1])[0]  # a sequence's draws are its own, whatever the batch
+    greedy = ids(Sampling())
+    assert first != greedy
+    assert ids(Sampling(temperature=1.0, top_p=1e-6, seed=5)) == greedy
+    for bad, match in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                       (dict(temperature=float("nan")), "temperature"), (dict(seed=-2), "seed")]:
+        with pytest.raises(ValueError, match=match):
+            Sampling(**bad)
+
+
+def test_generation_stops_at_end_of_sequence_unless_fixed_length(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    decoder = Decoder(model, engine, max_seqs=2, max_len=64)
+    full = decoder.generate(PROMPTS[:2], 10, fixed_length=True).sequences
+    eos = full[0].ids[3]
+    run = decoder.generate(PROMPTS[:2], 10, eos_token_id=eos)
+    cut = full[0].ids.index(eos) + 1
+    assert run.sequences[0].ids == full[0].ids[:cut] and run.sequences[0].finish_reason == "stop"
+    other = full[1].ids[: full[1].ids.index(eos) + 1] if eos in full[1].ids else full[1].ids
+    assert run.sequences[1].ids == other
+
+
+def test_transformers_baseline_timer_warms_up_at_its_own_length(fresh):
+    import warnings
+
+    from experiments.baselines import timed_generate
+
+    model, _ = fresh()
+    asked, generate = [], model.generate
+
+    def spy(input_ids, **kwargs):
+        asked.append((kwargs.get("min_new_tokens"), kwargs["max_new_tokens"]))
+        return generate(input_ids, **kwargs)
+
+    model.generate = spy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = timed_generate(model, [5, 6, 7], 6, fixed_length=True, warmup_tokens=2, eos_token_id=3)
+    assert not [w for w in caught if "Unfeasible length" in str(w.message)]
+    assert asked == [(2, 2), (6, 6)] and gen.new_tokens == 6
 
 
 def test_prefetch_guesses_the_next_layers_experts_and_changes_no_output():
     loaded = load_model("reference")
     engine = Engine(loaded.model)
     ids = loaded.tokenizer.encode(calibration_text())[:24]
-    decoder = GraphDecoder(loaded.model, engine, max_len=64)
+    decoder = Decoder(loaded.model, engine, max_seqs=1, max_len=64)
     runs = {}
     for prefetch in (False, True):  # every expert fetched through 2k slots
         plan = build_plan(engine.spec, Knobs(gpu_experts=0, prefetch=prefetch))
         assert plan.prefetch == prefetch
         engine.apply(plan)
-        runs[prefetch] = (decoder.generate(ids, 32).ids, decoder.decode_stats)
+        run = decoder.generate([ids], 32, fixed_length=True)
+        runs[prefetch] = (run.sequences[0].ids, run.stats)
     assert runs[True][0] == runs[False][0]
     off, on = runs[False][1], runs[True][1]
     assert off["prefetch_issued"] == 0
@@ -82,10 +188,11 @@ def test_mixed_tiers_use_kernels_for_accelerator_experts_and_the_loop_for_host_o
     engine = Engine(model, use_kernels=False)
     plan = build_plan(engine.spec, Knobs(quantized=8, bits=4, gpu_experts=8, cache_slots=4))
     engine.apply(plan)
-    expected = GraphDecoder(model, engine, 32).generate(prompt, 6).ids
+    decoder = Decoder(model, engine, max_seqs=1, max_len=32)
+    expected = decoder.generate([prompt], 6, fixed_length=True).sequences[0].ids
     engine.configure(use_kernels=True)
     assert any(engine.layer_eager) and not engine.capturable
-    decoder = GraphDecoder(model, engine, 32)
-    assert decoder.generate(prompt, 6).ids == expected
-    assert decoder.decode_stats["kernel_layers"] == 5 * engine.spec.num_layers
-    assert decoder.decode_stats["fetch_hits"] + decoder.decode_stats["fetch_misses"] > 0
+    run = decoder.generate([prompt], 6, fixed_length=True)
+    assert run.sequences[0].ids == expected
+    assert run.stats["kernel_layers"] == 5 * engine.spec.num_layers
+    assert run.stats["fetch_hits"] + run.stats["fetch_misses"] > 0

@@ -72,17 +72,22 @@ def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys)
     out = tmp_path / "p.csv"
     args = ["profile", "--model", "tiny-random", "--grid", "quantized=0,8;bits=4;gpu_experts=8,16;prefetch=0,1",
             "--out", str(out), "--max-windows", "2", "--seqlen", "64", "--new-tokens", "4",
-            "--repeats", "1", "--batch-size", "2", "--quiet"]
+            "--repeats", "1", "--batch-sizes", "1,3", "--quiet"]
     assert main(args) == 0
     df = read_profile(out)
     # prefetch only acts with host experts: with all 16 on the accelerator both values are one plan
-    assert list(df.columns) == COLUMNS and len(df) == 6
+    assert list(df.columns) == [*COLUMNS, "agg_tok_s_b3", "seq_tok_s_b3", "tpot_p95_ms_b3"] and len(df) == 6
+    assert (df["batch_sizes"] == "1,3").all() and (df["decoder"] == "slots-1").all()
+    assert (df["tpot_p50_ms"] <= df["tpot_p95_ms"]).all() and (df["tpot_p50_ms"] > 0).all()
+    # every step decodes all three sequences: the aggregate is three times the per-sequence speed
+    ratio = df["agg_tok_s_b3"] / df["seq_tok_s_b3"]
+    assert ratio.between(2.2, 3.8).all(), ratio.tolist()
     assert sorted(df.loc[df["gpu_experts"] == 8, "prefetch"]) == [False, False, True, True]
     assert not df.loc[df["gpu_experts"] == 16, "prefetch"].any()
     with_prefetch = df[df["prefetch"]]
     assert (with_prefetch["plan_id"] != df.loc[~df["prefetch"] & (df["gpu_experts"] == 8), "plan_id"].values).all()
     df = df[~df["prefetch"]]  # the rest of the test is about plans without it
-    assert df["plan_id"].is_unique and (df["decode_tok_s"] > 0).all() and (df["decode_tok_s_batch"] > 0).all()
+    assert df["plan_id"].is_unique and (df["decode_tok_s"] > 0).all()
     for _, group in df.groupby("precision_id"):  # placement does not change perplexity
         assert group["ppl_wikitext2"].nunique() == 1 and len(group) == 2
     assert (df["ppl_ptb"] > 1).all() and df["ppl_note"].str.contains("2 of").all()
@@ -124,29 +129,6 @@ def test_rows_rebuild_their_plans_and_files_from_before_the_prefetch_column_read
     assert not knobs_from_row(legacy).prefetch
     assert planner.rebuild(knobs_from_row(legacy), old["plan_id"]).plan_id == old["plan_id"]
     assert knobs_from_row({**new, "prefetch": "True"}).prefetch
-
-
-def test_fixed_length_warm_up_asks_for_its_own_length(fresh):
-    import warnings
-
-    from placement.plan import build_plan
-    from placement.decode import timed_generate
-
-    model, _ = fresh()
-    engine = Engine(model)
-    engine.apply(build_plan(engine.spec, Knobs()))
-    asked, generate = [], model.generate
-
-    def spy(input_ids, **kwargs):
-        asked.append((kwargs.get("min_new_tokens"), kwargs["max_new_tokens"]))
-        return generate(input_ids, **kwargs)
-
-    model.generate = spy
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gen = timed_generate(model, [5, 6, 7], 6, fixed_length=True, warmup_tokens=2, eos_token_id=3)
-    assert not [w for w in caught if "Unfeasible length" in str(w.message)]
-    assert asked == [(2, 2), (6, 6)] and gen.new_tokens == 6
 
 
 def test_profile_rejects_a_file_that_is_not_a_profile(tmp_path):

@@ -82,11 +82,12 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
     with ray_actor.local_cluster(num_cpus=4):
         # the front names its model: `qos serve` needs no --model
         assert main(["serve", "--front", str(front), "--slos", str(slos), "--name", "test-server",
-                     "--device", "cpu", "--tick", "0.5", "--json"]) == 0
+                     "--device", "cpu", "--tick", "0.5", "--max-seqs", "4", "--json"]) == 0
         handle = ray_actor.server("test-server")
         start = ray_actor.call(handle, "status")
         assert start["plan"]["quantized"] == 0 and start["model"].startswith("tiny-random (all layers, float32")
         refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
+        # (sixteen accepted at once: with --max-seqs 4 they are decoded four at a time)
         slos.write_text(SLOS.format(prefer="throughput"))
         smallest = int(pd.read_csv(front)["gpu_bytes"].min())
         at_squeeze = ray_actor.call(handle, "status")["ticks"]
@@ -105,6 +106,11 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
         assert after["plan"]["gpu_bytes"] <= smallest and after["history"][-1]["to"] == after["plan_id"]
         with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
             ray_actor.call(handle, "generate", "nobody", "hi")
+        pieces = list(ray_actor.stream(handle, "batch", "the market", 12, temperature=0.7, seed=1))
+        again = ray_actor.call(handle, "generate", "batch", "the market", 12, temperature=0.7, seed=1)
+        assert len(pieces) > 1 and "".join(pieces) == again["text"]  # streamed as made, same seed, same text
+        with pytest.raises(ValueError, match="top_p must be a number in"):
+            ray_actor.call(handle, "generate", "batch", "hi", 3, top_p=5)
         assert main(["stop", "--name", "test-server"]) == 0
 
 
