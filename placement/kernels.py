@@ -14,6 +14,16 @@ table, so nothing syncs with the host and a decode step can be captured in a CUD
 - kernel 2, grid (slot, row block, K split): y = down @ h, out[token] += weight * y (atomic adds,
   so the K dimension can be split to fill the GPU when H is small).
 
+With more tokens (continuous batching) an expert chosen by n tokens would be read n times, once per
+slot. `moe_experts_grouped` groups the (token, expert) slots by expert on the device (a sort, no
+host sync, a grid from shapes only) and reads each expert once per block of up to 32 of its tokens,
+multiplying with tl.dot (tensor cores) on the integer codes. Measured on an H200 (one Mixtral
+expert, bf16), at 1 / 4 / 16 / 32 tokens: 16-bit 0.100 / 0.111 / 0.115 / 0.130 ms (slot kernels
+0.088 / 0.201 / 0.756 / 1.53), 4-bit 0.089 / 0.095 / 0.096 / 0.151 (slots 0.058 / 0.186 / 0.685 /
+1.35), 2-bit 0.083 / 0.089 / 0.090 / 0.134 (slots 0.058 / 0.180 / 0.665 / 1.31). Quantized, they
+read about 1 TB/s against the slot kernels' 1.7 (unpacking codes for tl.dot costs instructions),
+so one token per expert stays with the slot kernels (the engine's GROUPED_MIN_TOKENS_PER_EXPERT).
+
 Accumulation is fp32. Within a quantization group, sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)),
 so scale and zero cost one multiply per group, not per weight.
 
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +56,7 @@ try:
         from triton.runtime.interpreter import InterpretedFunction as _jit
     else:
         _jit = triton.jit
+    _constexpr = tl.constexpr  # globals a kernel reads must be constexpr
 except ImportError:  # the module still imports; available() says False
     triton = None
     _INTERPRET = False
@@ -54,6 +66,9 @@ except ImportError:  # the module still imports; available() says False
 
     def _jit(fn):
         return fn
+
+    def _constexpr(value):
+        return value
 
 
 def available(device) -> bool:
@@ -312,6 +327,274 @@ def _down_kernel(
             tl.atomic_add(orow + 3 * R, weight * a3, mask=jm, sem="relaxed")
 
 
+# --- grouped kernels: tokens grouped by expert, one weight read per block of tokens -------------
+# At batch T with top-k routing an expert chosen by n tokens would be read n times by the slot
+# kernels above. These read it once per BLOCK_M of its tokens: the (token, choice) slots are sorted
+# by expert on the device (group_tokens), and a program takes one expert, one block of its sorted
+# slots and one block of output rows, multiplying with tl.dot (fp32 accumulation).
+# - Products are computed transposed, rows x tokens: the weight tile [BJ, BK] is the dot's left
+#   operand, which stays in registers as it is unpacked (Hopper's wgmma reads only the right one
+#   from shared memory; its M is 64 rows), and the token block [BK, BM] the right one, padded to
+#   16 tokens for tl.dot and masked.
+# - Quantized weights go into the dot as their integer codes (exact in bf16/fp16 up to 255), one
+#   quantization group per K step; scale and zero apply per group and row:
+#   sum((q - z) * s * x) = s * (q @ x - z * sum(x)).
+# - gate_up writes gate and up before the activation into an fp32 scratch [T*k, 2I], so its K (H)
+#   can be split over programs that add atomically; down applies silu(gate) * up as it reads them.
+# - Dot operands are DOT: the model's dtype on a GPU (fp32 ones multiplied as fp32, not TF32); fp32
+#   in the interpreter, whose dot reads bf16 as raw integers (bf16 values and their products are
+#   exact in fp32).
+
+
+@_jit
+def _unpack(b, BITS: tl.constexpr, IDX: tl.constexpr):
+    """Code IDX (0: the high bits) of bytes b (int32) that hold 8 // BITS codes each."""
+    SHIFT: tl.constexpr = 8 - BITS * (IDX + 1)
+    return (b >> SHIFT) & ((1 << BITS) - 1)
+
+
+@_jit
+def _mma(a, b, IEEE: tl.constexpr):
+    """a [M, K] @ b [K, N] in fp32; IEEE: fp32 operands multiplied as fp32 (no TF32)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# Codes to bf16 cheaply (GPU, bf16 models): the bits 0x4300 | q read as a bf16 are 128 + q exactly
+# (q < 128), so four bytes become their 8 (4-bit) or 16 (2-bit) codes in bf16 pairs with a byte
+# permute and one lop3 ((a & b) | c) per pair, about one instruction per weight instead of the
+# ~5 of shift, mask, int->float, float->bf16 and packing, which bound these kernels; the 128 is
+# taken off with the zero (_group_mma's OFF). Outputs: the codes from the high bits down.
+_ASM_CODES4 = _constexpr("""{
+    .reg .b32 t0, t1, u0, u1;
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    shr.b32 u0, t0, 4;
+    shr.b32 u1, t1, 4;
+    lop3.b32 $0, u0, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 $1, u1, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 $2, t0, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 $3, t1, 0x000F000F, 0x43004300, 0xEA;
+    }""")
+_ASM_CODES2 = _constexpr("""{
+    .reg .b32 t0, t1, u0, u1;
+    prmt.b32 t0, $8, 0, 0x4140;
+    prmt.b32 t1, $8, 0, 0x4342;
+    shr.b32 u0, t0, 6;
+    shr.b32 u1, t1, 6;
+    lop3.b32 $0, u0, 0x00030003, 0x43004300, 0xEA;
+    lop3.b32 $1, u1, 0x00030003, 0x43004300, 0xEA;
+    shr.b32 u0, t0, 4;
+    shr.b32 u1, t1, 4;
+    lop3.b32 $2, u0, 0x00030003, 0x43004300, 0xEA;
+    lop3.b32 $3, u1, 0x00030003, 0x43004300, 0xEA;
+    shr.b32 u0, t0, 2;
+    shr.b32 u1, t1, 2;
+    lop3.b32 $4, u0, 0x00030003, 0x43004300, 0xEA;
+    lop3.b32 $5, u1, 0x00030003, 0x43004300, 0xEA;
+    lop3.b32 $6, t0, 0x00030003, 0x43004300, 0xEA;
+    lop3.b32 $7, t1, 0x00030003, 0x43004300, 0xEA;
+    }""")
+_MAGIC_OFF = 128.0  # what the fast codes carry on top of q
+_FAST_CODES = True  # (a switch for comparisons)
+
+
+@_jit
+def _codes4(b, DOT: tl.constexpr, FAST: tl.constexpr):
+    """(high, low) nibbles of bytes b (uint8) in DOT; FAST: bf16 with 128 added (see _ASM_CODES4)."""
+    if FAST:
+        return tl.inline_asm_elementwise(_ASM_CODES4, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True, pack=4)
+    else:
+        b = b.to(tl.int32)
+        return _unpack(b, 4, 0).to(DOT), _unpack(b, 4, 1).to(DOT)
+
+
+@_jit
+def _codes2(b, DOT: tl.constexpr, FAST: tl.constexpr):
+    """The four 2-bit codes of bytes b (uint8), high bits first, in DOT; FAST as in _codes4."""
+    if FAST:
+        return tl.inline_asm_elementwise(_ASM_CODES2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                         dtype=(tl.bfloat16,) * 4, is_pure=True, pack=4)
+    else:
+        b = b.to(tl.int32)
+        return (_unpack(b, 2, 0).to(DOT), _unpack(b, 2, 1).to(DOT), _unpack(b, 2, 2).to(DOT),
+                _unpack(b, 2, 3).to(DOT))
+
+
+@_jit
+def _group_mma(q, xt, xs, scale_ptr, zero_ptr, grp, jm, OFF: tl.constexpr, IEEE: tl.constexpr):
+    """One quantization group of each output row: scale * (q @ xt - (zero + OFF) * sum(xt)) [BJ, BM],
+    from codes q [BJ, GS] (DOT, each OFF too high), the tokens' chunk xt [GS, BM] (DOT), its column
+    sums xs [BM] (fp32) and the rows' groups grp [BJ]."""
+    s = tl.load(scale_ptr + grp, mask=jm, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + grp, mask=jm, other=0.0).to(tl.float32) + OFF
+    qx = _mma(q, xt, IEEE)
+    return s[:, None] * (qx - z[:, None] * xs[None, :])
+
+
+@_jit
+def _put(ptr, val, mask, ADD: tl.constexpr):
+    """Store val, or add it atomically (ADD: other programs add to the same place)."""
+    if ADD:
+        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, val, mask=mask)
+
+
+@_jit
+def _gate_up_grouped_kernel(
+    x_ptr, table_ptr, order_ptr, bounds_ptr, gu_ptr,
+    H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr, OFF: tl.constexpr,
+):
+    """gu[p] = [x[t] @ gate.T, x[t] @ up.T] (before the activation, which the down kernel applies)
+    for the sorted slots p of expert program_id(1) (slot order[p] is token t = order[p] // TOP_K);
+    program_id(2) is (block of BLOCK_J gate/up rows, K split). K splits add atomically into gu
+    (zeroed): they give one expert enough programs to keep HBM busy."""
+    e = tl.program_id(1)
+    addr = tl.load(table_ptr + e)
+    if addr != 0:  # 0: the expert is not at this precision
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        start = tl.load(bounds_ptr + e).to(tl.int32)
+        end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        HALF: tl.constexpr = I // 2
+        ROWG: tl.constexpr = H // GS  # groups per row
+        KS: tl.constexpr = H // SPLIT_K
+        j = (tl.program_id(2) // SPLIT_K) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BJ] gate rows (2-bit: also j + I/2)
+        if BITS == 2:
+            jm = j < HALF
+        else:
+            jm = j < I
+        kstart = (tl.program_id(2) % SPLIT_K) * KS
+        kk = tl.arange(0, BLOCK_K)
+        wmask = jm[:, None]
+        # token blocks of this expert: program_id(0) and every num_programs(0)-th after it (the grid
+        # has room for T tokens per expert; more only if a row repeats an expert). None: exit.
+        for m0 in range(start + tl.program_id(0) * BLOCK_M, end, tl.num_programs(0) * BLOCK_M):
+            p = m0 + tl.arange(0, BLOCK_M)  # [BM] positions in the expert-sorted slots
+            pm = p < end
+            tok = tl.load(order_ptr + p, mask=pm, other=0) // TOP_K
+            g0 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            u0 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            g1 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)  # 2-bit: rows j + I/2
+            u1 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            for k0 in range(kstart, kstart + KS, BLOCK_K):
+                xt = tl.load(x_ptr + tok[None, :] * H + k0 + kk[:, None], mask=pm[None, :], other=0.0)
+                xt = xt.to(DOT)  # [BK, BM]
+                offs = j[:, None] * H + k0 + kk[None, :]  # [BJ, BK]
+                if BITS == 16:
+                    w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                    g0 += _mma(tl.load(w + offs, mask=wmask, other=0.0).to(DOT), xt, IEEE)
+                    u0 += _mma(tl.load(w + I * H + offs, mask=wmask, other=0.0).to(DOT), xt, IEEE)
+                else:  # BLOCK_K == GS: one group per row
+                    wq = base + W_OFF
+                    sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                    zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                    xs = _rsum(xt.to(tl.float32), 0)  # [BM]
+                    grp = j * ROWG + k0 // GS  # [BJ]
+                    b = tl.load(wq + offs, mask=wmask, other=0)  # [BJ, BK] uint8
+                    if BITS == 8:  # one byte per weight; up rows start at row I
+                        bu = tl.load(wq + I * H + offs, mask=wmask, other=0)
+                        g0 += _group_mma(b.to(DOT), xt, xs, sc, zr, grp, jm, 0.0, IEEE)
+                        u0 += _group_mma(bu.to(DOT), xt, xs, sc, zr, grp + I * ROWG, jm, 0.0, IEEE)
+                    elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
+                        cg, cu = _codes4(b, DOT, FAST)
+                        g0 += _group_mma(cg, xt, xs, sc, zr, grp, jm, OFF, IEEE)
+                        u0 += _group_mma(cu, xt, xs, sc, zr, grp + I * ROWG, jm, OFF, IEEE)
+                    else:  # 2-bit, byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
+                        c0, c1, c2, c3 = _codes2(b, DOT, FAST)
+                        g0 += _group_mma(c0, xt, xs, sc, zr, grp, jm, OFF, IEEE)
+                        g1 += _group_mma(c1, xt, xs, sc, zr, grp + HALF * ROWG, jm, OFF, IEEE)
+                        u0 += _group_mma(c2, xt, xs, sc, zr, grp + I * ROWG, jm, OFF, IEEE)
+                        u1 += _group_mma(c3, xt, xs, sc, zr, grp + (I + HALF) * ROWG, jm, OFF, IEEE)
+            grow = gu_ptr + p[None, :] * (2 * I) + j[:, None]  # [BJ, BM]; gate at [p, j], up at [p, I + j]
+            gmask = jm[:, None] & pm[None, :]
+            _put(grow, g0, gmask, SPLIT_K > 1)
+            _put(grow + I, u0, gmask, SPLIT_K > 1)
+            if BITS == 2:
+                _put(grow + HALF, g1, gmask, SPLIT_K > 1)
+                _put(grow + I + HALF, u1, gmask, SPLIT_K > 1)
+
+
+@_jit
+def _down_grouped_kernel(
+    gu_ptr, table_ptr, order_ptr, bounds_ptr, wt_ptr, out_ptr,
+    H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr, OFF: tl.constexpr,
+):
+    """out[t] += w * (silu(g) * u) @ down.T, [g, u] = gu[p], for the sorted slots p of expert
+    program_id(1); program_id(2) is (row block, K split): atomic adds, as other experts (and K
+    splits) add to the same rows."""
+    e = tl.program_id(1)
+    addr = tl.load(table_ptr + e)
+    if addr != 0:
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        start = tl.load(bounds_ptr + e).to(tl.int32)
+        end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        # a byte holds P weights, of rows j, j + H/P, ...: programs cover the first H/P rows
+        P: tl.constexpr = 1 if BITS >= 8 else 8 // BITS
+        R: tl.constexpr = H // P
+        ROWG: tl.constexpr = I // GS
+        KS: tl.constexpr = I // SPLIT_K
+        j = (tl.program_id(2) // SPLIT_K) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BJ]
+        jm = j < R
+        kstart = (tl.program_id(2) % SPLIT_K) * KS
+        kk = tl.arange(0, BLOCK_K)
+        wmask = jm[:, None]
+        for m0 in range(start + tl.program_id(0) * BLOCK_M, end, tl.num_programs(0) * BLOCK_M):
+            p = m0 + tl.arange(0, BLOCK_M)  # [BM]
+            pm = p < end
+            slot = tl.load(order_ptr + p, mask=pm, other=0)
+            tok = slot // TOP_K
+            wt = tl.load(wt_ptr + slot, mask=pm, other=0.0).to(tl.float32)  # [BM] routing weights
+            a0 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            a1 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            a2 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            a3 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            for k0 in range(kstart, kstart + KS, BLOCK_K):
+                gp = gu_ptr + p[None, :] * (2 * I) + k0 + kk[:, None]  # [BK, BM]
+                ht = _silu_mul(tl.load(gp, mask=pm[None, :], other=0.0),
+                               tl.load(gp + I, mask=pm[None, :], other=0.0))
+                ht = ht.to(DTYPE).to(DOT)  # rounded to the model's dtype, as in the eager expert
+                offs = j[:, None] * I + k0 + kk[None, :]  # [BJ, BK]
+                if BITS == 16:
+                    w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                    a0 += _mma(tl.load(w + offs, mask=wmask, other=0.0).to(DOT), ht, IEEE)
+                else:  # BLOCK_K == GS; rows r, r + H/P, ... from high bits to low
+                    b = tl.load(base + W_OFF + offs, mask=wmask, other=0)  # [BJ, BK] uint8
+                    sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                    zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+                    hs = _rsum(ht.to(tl.float32), 0)  # [BM]
+                    grp = j * ROWG + k0 // GS
+                    if BITS == 8:
+                        a0 += _group_mma(b.to(DOT), ht, hs, sc, zr, grp, jm, 0.0, IEEE)
+                    elif BITS == 4:
+                        c0, c1 = _codes4(b, DOT, FAST)
+                        a0 += _group_mma(c0, ht, hs, sc, zr, grp, jm, OFF, IEEE)
+                        a1 += _group_mma(c1, ht, hs, sc, zr, grp + R * ROWG, jm, OFF, IEEE)
+                    else:
+                        c0, c1, c2, c3 = _codes2(b, DOT, FAST)
+                        a0 += _group_mma(c0, ht, hs, sc, zr, grp, jm, OFF, IEEE)
+                        a1 += _group_mma(c1, ht, hs, sc, zr, grp + R * ROWG, jm, OFF, IEEE)
+                        a2 += _group_mma(c2, ht, hs, sc, zr, grp + 2 * R * ROWG, jm, OFF, IEEE)
+                        a3 += _group_mma(c3, ht, hs, sc, zr, grp + 3 * R * ROWG, jm, OFF, IEEE)
+            orow = out_ptr + tok[None, :] * H + j[:, None]  # [BJ, BM]
+            omask = jm[:, None] & pm[None, :]
+            tl.atomic_add(orow, wt[None, :] * a0, mask=omask, sem="relaxed")
+            if P >= 2:
+                tl.atomic_add(orow + R, wt[None, :] * a1, mask=omask, sem="relaxed")
+            if P == 4:
+                tl.atomic_add(orow + 2 * R, wt[None, :] * a2, mask=omask, sem="relaxed")
+                tl.atomic_add(orow + 3 * R, wt[None, :] * a3, mask=omask, sem="relaxed")
+
+
 # --- launch -------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -337,6 +620,15 @@ _GPU_BLOCKS = {
     4: (16, 1024, 4, 16, 512, 4),
     2: (8, 1024, 4, 16, 512, 4),
 }
+
+
+def _offsets(layout: Layout) -> list[tuple[int, int, int]]:
+    """(weights, scale, zero) byte offsets of gate_up and down in an expert's buffer (16-bit: the
+    weights only; 0 for the others)."""
+    fields = {f.name: f.offset for f in layout.fields}
+    if layout.bits == 16:
+        return [(fields["gate_up"], 0, 0), (fields["down"], 0, 0)]
+    return [(fields[f"{m}.W_q"], fields[f"{m}.scale"], fields[f"{m}.zero"]) for m in ("gate_up", "down")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,12 +684,10 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     on_gpu = x.device.type == "cuda"
     cfg = _config(layout, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
     bits = layout.bits
-    fields = {f.name: f.offset for f in layout.fields}
+    offs = _offsets(layout)
     if bits == 16:
-        offs = [(fields["gate_up"], 0, 0), (fields["down"], 0, 0)]
         gs_gu, gs_dn = cfg["gu_k"], cfg["dn_k"]  # no groups: one "group" per K chunk
     else:
-        offs = [(fields[f"{m}.W_q"], fields[f"{m}.scale"], fields[f"{m}.zero"]) for m in ("gate_up", "down")]
         gs_gu = gs_dn = layout.group_size
     dtype = _TL_DTYPES[layout.dtype]
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
@@ -412,6 +702,118 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
         h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, BITS=bits, GS=gs_dn, DTYPE=dtype,
         W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"],
         SPLIT_K=cfg["dn_split"], **({"num_warps": cfg["dn_warps"]} if on_gpu else {}),
+    )
+    return out
+
+
+class TokenGroups(NamedTuple):
+    """A layer call's (token, choice) slots grouped by expert, on the device."""
+
+    order: torch.Tensor  # int64 [T*k]: flat slot ids (token * k + choice) sorted by expert, stable
+    bounds: torch.Tensor  # int64 [E+1]: expert e's slots are order[bounds[e]:bounds[e+1]]
+
+
+def group_tokens(top_k_index: torch.Tensor, num_experts: int) -> TokenGroups:
+    """Group the slots of top_k_index [T, k] by expert without a host sync: every output's shape
+    depends only on T, k and E, so a CUDA graph can capture it (a stable sort, then one
+    searchsorted for all experts' bounds, in place of counts and a cumsum)."""
+    flat = top_k_index.reshape(-1)  # [T*k]
+    ids, order = torch.sort(flat, stable=True)  # (stable: each expert's tokens in ascending order)
+    experts = torch.arange(num_experts + 1, device=flat.device, dtype=ids.dtype)
+    return TokenGroups(order, torch.searchsorted(ids, experts))
+
+
+# GPU blocks of the grouped kernels, from a short sweep on an H200 (one Mixtral expert, bf16, 1-32
+# tokens): 64 output rows per program (wgmma's M, one warpgroup of 4 warps) beat 32 or 128 rows
+# and 8 warps; 4 pipeline stages beat 2, 3 and 5, except at 4 bits (3: 0.088 ms against 0.098 at one
+# token). K splits (_grouped_config) fill the GPU when few experts are routed.
+_GROUPED_GPU = dict(gu_j=64, dn_j=64, warps=4, stages={16: 4, 8: 4, 4: 3, 2: 4})  # stages by bits (8: untried)
+
+
+def _grouped_config(layout: Layout, tokens: int, experts: int, interpret: bool, sms: int = 132) -> dict:
+    """Block sizes of the grouped kernels, from shapes only (`tokens` T, `experts` the most experts a
+    call can reach, min(E, T*k)), so the grid never depends on the routing. Quantized K steps are one
+    group; 16-bit ones a chunk of up to 64 (interpreter: one chunk, as few steps as possible)."""
+    hidden, inter = _dims(layout)
+    bits, gs = layout.bits, layout.group_size
+    if interpret:  # each program and loop step is Python overhead: as few as the shapes allow
+        k_cap, bm = 1024, 16
+        gu_j = min(triton.next_power_of_2(inter // 2 if bits == 2 else inter), 256)
+        dn_j = min(triton.next_power_of_2(hidden // (1 if bits >= 8 else 8 // bits)), 256)
+    else:
+        k_cap = 64
+        gu_j, dn_j = _GROUPED_GPU["gu_j"], _GROUPED_GPU["dn_j"]
+        # tokens per expert are at most T: a 16-token block (tl.dot's least) up to 16 tokens, then 32
+        # (at 32 tokens one block of 32 beat two of 16 and one of 64 on the H200)
+        bm = 16 if tokens <= 16 else 32
+    gu_k = _pow2_block(hidden, k_cap) if bits == 16 else gs
+    dn_k = _pow2_block(inter, k_cap) if bits == 16 else gs
+    # split K (atomic adds) up to 16 ways until about 4 programs per SM could be busy: one expert has
+    # only I/BJ gate_up row blocks (2-bit: I/2) and H/P down ones (P weights per byte); on the H200
+    # this took one 4-bit expert from 0.145 to 0.11 ms
+
+    def split(programs, k, chunk):
+        n = 1
+        while not interpret and programs * n < 4 * sms and n < 16 and k % (chunk * n * 2) == 0:
+            n *= 2
+        return n
+
+    gu_rows = inter // 2 if bits == 2 else inter
+    gu_split = split(experts * -(-gu_rows // gu_j), hidden, gu_k)
+    dn_split = split(experts * -(-hidden // (1 if bits >= 8 else 8 // bits) // dn_j), inter, dn_k)
+    return dict(bm=bm, gu_j=gu_j, gu_k=gu_k, gu_split=gu_split, dn_j=dn_j, dn_k=dn_k, dn_split=dn_split)
+
+
+def moe_experts_grouped(x: torch.Tensor, table: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor, layout: Layout, *, out: torch.Tensor | None = None,
+                        groups: TokenGroups | None = None) -> torch.Tensor:
+    """out[t] += w[t, c] * expert(x[t]) for every routed slot (t, c), expert = top_k_index[t, c],
+    whose address table[expert] is not 0; tokens are grouped by expert on the device, so each expert
+    is read once per block of its tokens (not once per token). No host syncs; the grid depends on
+    shapes only.
+
+    x [T, H] (the model's dtype); table int64 [E] (this layer's experts at this precision, 0: not
+    here); top_k_index int64 [T, k]; top_k_weights [T, k]; out fp32 [T, H] (default: zeros);
+    groups: group_tokens(top_k_index, E), to share one grouping between precisions. Returns out."""
+    T, hidden = x.shape
+    H, I = _dims(layout)
+    assert hidden == H, (x.shape, layout.matrices)
+    assert top_k_index.shape == top_k_weights.shape and top_k_index.shape[0] == T, (top_k_index.shape, T)
+    E, k = table.numel(), top_k_index.shape[1]
+    if out is None:
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    assert out.dtype == torch.float32 and out.shape == (T, H) and out.is_contiguous()
+    if T * k == 0 or E == 0:
+        return out
+    if groups is None:
+        groups = group_tokens(top_k_index, E)
+    x, table = x.contiguous(), table.contiguous()
+    weights = top_k_weights.reshape(-1).contiguous()  # [T*k], by flat slot id
+    on_gpu = x.device.type == "cuda"
+    cfg = _grouped_config(layout, T, min(E, T * k), not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
+    bits = layout.bits
+    offs = _offsets(layout)
+    gs_gu, gs_dn = (cfg["gu_k"], cfg["dn_k"]) if bits == 16 else (layout.group_size,) * 2
+    dtype = _TL_DTYPES[layout.dtype]
+    dot = dtype if on_gpu else tl.float32
+    fast = on_gpu and dot == tl.bfloat16 and bits in (4, 2) and _FAST_CODES  # see _ASM_CODES4
+    launch = {"num_warps": _GROUPED_GPU["warps"], "num_stages": _GROUPED_GPU["stages"][bits]} if on_gpu else {}
+    common = dict(H=H, I=I, BITS=bits, DTYPE=dtype, TOP_K=k, BLOCK_M=cfg["bm"], DOT=dot, IEEE=dot == tl.float32,
+                  FAST=fast, OFF=_MAGIC_OFF if fast else 0.0, **launch)
+    # [T*k, 2I] by sorted position: gate and up before the activation (K splits add into zeros)
+    gu = (torch.zeros if cfg["gu_split"] > 1 else torch.empty)(T * k, 2 * I, dtype=torch.float32, device=x.device)
+    # token blocks per expert: room for T tokens (an expert is in a row's top-k at most once; a
+    # repeated one is still run, by the kernels' loop over further blocks)
+    blocks = triton.cdiv(T, cfg["bm"])
+    rows = I // 2 if bits == 2 else I
+    _gate_up_grouped_kernel[(blocks, E, triton.cdiv(rows, cfg["gu_j"]) * cfg["gu_split"])](
+        x, table, groups.order, groups.bounds, gu, GS=gs_gu, W_OFF=offs[0][0], S_OFF=offs[0][1], Z_OFF=offs[0][2],
+        BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], SPLIT_K=cfg["gu_split"], **common,
+    )
+    vals = 1 if bits >= 8 else 8 // bits
+    _down_grouped_kernel[(blocks, E, triton.cdiv(H // vals, cfg["dn_j"]) * cfg["dn_split"])](
+        gu, table, groups.order, groups.bounds, weights, out, GS=gs_dn, W_OFF=offs[1][0], S_OFF=offs[1][1],
+        Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **common,
     )
     return out
 
@@ -461,25 +863,33 @@ def _time_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+# tokens per expert at which the benchmark times the grouped kernels (and the slot kernels beside them)
+BENCH_TOKENS = (1, 4, 16, 32)
+BENCH_GROUPED_BITS = (16, 4, 2)
+
+
 def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, iters: int = 200,
-          dtype=torch.bfloat16) -> list[dict]:
-    """Time one expert at batch 1 through moe_experts at each precision and through the eager path
-    (16-bit F.linear; hqq dequantize-then-matmul), printing and returning a table.
+          dtype=torch.bfloat16, csv_path: str | None = None) -> list[dict]:
+    """Time one expert through moe_experts at batch 1 at each precision and through the eager path
+    (16-bit F.linear; hqq dequantize-then-matmul); at 16, 4 and 2 bits also n = BENCH_TOKENS
+    tokens routed to it, through moe_experts_grouped (grouping included) and through moe_experts
+    (n slots). Prints a table (GB/s: the expert's bytes over the time, as if read once) and returns
+    it, also written to `csv_path` if given.
 
     Each variant cycles through enough copies of the expert to exceed twice the L2 cache, so every
     call reads its weights from HBM as at decode."""
     dev = torch.device("cuda")
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
     gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
-    ones = torch.ones(1, device=dev)
-    token = torch.zeros(1, dtype=torch.int64, device=dev)
-    out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
+    n_max = max(BENCH_TOKENS)
+    xs = torch.randn(n_max, hidden, device=dev, dtype=dtype, generator=gen)  # [n_max, H]
+    outs = torch.zeros(n_max, hidden, dtype=torch.float32, device=dev)
     rows = []
 
-    def record(name, layout, fn):
+    def record(name, layout, n, fn):
         ms = _time_ms(fn, iters)
-        rows.append(dict(path=name, bits=layout.bits, ms=ms, gbps=layout.nbytes / ms / 1e6, mb=layout.nbytes / 1e6))
+        rows.append(dict(path=name, bits=layout.bits, tokens=n, ms=ms, gbps=layout.nbytes / ms / 1e6,
+                         ms_per_token=ms / n, mb=layout.nbytes / 1e6))
 
     try:
         from placement.hqq_backend import dequantize
@@ -490,27 +900,55 @@ def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, i
         layout = expert_layout(hidden, intermediate, bits, dtype, group_size)
         copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
         bufs = [random_expert(layout, dev, gen) for _ in range(copies)]
-        tables = [expert_table([b]) for b in bufs]
+        tables = [expert_table([b]) for b in bufs]  # [1] each
         views = [layout.views(b) for b in bufs]
         it = iter(range(1 << 62))  # each call (captured ones too) takes the next copy
-        record("fused", layout, lambda: moe_experts(x, tables[next(it) % copies], ones, layout,
-                                                    slot_token=token, out=out))
+        for n in BENCH_TOKENS if bits in BENCH_GROUPED_BITS else (1,):
+            x, out = xs[:n], outs[:n]
+            slot_tables = [t.repeat(n) for t in tables]  # [n]: n slots of the one expert
+            ones, tokens = torch.ones(n, device=dev), torch.arange(n, device=dev)
+            record("fused", layout, n, lambda: moe_experts(x, slot_tables[next(it) % copies], ones, layout,
+                                                           slot_token=tokens, out=out))
+            if bits in BENCH_GROUPED_BITS:
+                routed = torch.zeros(n, 1, dtype=torch.int64, device=dev)
+                weights = torch.ones(n, 1, device=dev)
+                record("fused grouped", layout, n, lambda: moe_experts_grouped(
+                    x, tables[next(it) % copies], routed, weights, layout, out=out))
         if bits == 16 or (bits == 4 and dequantize is not None):
             name = "eager F.linear" if bits == 16 else "eager hqq dequantize+matmul"
-            record(name, layout, lambda: expert_forward(layout, views[next(it) % copies], x, F.silu, dequantize))
+            record(name, layout, 1, lambda: expert_forward(layout, views[next(it) % copies], xs[:1], F.silu,
+                                                           dequantize))
 
     for bits in BITS:
         run(bits)
         torch.cuda.empty_cache()
-    print(f"one expert, H={hidden} I={intermediate} gs={group_size} {dtype}, batch 1, "
-          f"{torch.cuda.get_device_name(dev)}")
-    print(f"{'path':30s} {'bits':>4s} {'MB':>8s} {'ms':>8s} {'GB/s':>8s}")
+    print(f"one expert, H={hidden} I={intermediate} gs={group_size} {dtype}, {torch.cuda.get_device_name(dev)}")
+    print(f"{'path':30s} {'bits':>4s} {'tokens':>6s} {'MB':>8s} {'ms':>8s} {'GB/s':>8s} {'ms/token':>9s}")
     for r in rows:
-        print(f"{r['path']:30s} {r['bits']:4d} {r['mb']:8.1f} {r['ms']:8.4f} {r['gbps']:8.0f}")
+        print(f"{r['path']:30s} {r['bits']:4d} {r['tokens']:6d} {r['mb']:8.1f} {r['ms']:8.4f} {r['gbps']:8.0f} "
+              f"{r['ms_per_token']:9.4f}")
+    if csv_path:
+        import csv
+
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return rows
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m placement.kernels",
+                                     description="Time the fused expert kernels on one Mixtral-size expert (CUDA).")
+    parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH")
+    parser.add_argument("--iters", type=int, default=200, help="calls timed per row (default 200)")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("python -m placement.kernels times the fused kernels on a CUDA GPU; this machine has none")
-    bench()
+    bench(iters=args.iters, csv_path=args.csv)
+
+
+if __name__ == "__main__":
+    main()

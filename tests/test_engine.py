@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from placement import hqq_backend
-from placement.engine import Engine
+from placement import hqq_backend, kernels
+from placement.engine import GROUPED_MIN_TOKENS_PER_EXPERT, KERNEL_MAX_TOKENS, Engine, tokens_per_expert
 from catalog.knobs import Knobs
 from placement.plan import ExpertId, ExpertState, Plan, build_plan
 from tests.conftest import FAMILIES
@@ -228,3 +228,67 @@ def test_cpu_offload_dequantizes_a_host_expert_once_and_apply_drops_what_the_pla
     logits(model, tokens)
     engine.apply(build_plan(spec, Knobs(quantized=8, bits=4, gpu_experts=16)))  # no host experts at all
     assert engine.host_weights == {}
+
+
+needs_triton = pytest.mark.skipif(not kernels.available(torch.device("cpu")),
+                                  reason="triton is not installed (or its interpreter is unavailable)")
+
+
+def count_kernel_calls(monkeypatch) -> dict[str, int]:
+    """Count the engine's calls of the slot and the grouped kernels (which still run)."""
+    calls = {"slots": 0, "grouped": 0}
+    for name, key in (("moe_experts", "slots"), ("moe_experts_grouped", "grouped")):
+        def counted(*args, _fn=getattr(kernels, name), _key=key, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def test_the_grouped_kernels_take_over_from_about_5_tokens_of_a_mixtral_layer():
+    # 8 experts, top-2 (the H200 measurement behind the threshold): slots up to 4 tokens, grouped from 5
+    assert tokens_per_expert(1, 2, 8) == pytest.approx(1.0)  # batch 1: one token per routed expert
+    assert [tokens_per_expert(t, 2, 8) >= GROUPED_MIN_TOKENS_PER_EXPERT for t in (1, 2, 4, 5, 8, 64)] == [
+        False, False, False, True, True, True]
+    # with 64 experts and top-8 (OLMoE) fewer tokens share an expert: grouped from 9-12 tokens
+    assert tokens_per_expert(8, 8, 64) < GROUPED_MIN_TOKENS_PER_EXPERT <= tokens_per_expert(12, 8, 64)
+
+
+@needs_triton
+def test_batched_decode_step_on_the_grouped_kernels_matches_the_per_expert_path(fresh, monkeypatch):
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=True)
+    spec = engine.spec
+    engine.apply(build_plan(spec, Knobs(quantized=4, bits=4)))  # 4-bit and 16-bit experts in each layer
+    assert all(len(bits) == 2 for bits in engine.fast_bits)
+    assert not any(engine.layer_eager)
+    launches = sum(len(bits) for bits in engine.fast_bits)  # (layer, precision) pairs, one grouping per layer
+    calls = count_kernel_calls(monkeypatch)
+    ids = torch.randint(0, 512, (12, 1), generator=torch.Generator().manual_seed(3))  # 12 sequences, 1 token
+    with torch.no_grad():
+        fused = model(ids).logits  # [12, 1, V]: every MoE layer call has 12 rows
+        assert calls == {"slots": 0, "grouped": launches} and engine.stats.kernel_layers == spec.num_layers
+        model(ids[:1])  # batch 1: the slot kernels
+        assert calls == {"slots": launches, "grouped": launches}
+        assert engine.stats.kernel_layers == 2 * spec.num_layers
+        # a longer call (prefill) leaves the kernels
+        assert engine.kernel_path(KERNEL_MAX_TOKENS) and not engine.kernel_path(KERNEL_MAX_TOKENS + 1)
+        engine.configure(use_kernels=False)
+        eager = model(ids).logits
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_a_fetched_expert_runs_all_its_rows_in_one_grouped_kernel_call(fresh, monkeypatch):
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=True)
+    states = [[ExpertState(16, "accel")] * 8 for _ in range(2)]
+    states[1][3] = ExpertState(4, "host")
+    engine.apply(Plan(tuple(map(tuple, states)), "fetch", 1))  # expert (1, 3) fetched, at 4 bits
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))  # [n, H]
+    expected = engine.expert_output(ExpertId(1, 3), 4, 64, x)
+    calls = count_kernel_calls(monkeypatch)
+    torch.testing.assert_close(engine.run_expert(1, 3, x), expected, rtol=1e-4, atol=1e-4)
+    assert calls == {"slots": 0, "grouped": 1}
+    torch.testing.assert_close(engine.run_expert(1, 3, x[:1]), expected[:1], rtol=1e-4, atol=1e-4)
+    assert calls == {"slots": 1, "grouped": 1}

@@ -98,6 +98,87 @@ def test_expert_table_holds_addresses_and_zero_for_none():
     assert table.dtype == torch.int64 and table.tolist() == [a.data_ptr(), 0, b.data_ptr()]
 
 
+def grouped_reference(layout, bufs_by_id, x, top_k_index, top_k_weights, out):
+    """out[t] += w * expert(x[t]) for each routed (t, choice) whose expert has a buffer (eager, hqq)."""
+    expected = out.clone()
+    for t, (ids, ws) in enumerate(zip(top_k_index.tolist(), top_k_weights.float())):
+        for e, w in zip(ids, ws):
+            if bufs_by_id[e] is not None:
+                expected[t] += w * reference(layout, bufs_by_id[e], x[t : t + 1])[0]
+    return expected
+
+
+def routing(T, k=2):
+    """top-2 of 8 experts for T tokens: expert 0 by every token (first or second choice by turns),
+    the other choice cycling over experts 1-4 (expert 2 has address 0: skipped), experts 5-7
+    never chosen (zero tokens; 5 and 6 have a buffer, 7 none)."""
+    index = torch.stack([torch.zeros(T, dtype=torch.int64), torch.arange(T) % 4 + 1], dim=1)  # [T, 2]
+    index[1::2] = index[1::2].flip(1)
+    weights = torch.rand(T, k, generator=torch.Generator().manual_seed(T))  # [T, 2]
+    return index, weights
+
+
+# fp32 at 1, 3 and 17 tokens (17: an expert's tokens fill more than one 16-row block); bf16 (the
+# same code, its operands in bf16 on a GPU) at 17
+@pytest.mark.parametrize("dtype_name, bits, tokens", [
+    *[("fp32", b, t) for b in (16, 8, 4, 2) for t in (1, 3, 17)],
+    *[("bf16", b, 17) for b in (16, 8, 4, 2)],
+])
+def test_grouped_kernel_matches_the_eager_experts(dtype_name, bits, tokens):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    hidden, inter, gs = (64, 128, 32) if dtype == torch.float32 else (64, 192, 64)  # 2-bit I/2 = 96 rows
+    experts = [make_expert(hidden, inter, bits, dtype, gs, seed) for seed in range(4)]
+    layout = experts[0][0]
+    bufs = [b.to(DEVICE) for _, b in experts]
+    by_id = [bufs[0], bufs[1], None, bufs[2], bufs[3], bufs[1], bufs[2], None]  # [E=8]
+    table = kernels.expert_table(by_id, device=DEVICE)
+    index, weights = routing(tokens)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    out = torch.full((tokens, hidden), 0.5, device=DEVICE)  # accumulates into what is there
+    expected = grouped_reference(layout, by_id, x, index, weights.to(dtype), out)
+    got = kernels.moe_experts_grouped(x, table, index.to(DEVICE), weights.to(dtype).to(DEVICE), layout, out=out)
+    assert got is out
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, expected, **tol)
+
+
+def test_grouped_kernel_runs_an_expert_repeated_in_a_row():
+    # 9 tokens each choosing expert 0 twice: 18 slots, more than the grid's room for 9 tokens per
+    # expert (one 16-token block), so the kernels loop over a further block
+    layout, buf = make_expert(64, 128, 4, torch.float32, 64, seed=2)
+    buf = buf.to(DEVICE)
+    index = torch.zeros(9, 2, dtype=torch.int64)
+    weights = torch.rand(9, 2, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = kernels.moe_experts_grouped(x, kernels.expert_table([buf]), index.to(DEVICE), weights.to(DEVICE), layout)
+    expected = grouped_reference(layout, [buf], x, index, weights, torch.zeros(9, 64, device=DEVICE))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_kernel_k_splits_add_up(monkeypatch):
+    # on a GPU, K is split over programs (partial sums added atomically) when few experts would
+    # leave it idle; the interpreter does not split unless told to
+    config = kernels._grouped_config
+    monkeypatch.setattr(kernels, "_grouped_config",
+                        lambda *args, **kwargs: {**config(*args, **kwargs), "gu_split": 2, "dn_split": 2})
+    experts = [make_expert(64, 128, 2, torch.float32, 32, seed) for seed in range(2)]
+    layout = experts[0][0]
+    by_id = [experts[0][1].to(DEVICE), experts[1][1].to(DEVICE), None, None, experts[1][1].to(DEVICE)]
+    index, weights = routing(3)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = kernels.moe_experts_grouped(x, kernels.expert_table(by_id, device=DEVICE), index.to(DEVICE),
+                                      weights.to(DEVICE), layout)
+    expected = grouped_reference(layout, by_id, x, index, weights, torch.zeros(3, 64, device=DEVICE))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_group_tokens_sorts_slots_by_expert_stably():
+    index = torch.tensor([[3, 0], [0, 1], [3, 0]])  # [T=3, k=2]; slot = token * 2 + choice
+    groups = kernels.group_tokens(index, 5)
+    assert groups.order.tolist() == [1, 2, 5, 3, 0, 4]  # expert 0: slots 1, 2, 5; 1: 3; 3: 0, 4
+    assert groups.bounds.tolist() == [0, 3, 4, 4, 6, 6]  # experts 2 and 4: none
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mixtral_size_4bit_expert_on_cuda():
@@ -105,3 +186,19 @@ def test_mixtral_size_4bit_expert_on_cuda():
     x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
     got = kernels.moe_experts(x, kernels.expert_table([buf, buf]), torch.ones(2, device="cuda"), layout)
     torch.testing.assert_close(got, reference(layout, buf, x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [16, 4, 2])
+def test_grouped_mixtral_size_experts_on_cuda(bits):
+    layout, buf = make_expert(4096, 14336, bits, torch.bfloat16, 64, seed=0, device="cuda", optimize=False)
+    x = torch.randn(40, 4096, device="cuda").to(torch.bfloat16)
+    index = torch.zeros(40, 2, dtype=torch.int64, device="cuda")
+    index[:, 1] = torch.arange(40, device="cuda") % 3 + 1  # expert 0: 40 tokens (two blocks), 1-3 a third each
+    weights = torch.full((40, 2), 0.5, device="cuda")
+    table = kernels.expert_table([buf, buf, None, buf])
+    got = kernels.moe_experts_grouped(x, table, index, weights, layout)
+    ref = reference(layout, buf, x)
+    expected = torch.where((index[:, 1] == 2)[:, None], 0.5 * ref, ref)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
