@@ -45,7 +45,7 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
                    warmup_tokens: int | None = None, after_warmup=None, batch_size: int = 1,
                    fixed_length: bool = False) -> Timed:
     """Greedy generation of up to `max_new_tokens` after `prompt_ids` (the same prompt `batch_size`
-    times), timed token by token; `fixed_length` ignores end-of-sequence for fixed-size runs.
+    times, or a list of prompts: a static batch, left-padded), timed token by token; `fixed_length` ignores end-of-sequence for fixed-size runs.
 
     An untimed generation of `warmup_tokens` (default: as many as the timed one) runs first: first
     calls pick GPU kernels for every new shape (each cache length), which would otherwise be charged
@@ -58,9 +58,13 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     device = next(model.parameters()).device
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    input_ids = torch.tensor([prompt_ids] * batch_size, device=device)  # [B, T]
+    prompts = prompt_ids if isinstance(prompt_ids[0], list) else [prompt_ids] * batch_size
+    batch_size, width = len(prompts), max(map(len, prompts))
+    # a static batch: shorter prompts left-padded, masked out
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # [B, T]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     clock = _Clock(device)
-    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=False, eos_token_id=eos_token_id,
+    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=eos_token_id,
                   pad_token_id=eos_token_id if eos_token_id is not None else 0)
     warmup_tokens = max_new_tokens if warmup_tokens is None else warmup_tokens
     if warmup_tokens:  # fixed length: the warm-up's own length, never a minimum above its maximum
@@ -71,7 +75,7 @@ def timed_generate(model, prompt_ids: list[int], max_new_tokens: int, *, eos_tok
     if after_warmup is not None:
         after_warmup()
     out = model.generate(input_ids, max_new_tokens=max_new_tokens, streamer=clock, **kwargs)
-    new = out[0, input_ids.shape[1]:].tolist()
+    new = out[0, width:].tolist()
     t = clock.times  # [prompt, token 1, token 2, ...]
     decode = batch_size * (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else None
-    return Timed(new, len(prompt_ids) * batch_size, t[1] - t[0], decode, t[-1] - t[0])
+    return Timed(new, sum(map(len, prompts)), t[1] - t[0], decode, t[-1] - t[0])

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from placement.engine import KERNEL_MAX_TOKENS
+
 
 def _bucket(n: int, low: int, high: int) -> int:
     """The smallest power of two >= n (and >= low), capped at high."""
@@ -215,6 +217,25 @@ class Decoder:
             logits = self._forward(x, positions[None], allowed[None, None])  # [1, 1, V]: the last position
         return logits[0, -1].float()
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill forward. Quantized experts on the accelerator run in the fused
+        kernels only up to the engine's kernel limit (beyond it they are dequantized whole, several
+        times slower), so their prompts are prefilled in chunks of that size; 16-bit experts are
+        fastest as whole matrix products."""
+        plan = self.engine.plan
+        if plan is not None and self.engine.use_kernels and any(
+                s.bits < 16 and s.tier == "accel" for row in plan.states for s in row):
+            return KERNEL_MAX_TOKENS
+        return self.max_len
+
+    def prefill_all(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """prefill() of a whole prompt, in chunks of prefill_chunk; the logits after its last token."""
+        chunk = self.prefill_chunk
+        for start in range(0, len(ids), chunk):
+            logits = self.prefill(slot, ids[start:start + chunk], start)
+        return logits
+
     def feed(self, slot: int, token: int | torch.Tensor, position: int) -> None:
         """The open slot joins the decode steps: the next step feeds `token` at `position`."""
         if position >= self.scratch:
@@ -280,6 +301,7 @@ class Decoder:
             return None
         if self.signature != eng.kernel_signature:  # reconfigured: the old graphs read stale tables
             self.graphs.clear()
+            self.pool = None  # freed with its graphs; capturing into its handle again trips the allocator
             self.signature = eng.kernel_signature
         key = (B, kv_len)
         if key not in self.graphs:
@@ -298,6 +320,53 @@ class Decoder:
             self.capture_s += time.perf_counter() - t
         return self.graphs[key]
 
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (batch, attention length) bucket a decode step can take."""
+        def powers(low: int, high: int) -> list[int]:  # what _bucket gives for 1..high
+            out = [min(low, high)]
+            while out[-1] < high:
+                out.append(min(2 * out[-1], high))
+            return out
+
+        return [(b, n) for b in powers(1, self.max_seqs) for n in powers(self.MIN_KV, self.max_len)]
+
+    @torch.no_grad()
+    def capture_all(self) -> int:
+        """Capture the graph of every bucket now (a server does before its first request, so no
+        request waits for a capture); graphs are captured lazily otherwise. Needs the decoder idle.
+        The number of graphs captured (0 when the plan is not capturable or there is no CUDA)."""
+        if self.sampling:
+            raise RuntimeError("the decoder is serving sequences; capture_all() needs it idle")
+        self._ensure_logits()
+        before = len(self.graphs)
+        for b, n in self.buckets():
+            if self._graph_for(b, n) is None:
+                return 0
+        return len(self.graphs) - before
+
+    def _ensure_logits(self) -> None:
+        if self.logits is None:
+            V = self.model.get_output_embeddings().weight.shape[0]
+            self.logits = torch.zeros(self.max_seqs, V, dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def time_steps(self, batch: int, kv_len: int, steps: int) -> float:
+        """Seconds per decode step of `batch` slots over `kv_len` positions, `steps` of them back to
+        back with one sync at the end: no sampling, no host in the loop, the engine's own speed (a
+        benchmark's yardstick for what serving adds). Needs the decoder idle (free slots only)."""
+        if self.sampling:
+            raise RuntimeError("the decoder is serving sequences; time_steps() needs it idle")
+        self._ensure_logits()
+        graph = self._graph_for(batch, kv_len)
+        run = graph.replay if graph is not None else (lambda: self._decode_forward(batch, kv_len))
+        run()
+        self._sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            run()
+        self._sync()
+        return (time.perf_counter() - t) / steps
+
     @torch.no_grad()
     def step(self) -> dict[int, int]:
         """One decode step of every active slot; {slot: its new token}. Each slot then feeds its
@@ -307,9 +376,7 @@ class Decoder:
         slots = sorted(self.decoding)
         B = _bucket(slots[-1] + 1, 1, self.max_seqs)
         kv_len = _bucket(max(self.next_pos[s] for s in slots) + 1, self.MIN_KV, self.max_len)
-        if self.logits is None:
-            V = self.model.get_output_embeddings().weight.shape[0]
-            self.logits = torch.zeros(self.max_seqs, V, dtype=torch.float32, device=self.device)
+        self._ensure_logits()
         graph = self._graph_for(B, kv_len)
         if graph is not None:
             graph.replay()
@@ -357,7 +424,7 @@ class Decoder:
         done_at: dict[int, float] = {}
         for slot, p in enumerate(prompts):
             self.open(slot, sampling)
-            first = int(self.sample(slot, self.prefill(slot, p)))
+            first = int(self.sample(slot, self.prefill_all(slot, p)))
             first_at[slot] = time.perf_counter()  # (int() synced)
             out[slot] = [first]
             if max_new_tokens > 1 and first not in stop:

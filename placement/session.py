@@ -69,9 +69,10 @@ class Session:
         return self.engine.apply(plan)
 
 
-def open_session(identity: ModelIdentity, device=None, *, data: str | None = None) -> Session:
+def open_session(identity: ModelIdentity, device=None, *, data: str | None = None, quantizer=None) -> Session:
     """Load the model `identity` names on `device` and put an engine in charge of its experts (no
-    plan applied yet). A fingerprint in the identity must match the weights found."""
+    plan applied yet). A fingerprint in the identity must match the weights found. `quantizer`:
+    the engine's (default: HQQ with its solver)."""
     device = resolve_device(device)
     dtype = resolve_dtype(identity.dtype, device)
     t0 = time.perf_counter()
@@ -81,7 +82,7 @@ def open_session(identity: ModelIdentity, device=None, *, data: str | None = Non
     if identity.fingerprint is not None and identity.fingerprint != loaded.fingerprint:
         raise ValueError(f"the weights of {identity.model} have fingerprint {loaded.fingerprint}, not the "
                          f"{identity.fingerprint} the plans were measured on: another checkpoint or seed?")
-    engine = Engine(loaded.model, accel=device)
+    engine = Engine(loaded.model, accel=device, quantizer=quantizer)
     log.info("loaded %s in %.1fs: %s", identity.describe(), time.perf_counter() - t0, engine.spec)
     # scored selections measure their scores on calibration text, read only when needed
     calib: list[int] = []

@@ -237,7 +237,15 @@ class Executor:
 
     # --- the loop ------------------------------------------------------------------------------
     def serve_forever(self, between_steps) -> None:
-        """Serve until stopped; `between_steps()` runs before every step (where the plan may change)."""
+        """Serve until stopped; `between_steps()` runs before every step (where the plan may change).
+        The first plan's decode graphs are captured before the first request is served."""
+        try:
+            between_steps()
+            t = time.perf_counter()
+            if n := self.decoder.capture_all():
+                log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t)
+        except Exception:  # serving eagerly (or capturing lazily) still works
+            log.exception("capturing decode graphs failed")
         while self.serving:
             try:
                 between_steps()
@@ -297,14 +305,15 @@ class Executor:
         with self.lock:
             prefilling = sorted((r for r in self.running.values() if r.first_token_at is None), key=lambda r: r.id)
             budget = self.limits.max_batched_tokens - len(self.decoder.decoding)
+        chunk = self.decoder.prefill_chunk
         for req in prefilling:
-            if budget <= 0:
-                return
-            n = min(budget, len(req.prompt_ids) - req.prefilled)
             try:
-                logits = self.decoder.prefill(req.slot, req.prompt_ids[req.prefilled:req.prefilled + n], req.prefilled)
-                req.prefilled += n
-                budget -= n
+                while budget > 0 and req.prefilled < len(req.prompt_ids):
+                    n = min(budget, chunk, len(req.prompt_ids) - req.prefilled)
+                    logits = self.decoder.prefill(req.slot, req.prompt_ids[req.prefilled:req.prefilled + n],
+                                                  req.prefilled)
+                    req.prefilled += n
+                    budget -= n
                 if req.prefilled == len(req.prompt_ids):
                     first = int(self.decoder.sample(req.slot, logits))
                     req.first_token_at = time.time()
@@ -315,6 +324,8 @@ class Executor:
                 log.exception("prefill failed")
                 with self.lock:
                     self._end(req.slot, error=err)
+            if budget <= 0:
+                return
 
     def _decode_step(self) -> None:
         if not self.decoder.decoding:

@@ -50,3 +50,26 @@ def test_quantized_plans_run_on_cuda_and_switching_back_requantizes_nothing():
     assert engine.apply(a).requantized == 0
     with torch.no_grad():
         assert torch.equal(loaded.model(tokens).logits, first)
+
+
+@pytest.mark.parametrize("knobs", [Knobs(), Knobs(quantized=16, bits=4)], ids=["16-bit", "4-bit"])
+def test_graph_decode_equals_eager_decode_at_every_batch_bucket_and_recaptures_after_a_switch(knobs):
+    """One CUDA graph per (batch, length) bucket replays exactly the eager step; a plan switch
+    between two generate calls re-captures (the old graphs read stale tables)."""
+    from placement.decode import Decoder
+
+    loaded = load_model("tiny-random", device="cuda", dtype=torch.float32)
+    engine = Engine(loaded.model)
+    engine.apply(build_plan(engine.spec, knobs))
+    prompts = [list(range(3 + i, 20 + 2 * i)) for i in range(16)]
+    graphs = Decoder(loaded.model, engine, max_seqs=16, max_len=128)
+    eager = Decoder(loaded.model, engine, max_seqs=16, max_len=128, graphs=False)
+    for n in (1, 3, 16):
+        want = [g.ids for g in eager.generate(prompts[:n], 40, fixed_length=True).sequences]
+        got = graphs.generate(prompts[:n], 40, fixed_length=True)
+        assert graphs.reason is None and [g.ids for g in got.sequences] == want
+    assert {b for b, _ in graphs.graphs} == {1, 4, 16}
+    engine.apply(build_plan(engine.spec, Knobs(quantized=16, bits=2)))
+    want = [g.ids for g in eager.generate(prompts[:4], 20, fixed_length=True).sequences]
+    assert [g.ids for g in graphs.generate(prompts[:4], 20, fixed_length=True).sequences] == want
+    assert {b for b, _ in graphs.graphs} == {4}  # recaptured for the new plan, on demand

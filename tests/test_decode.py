@@ -44,11 +44,18 @@ def test_batched_decoder_matches_transformers_generate_token_for_token(fresh, fa
         assert [g.ids for g in run.sequences] == expected
         assert run.steps == 11 and run.decode_tokens == 4 * 11 and run.decode_tok_s > 0
         assert all(g.ttft_s > 0 and g.decode_tok_s > 0 and g.finish_reason == "length" for g in run.sequences)
-    assert decoder.reason == "no CUDA device"
+    assert decoder.reason == "no CUDA device" and decoder.capture_all() == 0
     with pytest.raises(ValueError, match="exceed the cache"):
         decoder.generate([PROMPTS[0]], 44)
     with pytest.raises(ValueError, match="give 1 to 4 prompts"):
         decoder.generate(PROMPTS + [[1]], 4)
+
+
+def test_decode_buckets_cover_every_batch_and_length_a_step_can_take(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    decoder = Decoder(model, engine, max_seqs=6, max_len=200)
+    assert decoder.buckets() == [(b, n) for b in (1, 2, 4, 6) for n in (64, 128, 200)]
 
 
 def test_sequences_join_and_leave_between_steps_and_chunked_prefill_changes_nothing(fresh):

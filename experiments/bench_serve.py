@@ -1,0 +1,238 @@
+"""Serving benchmark: what users get from the server core (runtime.executor, no Ray) against what
+the engine can do, side by side in one process, per plan.
+
+For each plan (all experts on the GPU at 16 and 4 bits; 4-bit with 1/4 of the experts on the GPU,
+the rest fetched from host memory):
+- `engine, back to back`: batch-1 decode steps replayed with no host in the loop
+  (`Decoder.time_steps`, what the old bench-only GraphDecoder measured), the yardstick;
+- `decoder, batch 1` and `decoder, batch N`: `Decoder.generate`, what `qos generate` and
+  `qos profile` run (per-step sampling and bookkeeping included);
+- `server, one at a time`: requests sent one after another through the executor;
+- `server, N at once`: N requests submitted together;
+- `server, Poisson R/s`: a stream of requests at several rates (multiples of the plan's measured
+  capacity), prompts cut from WikiText-2, reporting throughput, TTFT and time per output token.
+Before the engine takes the model over, stock transformers `generate` runs at batch 1 and at
+`--batch` (the same prompts as a static batch, left-padded) as the baseline. Batches take different
+prompts: identical ones would all route to the same two experts per layer and flatter batching.
+
+    python experiments/bench_serve.py --layers 16 --out experiments/results/bench_serve_h200.csv
+    python experiments/bench_serve.py --model tiny-random --device cpu --new-tokens 16 --out /tmp/b.csv
+
+Random weights (mixtral-8x7b-shape); quantized experts are rounded to nearest in HQQ's format, as
+in bench_decode.py (the same bytes and kernels as HQQ's solver gives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from catalog.data import eval_text
+from catalog.knobs import Knobs
+from catalog.rows import ModelIdentity
+from experiments.baselines import timed_generate
+from experiments.bench_decode import FAST_QUANTIZER
+from placement.decode import Decoder
+from placement.engine import Engine
+from placement.models import load_model
+from placement.planner import Planner
+from placement.session import Session
+from runtime.executor import Executor
+from runtime.limits import Limits
+
+TENANT = "bench"
+
+
+def percentile(values, q: float) -> float | None:
+    """Nearest-rank percentile; None without values."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def wikitext_prompts(tokenizer, count: int, lo: int, hi: int, data: str | None, seed: int = 0) -> list[str]:
+    """`count` prompts of lo..hi tokens cut from WikiText-2 at random places."""
+    text = eval_text("wikitext2", data)
+    rng = random.Random(seed)
+    prompts = []
+    while len(prompts) < count:
+        start = rng.randrange(0, len(text) - 8 * hi)
+        ids = tokenizer.encode(text[start:start + 8 * hi])[: rng.randint(lo, hi)]
+        if len(ids) >= lo:
+            prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def plans(total: int) -> list[tuple[str, Knobs]]:
+    return [
+        ("16-bit, all on GPU", Knobs()),
+        ("4-bit, all on GPU", Knobs(quantized=total, bits=4)),
+        ("4-bit, 1/4 on GPU, fetch", Knobs(quantized=total, bits=4, gpu_experts=total // 4)),
+    ]
+
+
+def serve(executor: Executor, prompts: list[str], arrivals: list[float], new_tokens: int) -> dict:
+    """Submit prompts[i] at arrivals[i] seconds from now; wait for every answer; what the clients saw."""
+    start = time.perf_counter()
+    reqs = []
+    for prompt, at in zip(prompts, arrivals):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        reqs.append(executor.submit(TENANT, prompt, new_tokens))
+    results = [r.result(timeout=3600) for r in reqs]
+    wall = time.perf_counter() - start
+    tokens = sum(r["new_tokens"] for r in results)
+    return {"requests": len(results), "throughput_tok_s": tokens / wall,
+            "per_seq_tok_s": statistics.median(r["decode_tok_s"] for r in results if r["decode_tok_s"]),
+            "ttft_p50_s": percentile([r["ttft_s"] for r in results], 50),
+            "ttft_p95_s": percentile([r["ttft_s"] for r in results], 95),
+            "tpot_p50_ms": percentile([r["tpot_ms"] for r in results], 50),
+            "tpot_p95_ms": percentile([r["tpot_ms"] for r in results], 95),
+            "wall_s": wall}
+
+
+def bench(args) -> list[dict]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    loaded = load_model(args.model, layers=args.layers, dtype=getattr(torch, dtype), device=device)
+    model, tok = loaded.model, loaded.tokenizer
+    texts = wikitext_prompts(tok, max(args.requests, args.batch), args.min_prompt, args.max_prompt, args.data)
+    # closed batches take different prompts: identical ones would all route to the same experts
+    batch_ids = [tok.encode(t) for t in texts[:args.batch]]
+    rows: list[dict] = []
+    layers = model.config.num_hidden_layers
+
+    def row(plan: str, system: str, concurrency: int, **values):
+        r = {"model": args.model, "layers": layers, "plan": plan, "system": system, "concurrency": concurrency,
+             "new_tokens": args.new_tokens, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+             else "cpu", **values}
+        rows.append(r)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+                          if v is not None)
+        print(f"  {plan:28s} {system:34s} x{concurrency:<3d} {shown}", flush=True)
+
+    print(f"{args.model}, {layers} layers, {dtype}, {args.new_tokens} new tokens, on {device}", flush=True)
+    for b in (1, args.batch):  # stock transformers, before the engine takes the experts over
+        g = timed_generate(model, batch_ids[:b], args.new_tokens, fixed_length=True)
+        row("16-bit, all on GPU", "transformers generate", b, throughput_tok_s=g.decode_tok_s,
+            per_seq_tok_s=g.decode_tok_s / b)
+    engine = Engine(model, accel=device, quantizer=FAST_QUANTIZER)
+    session = Session(ModelIdentity(args.model, args.layers, dtype), loaded, engine,
+                      Planner(engine, args.model, lambda: []))
+    total = engine.spec.num_layers * engine.spec.num_experts
+    for name, knobs in plans(total):
+        plan = session.plan(knobs)
+        session.apply(plan)
+        new = args.new_tokens if engine.plan.host_experts == 0 else max(16, args.new_tokens // args.host_divisor)
+        decoder = Decoder(model, engine, max_seqs=args.batch, max_len=args.max_prompt + args.new_tokens + 2)
+        # the yardstick at batch 1 (free slots in a batch would all route alike: no yardstick there)
+        kv = min(decoder.max_len, 1 << math.ceil(math.log2(len(batch_ids[0]) + new)))
+        step_s = decoder.time_steps(1, kv, 32 if engine.plan.host_experts else 128)
+        row(name, "engine, back to back", 1, throughput_tok_s=1 / step_s, per_seq_tok_s=1 / step_s,
+            graphs=decoder.reason or "on")
+        for b in (1, args.batch):
+            decoder.generate(batch_ids[:b], new, fixed_length=True)  # warm-up (graphs of every bucket)
+            run = decoder.generate(batch_ids[:b], new, fixed_length=True)
+            row(name, f"decoder, batch {'1' if b == 1 else 'N'}", b, throughput_tok_s=run.decode_tok_s,
+                per_seq_tok_s=1 / statistics.median(run.step_s),
+                tpot_p50_ms=percentile([1000 * s for s in run.step_s], 50),
+                tpot_p95_ms=percentile([1000 * s for s in run.step_s], 95),
+                ttft_p50_s=percentile([g.ttft_s for g in run.sequences], 50))
+        del decoder
+
+        executor = Executor(session, {plan.plan_id: plan}, limits=Limits(
+            max_seqs=args.batch, max_batched_tokens=max(args.batch, args.max_batched_tokens),
+            max_len=args.max_prompt + new + 2, max_queue=max(256, args.requests)))
+        thread = threading.Thread(target=executor.serve_forever, args=(lambda: None,), daemon=True)
+        thread.start()
+        try:
+            serve(executor, texts[:2], [0, 0], new)  # warm-up
+            one = [serve(executor, [t], [0], new) for t in texts[:3]]
+            row(name, "server, one at a time", 1, throughput_tok_s=statistics.median(o["throughput_tok_s"] for o in one),
+                per_seq_tok_s=statistics.median(o["per_seq_tok_s"] for o in one),
+                ttft_p50_s=statistics.median(o["ttft_p50_s"] for o in one),
+                tpot_p50_ms=statistics.median(o["tpot_p50_ms"] for o in one))
+            burst = serve(executor, texts[:args.batch], [0] * args.batch, new)
+            row(name, "server, N at once", args.batch, **burst)
+            capacity = burst["throughput_tok_s"] / new  # requests per second the plan sustains
+            n = args.requests if engine.plan.host_experts == 0 else max(args.batch, args.requests // args.host_divisor)
+            for frac in args.rates:
+                rate = frac * capacity
+                rng = random.Random(1)
+                arrivals = [0.0, *itertools.accumulate(rng.expovariate(rate) for _ in range(n - 1))]
+                stats = serve(executor, texts[:n], arrivals, new)
+                row(name, f"server, Poisson {frac:g} x capacity", args.batch, rate_rps=rate, **stats)
+        finally:
+            executor.stop()
+            thread.join(60)
+        pd.DataFrame(rows).to_csv(args.out, index=False)  # so far (a long run cut short keeps its rows)
+    return rows
+
+
+def summarize(df: pd.DataFrame, batch: int) -> pd.DataFrame:
+    """The issue's targets as ratios, per plan."""
+    out = []
+    for plan, rows in df.groupby("plan", sort=False):
+        def get(system, conc, col="throughput_tok_s"):
+            hit = rows[(rows["system"] == system) & (rows["concurrency"] == conc)]
+            return float(hit[col].iloc[0]) if len(hit) else float("nan")
+
+        ref1 = get("engine, back to back", 1)
+        out.append({
+            "plan": plan,
+            "engine_b1_tok_s": ref1,
+            "decoder_b1_over_engine": get("decoder, batch 1", 1) / ref1,
+            "server_b1_over_engine": get("server, one at a time", 1, "per_seq_tok_s") / ref1,
+            f"decoder_b{batch}_over_b1": get("decoder, batch N", batch) / get("decoder, batch 1", 1),
+            f"server_b{batch}_over_b1": get("server, N at once", batch) / get("server, one at a time", 1),
+            f"decoder_b{batch}_over_transformers_b{batch}": get("decoder, batch N", batch)
+            / get("transformers generate", batch) if plan.startswith("16-bit, all") else float("nan"),
+        })
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mixtral-8x7b-shape")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16, help="concurrent sequences (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=48, help="requests per Poisson rate")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0, 2.0],
+                   help="arrival rates as multiples of the plan's measured capacity (default: 0.5,1,2)")
+    p.add_argument("--min-prompt", type=int, default=64)
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--host-divisor", type=int, default=4,
+                   help="host plans are slow: new tokens and requests divided by this (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = pd.DataFrame(bench(args))
+    rows.to_csv(args.out, index=False)
+    summary = summarize(rows, args.batch)
+    summary.to_csv(args.out.with_name(args.out.stem + "_summary.csv"), index=False)
+    cols = ["plan", "system", "concurrency", "rate_rps", "throughput_tok_s", "per_seq_tok_s", "ttft_p50_s",
+            "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms"]
+    with pd.option_context("display.width", 250, "display.max_colwidth", 40):
+        print(rows[[c for c in cols if c in rows]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print("\ntargets (ratios):")
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
