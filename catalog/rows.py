@@ -144,17 +144,35 @@ class Measured:
     host_bytes: int
 
     @classmethod
-    def from_record(cls, row: Mapping) -> Measured:
+    def from_record(cls, row: Mapping, speed: str = "decode_tok_s") -> Measured:
         return cls(ModelIdentity.from_row(row), knobs_from_row(row), str(row["plan_id"]),
-                   float(row["decode_tok_s"]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]))
+                   float(row[speed]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]))
 
 
-def read_front(path: str | Path, datasets: list[str] | None = None) -> list[Measured]:
-    """The measured plans of a front or profile file, all of one model identity."""
+def check_speed(column: str, columns: Iterable[str] | None = None) -> str:
+    """`column` if it is a decode speed a row records (decode_tok_s at batch 1, or agg_/seq_tok_s_bN
+    at batch N) and, given the file's `columns`, one it has; else a ValueError naming the choices."""
+    if column != "decode_tok_s" and not (column in batch_columns([column]) and "tpot" not in column):
+        raise ValueError(f"unknown speed column {column!r}; choose decode_tok_s (batch 1), agg_tok_s_bN "
+                         "(N sequences, in aggregate) or seq_tok_s_bN (per sequence at N)")
+    if columns is not None and column not in columns:
+        measured = [c for c in batch_columns(columns) if "tpot" not in c]
+        raise ValueError(f"the file has no {column} column; measured speeds: {', '.join(['decode_tok_s', *measured])} "
+                         f"(profile with --batch-sizes to add batched ones)")
+    return column
+
+
+def read_front(path: str | Path, datasets: list[str] | None = None, speed: str = "decode_tok_s") -> list[Measured]:
+    """The measured plans of a front or profile file, all of one model identity; `speed` is the
+    column taken as each plan's decode speed (see check_speed)."""
     df = read_profile(path)
     if df.empty:
         raise ValueError(f"{path} has no measured plans")
-    rows = [Measured.from_record(r) for r in with_ppl(df, datasets).to_dict(orient="records")]
+    check_speed(speed, df.columns)
+    if df[speed].isna().any():
+        raise ValueError(f"{path}: {int(df[speed].isna().sum())} plan(s) have no {speed}; profile them with the "
+                         "same --batch-sizes")
+    rows = [Measured.from_record(r, speed) for r in with_ppl(df, datasets).to_dict(orient="records")]
     identities = {r.identity for r in rows}
     if len(identities) > 1:
         raise ValueError(f"{path} mixes plans of several models: "

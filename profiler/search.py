@@ -1,4 +1,5 @@
-"""Pareto search over plans with optuna's NSGA-II: maximise decode tok/s, minimise perplexity and
+"""Pareto search over plans with optuna's NSGA-II: maximise decode tok/s (at batch 1, or with N
+sequences at once: `speed`), minimise perplexity and
 accelerator bytes, under an optional accelerator budget (a constraint, not a filter afterwards).
 
 The paper's one-dimensional sweep (random selection, quantized count stepping over the whole
@@ -16,7 +17,7 @@ import optuna
 import pandas as pd
 
 from catalog.knobs import Knobs, suggest
-from catalog.rows import COLUMNS, row_ppl
+from catalog.rows import COLUMNS, batch_columns, check_speed, row_ppl
 from placement.plan import build_plan
 from profiler.profile import Measurements, Profiler
 
@@ -46,9 +47,23 @@ def sweep_points(total: int, steps: int) -> list[int]:
     return sorted({round(total * i / steps) for i in range(steps + 1)})
 
 
+def check_search_speed(speed: str, batch_sizes, *, screened: bool) -> None:
+    """The throughput objective must be measured by the profile (its batch size timed) and, with
+    cost-model screening, be the batch-1 speed the cost model predicts."""
+    check_speed(speed)
+    batch = int(speed.rsplit("_b", 1)[1]) if speed != "decode_tok_s" else 1
+    if batch != 1 and batch not in batch_sizes:
+        raise ValueError(f"the search maximises {speed}: time batch {batch} too (--batch-sizes 1,{batch})")
+    if screened and speed != "decode_tok_s":
+        raise ValueError("the cost model predicts batch-1 decode_tok_s: --screen only a search of decode_tok_s")
+
+
 class Search:
     def __init__(self, profiler: Profiler, out: Path, *, gpu_budget: int | None = None,
-                 known: list[Path] = (), selection_seed: int = 0, cost=None, margin: float = 0.15):
+                 known: list[Path] = (), selection_seed: int = 0, cost=None, margin: float = 0.15,
+                 speed: str = "decode_tok_s"):
+        check_search_speed(speed, profiler.settings.batch_sizes, screened=cost is not None)
+        self.speed = speed  # the throughput objective: batch 1, or N sequences at once
         self.profiler, self.out, self.budget = profiler, Path(out), gpu_budget
         self.selection_seed = selection_seed
         self.cost, self.margin = cost, margin  # a profiler.costmodel.CostModel screens candidates
@@ -106,7 +121,7 @@ class Search:
         if self.budget is not None:  # feasible when <= 0: NSGA-II ranks infeasible trials last
             trial.set_constraint("gpu_budget", float(row["gpu_bytes"] - self.budget))
         self.source.setdefault(str(row["plan_id"]), trial.user_attrs.get("source", "search"))
-        return float(row["decode_tok_s"]), self._ppl(row), float(row["gpu_bytes"])
+        return float(row[self.speed]), self._ppl(row), float(row["gpu_bytes"])
 
     # --- the study ------------------------------------------------------------------------------
     def sweep(self, steps: int) -> list[dict]:
@@ -141,7 +156,7 @@ class Search:
             if "plan_id" in t.user_attrs:
                 self.source.setdefault(t.user_attrs["plan_id"], t.user_attrs.get("source", "search"))
         rows = [self.rows[i] for i in dict.fromkeys(ids) if i in self.rows]
-        df = pd.DataFrame(rows, columns=COLUMNS)
+        df = pd.DataFrame(rows, columns=[*COLUMNS, *batch_columns(c for r in rows for c in r)])
         df["source"] = [self.source.get(str(i), "search") for i in df["plan_id"]]
         df["pareto"] = df["plan_id"].astype(str).isin(best)
         df.to_csv(self.out, index=False)

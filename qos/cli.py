@@ -142,12 +142,13 @@ def _profiler(args):
 
 def cmd_search(args) -> dict:
     """NSGA-II over the knobs; every measured row goes to --out with the Pareto-optimal ones marked."""
-    from profiler.search import Search
+    from profiler.search import Search, check_search_speed
 
     if not args.datasets:
         raise ValueError("search needs perplexity: give at least one dataset in --datasets")
     if args.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    check_search_speed(args.speed, args.batch_sizes, screened=args.screen)  # before loading anything
     profiler = _profiler(args)
     cost = None
     if args.screen:
@@ -156,7 +157,7 @@ def cmd_search(args) -> dict:
         cost = calibrate(profiler.engine, profiler.prompt, profiler.calib_ids(), new_tokens=args.new_tokens)
         log.info("cost model: %s", cost.as_dict())
     search = Search(profiler, args.out, gpu_budget=args.gpu_budget, known=args.profile or [],
-                    selection_seed=args.seed, cost=cost, margin=args.screen_margin)
+                    selection_seed=args.seed, cost=cost, margin=args.screen_margin, speed=args.speed)
     study = search.run(args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
                        sweep_steps=args.sweep_steps, progress=not args.quiet)
     df = search.write_front(study)
@@ -261,12 +262,12 @@ def cmd_serve(args) -> dict:
     limits = Limits(max_seqs=args.max_seqs, max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue,
                     max_len=args.max_len, max_new_tokens=args.max_new_tokens)
     load_slos(args.slos)  # a bad file fails here, not inside the cluster
-    rows = read_front(args.front)  # and so does a front of another model than --model names
+    rows = read_front(args.front, speed=args.speed)  # and so does a front of another model than --model names
     identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
     ray_actor.connect(args.address)
     ray_actor.serve(args.front, args.slos, name=args.name, model=args.model, layers=args.layers,
                     device=None if args.device == "auto" else args.device, tick_s=args.tick,
-                    free_bytes=args.free_memory, data=args.data, limits=limits)
+                    free_bytes=args.free_memory, data=args.data, limits=limits, speed=args.speed)
     return ray_actor.call(ray_actor.server(args.name), "status") | {"name": args.name}
 
 
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen", action="store_true",
                    help="calibrate the cost model and skip measuring plans it predicts a measured plan beats")
     p.add_argument("--screen-margin", type=float, default=0.15, help="how much faster the beating plan must be")
+    p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
+                   help="the throughput to maximise: decode_tok_s (batch 1), agg_tok_s_bN (N sequences in "
+                        "aggregate) or seq_tok_s_bN, with N in --batch-sizes (default: %(default)s)")
     p.set_defaults(func=cmd_search)
 
     ray_common = argparse.ArgumentParser(add_help=False)
@@ -401,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
     p.add_argument("--free-memory", type=_bytes, help="simulated free accelerator memory (CPU machines, tests)")
     p.add_argument("--data", help="data folder, for calibration text of scored selections")
+    p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
+                   help="the front's column that tenants' min_decode_tok_s is checked against: decode_tok_s "
+                        "(batch 1), or seq_tok_s_bN (per sequence with N running) for a busy server "
+                        "(default: %(default)s)")
     limits = p.add_argument_group("scheduling limits")
     d = Limits()
     limits.add_argument("--max-seqs", type=int, default=d.max_seqs,

@@ -27,7 +27,7 @@ def connect(address: str | None = None) -> None:
 
 def serve(front: str, slos: str, *, name: str = DEFAULT_NAME, model: str | None = None, layers: int | None = None,
           device: str | None = None, tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
-          num_gpus: float | None = None, limits=None):
+          num_gpus: float | None = None, limits=None, speed: str = "decode_tok_s"):
     """Start the server actor (detached: it outlives this process) and wait until it serves the
     model the front was measured on (`model`/`layers`, when given, must agree with it)."""
     from runtime.limits import Limits
@@ -44,7 +44,7 @@ def serve(front: str, slos: str, *, name: str = DEFAULT_NAME, model: str | None 
     actor_cls = ray.remote(Server).options(name=name, namespace=NAMESPACE, lifetime="detached",
                                            max_concurrency=64, num_gpus=num_gpus, num_cpus=1)
     handle = actor_cls.remote(front, slos, model=model, layers=layers, device=device, tick_s=tick_s,
-                              free_bytes=free_bytes, data=data, limits=limits or Limits())
+                              free_bytes=free_bytes, data=data, limits=limits or Limits(), speed=speed)
     try:
         ray.get(handle.ready.remote())
     except ray.exceptions.RayActorError as err:  # the constructor failed: say why in one line

@@ -27,8 +27,8 @@ class Server:
     def __init__(self, front: str | Path, slos: str | Path, *, model: str | None = None, layers: int | None = None,
                  dtype: str | None = None, device: str | None = None, tick_s: float = 1.0,
                  free_bytes: int | None = None, data: str | None = None, hysteresis: float = 0.05,
-                 limits: Limits = Limits()):
-        rows = read_front(front)
+                 limits: Limits = Limits(), speed: str = "decode_tok_s"):
+        rows = read_front(front, speed=speed)  # speed: the column SLO floors are checked against
         identity = identity_for(rows[0].identity, model=model, layers=layers, dtype=dtype, source=str(front))
         self.session = open_session(identity, device, data=data)
         self.engine = self.session.engine

@@ -124,6 +124,8 @@ def test_a_front_names_its_model_and_refuses_another(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "was measured on mixtral-8x7b-shape (2 layers" in err and "not on all layers" in err
+    assert main(["serve", "--front", str(path), "--slos", str(slos), "--speed", "seq_tok_s_b16"]) == 2
+    assert "no seq_tok_s_b16 column; measured speeds: decode_tok_s" in capsys.readouterr().err
 
 
 def test_a_front_of_two_models_is_refused(tmp_path):
@@ -131,3 +133,21 @@ def test_a_front_of_two_models_is_refused(tmp_path):
     pd.concat([df, df.assign(layers=4, plan_id="p2")]).to_csv(tmp_path / "mixed.csv", index=False)
     with pytest.raises(ValueError, match="mixes plans of several models"):
         read_front(tmp_path / "mixed.csv")
+
+
+def test_a_front_read_by_a_batched_speed_takes_that_column_or_names_the_ones_it_has(tmp_path):
+    from catalog.rows import check_speed
+
+    path = tmp_path / "p.csv"
+    rows = pd.read_csv(Path(__file__).parent.parent / "experiments/results/profile_reference_cpu.csv").head(2)
+    rows.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"no seq_tok_s_b8 column; measured speeds: decode_tok_s \(profile with"):
+        read_front(path, speed="seq_tok_s_b8")
+    rows.assign(seq_tok_s_b8=[3.0, 4.0]).to_csv(path, index=False)
+    assert [m.decode_tok_s for m in read_front(path, speed="seq_tok_s_b8")] == [3.0, 4.0]
+    rows.assign(seq_tok_s_b8=[3.0, None]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="1 plan\\(s\\) have no seq_tok_s_b8"):
+        read_front(path, speed="seq_tok_s_b8")
+    for bad in ("ppl", "tpot_p95_ms_b8", "agg_tok_s_bx"):
+        with pytest.raises(ValueError, match="unknown speed column"):
+            check_speed(bad)

@@ -34,6 +34,23 @@ def test_search_enqueues_the_sweep_respects_the_budget_marks_the_front_and_resum
     assert '"trials": 9' in capsys.readouterr().out
 
 
+@needs_data
+def test_search_can_maximise_batched_throughput_measured_by_the_profile(tmp_path, capsys):
+    out = tmp_path / "front.csv"
+    args = ["search", "--model", "tiny-random", "--out", str(out), "--max-windows", "1", "--seqlen", "32",
+            "--new-tokens", "3", "--repeats", "1", "--sweep-steps", "2", "--trials", "3", "--quiet",
+            "--datasets", "wikitext2"]
+    for bad, message in [([], "time batch 2 too (--batch-sizes 1,2)"),
+                         (["--batch-sizes", "1,2", "--screen"], "--screen only a search of decode_tok_s"),
+                         (["--batch-sizes", "1,2", "--speed", "tpot_p95_ms_b2"], "unknown speed column")]:
+        speed = [] if "--speed" in bad else ["--speed", "agg_tok_s_b2"]
+        assert main(args + speed + bad) == 2
+        assert message in capsys.readouterr().err
+    assert main(args + ["--speed", "agg_tok_s_b2", "--batch-sizes", "1,2"]) == 0
+    df = pd.read_csv(out)
+    assert (df["agg_tok_s_b2"] > 0).all() and df["pareto"].any()
+
+
 def test_search_space_has_prefetch_which_counts_only_with_fetched_host_experts(tmp_path):
     import types
 
@@ -47,6 +64,7 @@ def test_search_space_has_prefetch_which_counts_only_with_fetched_host_experts(t
     spec = ModelSpec("mixtral", 2, 4, 2, 64, 128, torch.float32, nonexpert_bytes=1000)
     profiler = types.SimpleNamespace(engine=types.SimpleNamespace(spec=spec), fixed={"device_name": "cpu"},
                                      seqlen=32, reuse_perplexity=lambda rows: None,
+                                     settings=types.SimpleNamespace(batch_sizes=(1,)),
                                      plan=lambda knobs: build_plan(spec, knobs))
     search = Search(profiler, tmp_path / "out.csv")
     params = {"quantized": 0, "bits": 4, "selection": "random", "gpu_experts": 2, "offload": "fetch",
@@ -95,7 +113,7 @@ def test_screening_skips_only_plans_a_measured_plan_beats_by_the_margin(tmp_path
 
     spec = ModelSpec("mixtral", 1, 2, 1, 64, 128, torch.float32, nonexpert_bytes=1000)
     profiler = types.SimpleNamespace(engine=types.SimpleNamespace(spec=spec), ppl_cache={},
-                                     settings=types.SimpleNamespace(datasets=("ptb",)),
+                                     settings=types.SimpleNamespace(datasets=("ptb",), batch_sizes=(1,)),
                                      fixed={"device_name": "cpu"}, seqlen=32,
                                      reuse_perplexity=lambda rows: None)
     cost = CostModel(nonexpert_s=0.01, accel_s={16: 0.001, 4: 0.002}, host_s={16: 0.05, 4: 0.05},
