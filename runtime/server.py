@@ -166,7 +166,7 @@ class Server:
                 "running": self.executor.running_count(), "decode_steps": self.executor.steps,
                 "limits": asdict(self.executor.limits) | {"max_len": self.executor.max_len}, "ticks": c.ticks, "last_decision": d.reason if d else None,
                 "history": list(self.history), "slo_rejections": list(c.rejections),
-                "memory": self.engine.memory(),
+                "memory": self.engine.memory() | {"kv_cache_bytes": self.executor.decoder.cache.nbytes()},
             }
 
     def ready(self) -> bool:
