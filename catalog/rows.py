@@ -83,7 +83,8 @@ IDENTITY_COLUMNS = [f.name for f in fields(ModelIdentity)]
 PPL_COLUMNS = [f"ppl_{d}" for d in DATASETS]
 COLUMNS = [
     *IDENTITY_COLUMNS, "plan_id", "precision_id", *KNOB_COLUMNS, "experts_total",
-    "decode_tok_s", "prefill_tok_s", "ttft_s", "tpot_p50_ms", "tpot_p95_ms", "batch_sizes",
+    "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "spread", "flagged", "attempts",
+    "prefill_tok_s", "ttft_s", "tpot_p50_ms", "tpot_p95_ms", "batch_sizes",
     "gpu_bytes", "host_bytes", "peak_accel_bytes", "hit_rate", "fetched_bytes_per_token",
     *PPL_COLUMNS, "ppl_note", "seqlen",
     "prompt_tokens", "new_tokens", "repeats", "decoder", "decode_graphs", "device", "device_name", "torch", "transformers", "hqq",
@@ -168,6 +169,10 @@ def read_front(path: str | Path, datasets: list[str] | None = None, speed: str =
     df = read_profile(path)
     if df.empty:
         raise ValueError(f"{path} has no measured plans")
+    if passed(df).empty:
+        raise ValueError(f"every plan of {path} is flagged (its timed runs disagree): measure them again "
+                         "with qos profile --remeasure flagged")
+    df = passed(df)
     check_speed(speed, df.columns)
     if df[speed].isna().any():
         raise ValueError(f"{path}: {int(df[speed].isna().sum())} plan(s) have no {speed}; profile them with the "
@@ -198,12 +203,27 @@ def read_profile(path: str | Path) -> pd.DataFrame:
             if int(b) > 1:
                 df[f"agg_tok_s_b{int(b)}"] = df["decode_tok_s_batch"].where(df["batch_size"] == b)
         df = df.drop(columns=["decode_tok_s_batch", "batch_size"])
+    # rows from before `flagged`: their spread was never checked, and they count as passed
+    df["flagged"] = df["flagged"].map(parse_bool) if "flagged" in df.columns else False
     if "prefetch" in df.columns:
         df["prefetch"] = df["prefetch"].map(parse_bool)
     else:  # profiles from before the prefetch knob: every plan ran without it
         df.insert(df.columns.get_loc("cache_slots") + 1 if "cache_slots" in df.columns else len(df.columns),
                   "prefetch", False)
     return df
+
+
+def passed(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose timed runs agreed (not `flagged`): what fronts, the policy and the search use."""
+    return df[~df["flagged"].astype(bool)]
+
+
+def replace_row(path: str | Path, row: dict) -> None:
+    """Put `row` in place of the file's rows of the same plan_id (a re-measurement)."""
+    path = Path(path)
+    old = read_profile(path)
+    old[old["plan_id"].astype(str) != str(row["plan_id"])].to_csv(path, index=False)
+    append_row(path, row)
 
 
 def append_row(path: str | Path, row: dict) -> None:

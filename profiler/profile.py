@@ -17,7 +17,7 @@ import torch
 
 from catalog.data import DATASETS, calibration_text, eval_text
 from catalog.knobs import Knobs, knob_cells
-from catalog.rows import COLUMNS, append_row, batch_columns, read_profile
+from catalog.rows import COLUMNS, append_row, batch_columns, read_profile, replace_row
 from placement.decode import Decoder
 from placement.plan import Plan
 from placement.planner import row_knobs
@@ -40,8 +40,14 @@ class Settings:
     repeats: int = 3
     batch_sizes: tuple[int, ...] = (1,)  # concurrent sequences to time decoding at (batch 1 always)
     ppl_batch: int = 1  # windows per forward pass when scoring perplexity
+    max_spread: float = 0.25  # (max - min) / median of a plan's timed runs above this flags the row
+    retries: int = 2  # measurements again, at most, of a plan whose runs disagree
 
     def __post_init__(self):
+        if not 0 < self.max_spread:
+            raise ValueError(f"max-spread must be > 0 (a ratio: 0.25 = 25%), got {self.max_spread}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
         for name in ("prompt_tokens", "new_tokens", "repeats", "ppl_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -130,7 +136,7 @@ class Profiler:
         cuda = engine.accel.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(engine.accel)
-        out = {}
+        out, spread = {}, 0.0
         for b in sorted({1, *s.batch_sizes}):
             prompts = [self.prompt] * b
             decoder.generate(prompts, s.new_tokens, fixed_length=True)  # warm-up
@@ -138,11 +144,14 @@ class Profiler:
                 engine.reset_stats()
             runs = [decoder.generate(prompts, s.new_tokens, fixed_length=True) for _ in range(s.repeats)]
             steps_ms = sorted(1000 * t for r in runs for t in r.step_s)
+            speeds = [r.sequences[0].decode_tok_s if b == 1 else r.decode_tok_s for r in runs]
+            spread = max(spread, (max(speeds) - min(speeds)) / statistics.median(speeds))
             if b == 1:
                 seqs = [r.sequences[0] for r in runs]
                 stats = engine.stats
                 out |= {
-                    "decode_tok_s": statistics.median(g.decode_tok_s for g in seqs),
+                    "decode_tok_s": statistics.median(speeds),
+                    "decode_tok_s_min": min(speeds), "decode_tok_s_max": max(speeds),
                     "prefill_tok_s": statistics.median(g.prefill_tok_s for g in seqs),
                     "ttft_s": statistics.median(g.ttft_s for g in seqs),
                     "tpot_p50_ms": _percentile(steps_ms, 50), "tpot_p95_ms": _percentile(steps_ms, 95),
@@ -150,15 +159,29 @@ class Profiler:
                     "fetched_bytes_per_token": stats.bytes_fetched / (s.repeats * s.new_tokens),
                 }
             else:
-                out |= {
-                    f"agg_tok_s_b{b}": statistics.median(r.decode_tok_s for r in runs),
-                    f"seq_tok_s_b{b}": 1000 / statistics.median(steps_ms),
+                agg = statistics.median(r.decode_tok_s for r in runs)
+                out |= {  # every sequence runs every step: each gets 1/b of the aggregate
+                    f"agg_tok_s_b{b}": agg, f"seq_tok_s_b{b}": agg / b,
                     f"tpot_p95_ms_b{b}": _percentile(steps_ms, 95),
                 }
         out["peak_accel_bytes"] = torch.cuda.max_memory_allocated(engine.accel) if cuda else None
         out["decode_graphs"] = decoder.reason or "on"
         out["batch_sizes"] = ",".join(map(str, sorted({1, *s.batch_sizes})))
+        out["spread"] = spread  # the worst over the batch sizes timed
         return out
+
+    def _timed(self, plan: Plan) -> dict:
+        """Throughput whose timed runs agree within max_spread, measuring again up to `retries`
+        times (a busy moment of the machine is not a property of the plan); a row that never
+        agrees is kept, `flagged`, and left out of fronts, the policy and the search."""
+        s = self.settings
+        for attempt in range(1, s.retries + 2):
+            timed = self._throughput()
+            if timed["spread"] <= s.max_spread:
+                break
+            log.warning("plan %s: timed runs disagree by %.0f%% (attempt %d of %d)", plan.plan_id,
+                        100 * timed["spread"], attempt, s.retries + 1)
+        return timed | {"flagged": timed["spread"] > s.max_spread, "attempts": attempt}
 
     def _perplexity(self, plan: Plan) -> dict:
         if plan.precision_id not in self.ppl_cache:
@@ -192,7 +215,7 @@ class Profiler:
             **knob_cells(row_knobs(knobs, plan)),
             "experts_total": summary["experts_total"], "gpu_bytes": summary["gpu_bytes"],
             "host_bytes": summary["host_bytes"],
-            **self._throughput(), **self._perplexity(plan), "seqlen": self.seqlen,
+            **self._timed(plan), **self._perplexity(plan), "seqlen": self.seqlen,
             "prompt_tokens": len(self.prompt), "new_tokens": self.settings.new_tokens,
             "repeats": self.settings.repeats, "decoder": DECODER, **self.fixed,
             "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -216,39 +239,62 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 
 class Measurements:
     """Measure or reuse: every plan measured before (in `out` or the `known` files) by this kind of
-    profiler is taken from there; a new plan is measured once and appended to `out` at once (an
-    interrupted run resumes). The one loop behind `qos profile` and `qos search`."""
+    profiler is taken from there, unless `remeasure` asks for it again ("all", "flagged", or a
+    comma-separated list of plan ids); a plan is measured at most once per run and its row goes to
+    `out` at once (replacing an earlier row of `out`), so an interrupted run resumes. The one loop
+    behind `qos profile` and `qos search`."""
 
-    def __init__(self, profiler: Profiler, out: str | Path, known: Iterable[str | Path] = ()):
+    def __init__(self, profiler: Profiler, out: str | Path, known: Iterable[str | Path] = (),
+                 remeasure: str | None = None):
         self.profiler, self.out = profiler, Path(out)
+        self.remeasure = remeasure
         self.rows: dict[str, dict] = {}  # plan_id -> row
         for path in [*known, self.out]:
             df = read_profile(path)
             profiler.reuse_perplexity(df)
             for row in df.to_dict(orient="records"):
                 if profiler.comparable(row):
-                    self.rows.setdefault(str(row["plan_id"]), row)
-        self.measured = 0
+                    self.rows[str(row["plan_id"])] = row  # out's own rows last: they win
+        self.in_out = set(read_profile(self.out)["plan_id"].astype(str))
+        self.done: set[str] = set()  # measured in this run
+        self.measured = self.remeasured = self.flagged = 0
+
+    def _again(self, plan_id: str, row: dict) -> bool:
+        if plan_id in self.done or self.remeasure is None:
+            return False
+        if self.remeasure in ("all", "flagged"):
+            return self.remeasure == "all" or bool(row.get("flagged"))
+        return plan_id in {p.strip() for p in self.remeasure.split(",")}
 
     def get(self, knobs: Knobs) -> tuple[dict, bool]:
         """The row of the plan `knobs` build, and whether it was measured now."""
         plan = self.profiler.plan(knobs)
-        if plan.plan_id in self.rows:
-            return self.rows[plan.plan_id], False
+        old = self.rows.get(plan.plan_id)
+        if old is not None and not self._again(plan.plan_id, old):
+            return old, False
         row = self.profiler.measure(plan, knobs)
-        append_row(self.out, row)
+        if plan.plan_id in self.in_out:
+            replace_row(self.out, row)
+            self.remeasured += 1
+        else:
+            append_row(self.out, row)
+            self.in_out.add(plan.plan_id)
         self.rows[plan.plan_id] = row
+        self.done.add(plan.plan_id)
         self.measured += 1
+        self.flagged += bool(row["flagged"])
         return row, True
 
 
-def profile_grid(profiler: Profiler, knob_sets: list[Knobs], out: str | Path, *,
+def profile_grid(profiler: Profiler, knob_sets: list[Knobs], out: str | Path, *, remeasure: str | None = None,
                  progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
-    """Measure every plan of `knob_sets` not measured yet; rows go to `out` as they finish."""
-    measurements = Measurements(profiler, out)
+    """Measure every plan of `knob_sets` not measured yet (or asked for again); rows go to `out` as
+    they finish."""
+    measurements = Measurements(profiler, out, remeasure=remeasure)
     skipped = 0
     for knobs in progress(knob_sets):
         _, new = measurements.get(knobs)
         skipped += not new
     return {"out": str(out), "combinations": len(knob_sets), "measured": measurements.measured,
-            "skipped": skipped}
+            "remeasured": measurements.remeasured, "skipped": skipped,
+            "flagged": measurements.flagged}

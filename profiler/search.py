@@ -61,7 +61,7 @@ def check_search_speed(speed: str, batch_sizes, *, screened: bool) -> None:
 class Search:
     def __init__(self, profiler: Profiler, out: Path, *, gpu_budget: int | None = None,
                  known: list[Path] = (), selection_seed: int = 0, cost=None, margin: float = 0.15,
-                 speed: str = "decode_tok_s"):
+                 speed: str = "decode_tok_s", remeasure: str | None = None):
         check_search_speed(speed, profiler.settings.batch_sizes, screened=cost is not None)
         self.speed = speed  # the throughput objective: batch 1, or N sequences at once
         self.profiler, self.out, self.budget = profiler, Path(out), gpu_budget
@@ -71,7 +71,7 @@ class Search:
         spec = profiler.engine.spec
         self.total, self.top_k = spec.num_layers * spec.num_experts, spec.top_k
         # every plan measured before, here or by `qos profile`, on this model, hardware and window
-        self.measurements = Measurements(profiler, self.out, known)
+        self.measurements = Measurements(profiler, self.out, known, remeasure=remeasure)
         self.rows = self.measurements.rows  # plan_id -> row
         self.source: dict[str, str] = {}
 
@@ -96,7 +96,10 @@ class Search:
             return None
         tok_s = self.cost.predict_tok_s(plan)
         cached = self.profiler.ppl_cache.get(plan.precision_id)
-        measured = [(float(r["decode_tok_s"]), self._ppl(r), int(r["gpu_bytes"])) for r in self.rows.values()]
+        measured = [(float(r["decode_tok_s"]), self._ppl(r), int(r["gpu_bytes"])) for r in self.rows.values()
+                    if not r.get("flagged")]
+        if not measured:
+            return None
         # without its perplexity, assume the best any measured plan reached
         ppl = self._ppl(cached) if cached else min(p for _, p, _ in measured)
         bytes_ = plan.gpu_bytes(self.profiler.engine.spec)
@@ -118,6 +121,9 @@ class Search:
                 return guess[0], guess[1], float(plan.gpu_bytes(self.profiler.engine.spec))
         row = self.measure(knobs)
         trial.set_user_attr("plan_id", str(row["plan_id"]))
+        if row.get("flagged"):  # its timed runs never agreed: not a measurement to rank
+            trial.set_user_attr("flagged", True)
+            raise optuna.TrialPruned(f"plan {row['plan_id']} is flagged: its timed runs disagree")
         if self.budget is not None:  # feasible when <= 0: NSGA-II ranks infeasible trials last
             trial.set_constraint("gpu_budget", float(row["gpu_bytes"] - self.budget))
         self.source.setdefault(str(row["plan_id"]), trial.user_attrs.get("source", "search"))
@@ -137,15 +143,26 @@ class Search:
 
     def run(self, trials: int, *, seed: int = 0, storage: str | None = None, study_name: str = "moe-qos",
             sweep_steps: int = 8, progress: bool = True) -> optuna.Study:
+        """The sweep's points first, then `trials` trials of the sampler beyond them (a resumed
+        study runs what is missing of both)."""
         sampler = optuna.samplers.NSGAIISampler(population_size=population_for(trials), seed=seed)
         study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler,
                                     storage=open_storage(storage), study_name=study_name, load_if_exists=True)
+        sweep = self.sweep(sweep_steps)
         if not study.trials:  # a resumed study already ran its sweep
-            for params in self.sweep(sweep_steps):
+            for params in sweep:
                 study.enqueue_trial(params, user_attrs={"source": "sweep"})
         done = len([t for t in study.trials if t.state.is_finished()])
-        study.optimize(self.objective, n_trials=max(0, trials - done), show_progress_bar=progress)
+        study.optimize(self.objective, n_trials=max(0, len(sweep) + trials - done), show_progress_bar=progress)
         return study
+
+    @staticmethod
+    def counts(study: optuna.Study) -> dict:
+        """Trials by where they came from (the sweep or the sampler) and how they ended."""
+        finished = [t for t in study.trials if t.state.is_finished()]
+        sweep = [t for t in finished if t.user_attrs.get("source") == "sweep"]
+        return {"sweep_trials": len(sweep), "search_trials": len(finished) - len(sweep),
+                "flagged_trials": sum(1 for t in finished if t.user_attrs.get("flagged"))}
 
     def write_front(self, study: optuna.Study) -> pd.DataFrame:
         """Every row the study measured or reused, its source, and whether it is Pareto-optimal

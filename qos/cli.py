@@ -136,6 +136,7 @@ def _profiler(args):
     settings = Settings(datasets=tuple(d for d in args.datasets.split(",") if d), data=args.data,
                         seqlen=args.seqlen, max_windows=args.max_windows, prompt_tokens=args.prompt_tokens,
                         new_tokens=args.new_tokens, repeats=args.repeats, batch_sizes=args.batch_sizes,
+                        max_spread=args.max_spread, retries=args.retries,
                         ppl_batch=args.ppl_batch)
     return Profiler(_session(args), settings)
 
@@ -157,12 +158,14 @@ def cmd_search(args) -> dict:
         cost = calibrate(profiler.engine, profiler.prompt, profiler.calib_ids(), new_tokens=args.new_tokens)
         log.info("cost model: %s", cost.as_dict())
     search = Search(profiler, args.out, gpu_budget=args.gpu_budget, known=args.profile or [],
-                    selection_seed=args.seed, cost=cost, margin=args.screen_margin, speed=args.speed)
+                    selection_seed=args.seed, cost=cost, margin=args.screen_margin, speed=args.speed,
+                    remeasure=args.remeasure)
     study = search.run(args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
                        sweep_steps=args.sweep_steps, progress=not args.quiet)
     df = search.write_front(study)
-    return {"out": args.out, "trials": len(study.trials), "plans": len(df), "measured_now": search.measured_here,
-            "screened_out": search.screened_out, "pareto_optimal": int(df["pareto"].sum())}
+    return {"out": args.out, "trials": len(study.trials), **search.counts(study), "plans": len(df),
+            "measured_now": search.measured_here, "screened_out": search.screened_out,
+            "pareto_optimal": int(df["pareto"].sum())}
 
 
 def cmd_profile(args) -> dict:
@@ -178,19 +181,27 @@ def cmd_profile(args) -> dict:
     spec = profiler.engine.spec
     combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
     knob_sets = [Knobs(**{"seed": args.seed, **c}) for c in combos]  # bad knobs fail before measuring
-    return profile_grid(profiler, knob_sets, args.out, progress=lambda it: tqdm(
+    return profile_grid(profiler, knob_sets, args.out, remeasure=args.remeasure, progress=lambda it: tqdm(
         it, desc=f"profiling {args.model}", unit="plan", disable=args.quiet))
 
 
 def _read_measured(path: str, datasets: str | None):
-    from catalog.rows import read_profile, with_ppl
+    """The file's rows that passed (timed runs in agreement), with `ppl`; flagged ones are named."""
+    from catalog.rows import passed, read_profile, with_ppl
 
     if not Path(path).is_file():
         raise ValueError(f"cannot read {path}: no such file")
     df = read_profile(path)
     if df.empty:
         raise ValueError(f"{path} has no measured plans")
-    return with_ppl(df, datasets.split(",") if datasets else None)
+    good = passed(df)
+    if len(good) < len(df):
+        print(f"{len(df) - len(good)} flagged plan(s) left out (their timed runs disagree; measure them again with "
+              f"qos profile --remeasure flagged): {', '.join(df.loc[df['flagged'], 'plan_id'].astype(str))}",
+              file=sys.stderr)
+    if good.empty:
+        raise ValueError(f"every plan of {path} is flagged")
+    return with_ppl(good, datasets.split(",") if datasets else None)
 
 
 def cmd_front(args) -> dict:
@@ -363,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     m("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
     m("--batch-sizes", type=_int_list, default=(1,), metavar="N,N,...",
       help="also time decoding with this many concurrent sequences, e.g. 1,4,16 (batch 1 always; default: 1)")
+    m("--max-spread", type=float, default=0.25, metavar="RATIO",
+      help="timed runs of a plan disagreeing by more than this, (max - min) / median, are measured again; "
+           "a row that never agrees is flagged and left out of fronts, the policy and the search (default: %(default)s)")
+    m("--retries", type=int, default=2, help="measurements again, at most, of a plan whose runs disagree "
+      "(default: %(default)s)")
+    m("--remeasure", metavar="all|flagged|PLAN_ID,...",
+      help="measure again plans already in the files instead of reusing them")
     m("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
     m("--quiet", action="store_true", help="no progress bar")
     m("--json", action="store_true")
@@ -375,16 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("search", parents=[common, measure], help="NSGA-II search for the Pareto front of plans (optuna)")
-    p.add_argument("--trials", type=int, required=True)
+    p.add_argument("--trials", type=int, required=True,
+                   help="trials of the sampler beyond the sweep's points (--sweep-steps + 1 of them, run first)")
     p.add_argument("--out", required=True, help="CSV of every measured plan, Pareto-optimal ones marked")
     p.add_argument("--storage", help="optuna storage: a journal file path or an SQLite URL (resumable)")
     p.add_argument("--study-name", default="moe-qos")
     p.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes: a constraint of the search")
     p.add_argument("--profile", action="append", help="profile CSV whose measurements are reused (repeatable)")
-    p.add_argument("--sweep-steps", type=int, default=8, help="points of the paper's sweep enqueued first")
+    p.add_argument("--sweep-steps", type=int, default=8,
+                   help="the paper's sweep, run first: quantized count in this many steps, 0 to 100%% (default: %(default)s)")
     p.add_argument("--screen", action="store_true",
                    help="calibrate the cost model and skip measuring plans it predicts a measured plan beats")
-    p.add_argument("--screen-margin", type=float, default=0.15, help="how much faster the beating plan must be")
+    p.add_argument("--screen-margin", type=float, default=0.15, metavar="RATIO",
+                   help="how much faster the beating plan must be, 0.15 = 15%% (default: %(default)s)")
     p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
                    help="the throughput to maximise: decode_tok_s (batch 1), agg_tok_s_bN (N sequences in "
                         "aggregate) or seq_tok_s_bN, with N in --batch-sizes (default: %(default)s)")

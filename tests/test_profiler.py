@@ -1,3 +1,4 @@
+import json
 import math
 
 import pandas as pd
@@ -9,7 +10,7 @@ from catalog.knobs import Knobs
 from catalog.data import DATASETS, data_dir, eval_text
 from catalog.knobs import parse_grid
 from profiler.perplexity import mean_nll, windows_consecutive, windows_random
-from catalog.rows import COLUMNS, ModelIdentity, read_profile
+from catalog.rows import COLUMNS, ModelIdentity, read_front, read_profile
 from placement.session import open_session
 from profiler.profile import Profiler, Settings
 from qos.cli import main
@@ -79,9 +80,8 @@ def test_profile_rows_resume_and_cache_perplexity_by_precision(tmp_path, capsys)
     assert list(df.columns) == [*COLUMNS, "agg_tok_s_b3", "seq_tok_s_b3", "tpot_p95_ms_b3"] and len(df) == 6
     assert (df["batch_sizes"] == "1,3").all() and (df["decoder"] == "slots-1").all()
     assert (df["tpot_p50_ms"] <= df["tpot_p95_ms"]).all() and (df["tpot_p50_ms"] > 0).all()
-    # every step decodes all three sequences: the aggregate is three times the per-sequence speed
-    ratio = df["agg_tok_s_b3"] / df["seq_tok_s_b3"]
-    assert ratio.between(2.2, 3.8).all(), ratio.tolist()
+    assert (df["agg_tok_s_b3"] > 0).all() and (df["seq_tok_s_b3"] * 3 - df["agg_tok_s_b3"]).abs().max() < 1e-6
+    assert (df["tpot_p95_ms_b3"] > 0).all()
     assert sorted(df.loc[df["gpu_experts"] == 8, "prefetch"]) == [False, False, True, True]
     assert not df.loc[df["gpu_experts"] == 16, "prefetch"].any()
     with_prefetch = df[df["prefetch"]]
@@ -181,3 +181,35 @@ def test_local_rows_follow_the_hub_layout():
     assert eval_text("ptb").startswith("no it was n't black monday\n\nbut while")
     docs = eval_text("c4")
     assert isinstance(docs, list) and len(docs) == 1025
+
+
+@needs_data
+def test_rows_whose_timed_runs_disagree_are_flagged_left_out_and_measured_again(tmp_path, capsys):
+    """A spread limit no two real timings meet flags every row (after the retries); fronts refuse
+    flagged rows; --remeasure replaces them in place."""
+    out = tmp_path / "p.csv"
+    base = ["profile", "--model", "tiny-random", "--grid", "quantized=0,16;bits=4", "--out", str(out),
+            "--max-windows", "1", "--seqlen", "32", "--new-tokens", "4", "--datasets", "wikitext2", "--quiet", "--json"]
+    assert main(base + ["--repeats", "2", "--max-spread", "1e-9", "--retries", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["measured"] == 2 and summary["flagged"] == 2
+    df = read_profile(out)
+    assert df["flagged"].all() and (df["attempts"] == 2).all() and (df["spread"] > 0).all()
+    assert (df["decode_tok_s_min"] <= df["decode_tok_s"]).all() and (df["decode_tok_s"] <= df["decode_tok_s_max"]).all()
+    assert main(["front", str(out)]) == 2
+    assert "every plan" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="every plan of .* is flagged"):
+        read_front(out)
+
+    first, other = df["plan_id"].tolist()
+    assert main(base + ["--repeats", "1", "--remeasure", first]) == 0  # one run: nothing to disagree
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["remeasured"] == 1 and summary["skipped"] == 1 and summary["flagged"] == 0
+    df = read_profile(out)
+    assert len(df) == 2 and df.set_index("plan_id")["flagged"].to_dict() == {first: False, other: True}
+    assert main(["front", str(out)]) == 0
+    assert "1 flagged plan(s) left out" in capsys.readouterr().err
+    assert [m.plan_id for m in read_front(out)] == [first]
+    assert main(base + ["--repeats", "1", "--remeasure", "flagged"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["remeasured"] == 1
+    assert not read_profile(out)["flagged"].any()

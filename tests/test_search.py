@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 
@@ -20,7 +22,9 @@ def test_search_enqueues_the_sweep_respects_the_budget_marks_the_front_and_resum
     args = ["search", "--model", "tiny-random", "--out", str(out), "--storage", str(journal),
             "--max-windows", "1", "--seqlen", "32", "--new-tokens", "3", "--repeats", "1",
             "--sweep-steps", "2", "--gpu-budget", "1.2MB", "--quiet"]
-    assert main(args + ["--trials", "6"]) == 0
+    assert main(args + ["--trials", "3", "--json"]) == 0  # the sweep's 3 points, then 3 trials of the sampler
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 6 and summary["sweep_trials"] == 3 and summary["search_trials"] == 3
     df = pd.read_csv(out)
     sweep = df[df["source"] == "sweep"]
     assert sorted(sweep["quantized"]) == [0, 8, 16] and (sweep["selection"] == "random").all()
@@ -29,9 +33,9 @@ def test_search_enqueues_the_sweep_respects_the_budget_marks_the_front_and_resum
     front = df[df["pareto"]]
     assert len(front) >= 1 and (front["gpu_bytes"] <= 1_200_000).all()  # infeasible plans are never on it
     assert df["plan_id"].is_unique
-    capsys.readouterr()
-    assert main(args + ["--trials", "9", "--json"]) == 0  # resumes the journal: 3 more trials
-    assert '"trials": 9' in capsys.readouterr().out
+    assert main(args + ["--trials", "6", "--json"]) == 0  # resumes the journal: 3 more trials of the sampler
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 9 and summary["sweep_trials"] == 3 and summary["search_trials"] == 6
 
 
 @needs_data
