@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import sys
@@ -28,7 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> No
     p.add_argument("--layers", type=int, help="keep only the first N decoder layers")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="the accelerator tier (auto: cuda when present)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="weights' dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and of random selection")
 
 
@@ -180,7 +183,9 @@ def cmd_profile(args) -> dict:
     profiler = _profiler(args)
     spec = profiler.engine.spec
     combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
-    knob_sets = [Knobs(**{"seed": args.seed, **c}) for c in combos]  # bad knobs fail before measuring
+    budget = {} if args.gpu_budget is None else {"gpu_budget": args.gpu_budget}
+    knob_sets = [Knobs(**{"seed": args.seed, **(budget if not {"gpu_budget", "gpu_experts"} & set(c) else {}), **c})
+                 for c in combos]  # bad knobs fail before measuring
     return profile_grid(profiler, knob_sets, args.out, remeasure=args.remeasure, progress=lambda it: tqdm(
         it, desc=f"profiling {args.model}", unit="plan", disable=args.quiet))
 
@@ -287,8 +292,8 @@ def cmd_status(args) -> dict:
 
     ray_actor.connect(args.address)
     handle = ray_actor.server(args.name)
-    if args.set_free_memory is not None:
-        ray_actor.call(handle, "set_free_memory", args.set_free_memory)
+    if args.free_memory is not None:
+        ray_actor.call(handle, "set_free_memory", args.free_memory)
         ray_actor.call(handle, "tick")
     return ray_actor.call(handle, "status")
 
@@ -329,10 +334,26 @@ def cmd_demo(args) -> dict:
     from qos.demo import run
 
     model = args.model or ("reference" if (REFERENCE_DIR / "config.json").exists() else "tiny-random")
-    return run(model, None if args.device == "auto" else args.device)
+    if not args.json:
+        return run(model, None if args.device == "auto" else args.device)
+    with contextlib.redirect_stdout(sys.stderr):  # --json: the one JSON object alone on stdout
+        return run(model, None if args.device == "auto" else args.device)
 
 
 # --- entry point ---------------------------------------------------------------------------------
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none to show or says it already."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+        shown = shown.replace("%", "%%")  # argparse %-formats the help afterwards
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qos import __version__
     from runtime.limits import Limits
@@ -342,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_Help)
 
     p = sub.add_parser("plan", parents=[common], help="build a plan from knobs and print what it costs")
     _add_model_args(p)
@@ -354,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_plan_args(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--sample-seed", type=int, help="makes sampling reproducible")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
@@ -369,27 +391,30 @@ def build_parser() -> argparse.ArgumentParser:
     m("--seqlen", type=int, help="perplexity window (default: min(2048, model context))")
     m("--max-windows", type=int, help="cap the perplexity windows per dataset (quick runs)")
     m("--ppl-batch", type=int, default=1, help="perplexity windows per forward pass")
-    m("--prompt-tokens", type=int, default=64)
-    m("--new-tokens", type=int, default=32)
+    m("--prompt-tokens", type=int, default=64, help="prompt length of the timed runs (WikiText-2 text)")
+    m("--new-tokens", type=int, default=32, help="tokens decoded per timed run")
     m("--repeats", type=int, default=3, help="timed runs per plan (the median is kept)")
     m("--batch-sizes", type=_int_list, default=(1,), metavar="N,N,...",
       help="also time decoding with this many concurrent sequences, e.g. 1,4,16 (batch 1 always; default: 1)")
     m("--max-spread", type=float, default=0.25, metavar="RATIO",
       help="timed runs of a plan disagreeing by more than this, (max - min) / median, are measured again; "
-           "a row that never agrees is flagged and left out of fronts, the policy and the search (default: %(default)s)")
+           "a row that never agrees is flagged and left out of fronts, the policy and the search")
     m("--retries", type=int, default=2, help="measurements again, at most, of a plan whose runs disagree "
       "(default: %(default)s)")
     m("--remeasure", metavar="all|flagged|PLAN_ID,...",
       help="measure again plans already in the files instead of reusing them")
     m("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
     m("--quiet", action="store_true", help="no progress bar")
-    m("--json", action="store_true")
+    m("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("profile", parents=[common, measure], help="measure throughput, memory and perplexity over a grid of plans")
     p.add_argument("--grid", required=True,
                    help='knob values to combine, e.g. "quantized=0,25%%,50%%;bits=4,2;gpu_experts=50%%,100%%;'
                         'selection=random,sensitivity;prefetch=0,1"')
     p.add_argument("--out", required=True, help="CSV file; plans already in it are skipped")
+    p.add_argument("--gpu-budget", type=_bytes, metavar="BYTES",
+                   help="accelerator bytes (e.g. 20GiB) for every plan of the grid that names neither "
+                        "gpu_experts nor gpu_budget: its accelerator experts follow")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("search", parents=[common, measure], help="NSGA-II search for the Pareto front of plans (optuna)")
@@ -397,24 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials of the sampler beyond the sweep's points (--sweep-steps + 1 of them, run first)")
     p.add_argument("--out", required=True, help="CSV of every measured plan, Pareto-optimal ones marked")
     p.add_argument("--storage", help="optuna storage: a journal file path or an SQLite URL (resumable)")
-    p.add_argument("--study-name", default="moe-qos")
-    p.add_argument("--gpu-budget", type=_bytes, help="accelerator bytes: a constraint of the search")
+    p.add_argument("--study-name", default="moe-qos", help="the optuna study's name in --storage")
+    p.add_argument("--gpu-budget", type=_bytes, metavar="BYTES",
+                   help="accelerator bytes (e.g. 20GiB): a constraint of the search")
     p.add_argument("--profile", action="append", help="profile CSV whose measurements are reused (repeatable)")
     p.add_argument("--sweep-steps", type=int, default=8,
-                   help="the paper's sweep, run first: quantized count in this many steps, 0 to 100%% (default: %(default)s)")
+                   help="the paper's sweep, run first: quantized count in this many steps, 0 to 100%%")
     p.add_argument("--screen", action="store_true",
                    help="calibrate the cost model and skip measuring plans it predicts a measured plan beats")
     p.add_argument("--screen-margin", type=float, default=0.15, metavar="RATIO",
-                   help="how much faster the beating plan must be, 0.15 = 15%% (default: %(default)s)")
+                   help="how much faster the beating plan must be, 0.15 = 15%%")
     p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
                    help="the throughput to maximise: decode_tok_s (batch 1), agg_tok_s_bN (N sequences in "
-                        "aggregate) or seq_tok_s_bN, with N in --batch-sizes (default: %(default)s)")
+                        "aggregate) or seq_tok_s_bN, with N in --batch-sizes")
     p.set_defaults(func=cmd_search)
 
     ray_common = argparse.ArgumentParser(add_help=False)
     ray_common.add_argument("--name", default="moe-qos", help="the server actor's name")
     ray_common.add_argument("--address", help="Ray cluster address (default: auto, a local `ray start --head`)")
-    ray_common.add_argument("--json", action="store_true")
+    ray_common.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("serve", parents=[common, ray_common], help="start the serving actor on a Ray cluster")
     p.add_argument("--front", required=True, help="a front or profile CSV of measured plans (it names the model "
@@ -422,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the model to serve: must be the one the front was measured on (default: the front's)")
     p.add_argument("--layers", type=int, help="with --model: the layers the front was measured with (default: all)")
     p.add_argument("--slos", required=True, help="tenant SLOs (YAML)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the server runs the model (auto: cuda when the actor has a GPU)")
     p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
-    p.add_argument("--free-memory", type=_bytes, help="simulated free accelerator memory (CPU machines, tests)")
+    p.add_argument("--free-memory", type=_bytes, metavar="BYTES",
+                   help="start with this much free accelerator memory, simulated (e.g. 30MB; CPU machines, tests)")
     p.add_argument("--data", help="data folder, for calibration text of scored selections")
     p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
                    help="the front's column that tenants' min_decode_tok_s is checked against: decode_tok_s "
@@ -433,24 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("scheduling limits")
     d = Limits()
     limits.add_argument("--max-seqs", type=int, default=d.max_seqs,
-                        help="sequences decoded at once (default: %(default)s)")
+                        help="sequences decoded at once")
     limits.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens,
-                        help="tokens per step: one per running sequence plus prompt chunks (default: %(default)s)")
+                        help="tokens per step: one per running sequence plus prompt chunks")
     limits.add_argument("--max-queue", type=int, default=d.max_queue,
-                        help="requests waiting for a slot before new ones are refused (default: %(default)s)")
+                        help="requests waiting for a slot before new ones are refused")
     limits.add_argument("--max-len", type=int, default=d.max_len,
                         help="positions per sequence, prompt plus new tokens; at most the model's context "
                              "(default: %(default)s)")
     limits.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                        help="the most new tokens a request may ask for (default: %(default)s)")
+                        help="the most new tokens a request may ask for")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common, ray_common], help="the server's plan, budget, tenants and history")
-    p.add_argument("--set-free-memory", type=_bytes, help="simulate this much free accelerator memory, then tick")
+    p.add_argument("--free-memory", "--set-free-memory", dest="free_memory", type=_bytes, metavar="BYTES",
+                   help="simulate this much free accelerator memory (e.g. 30MB, 24GiB), then tick")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("submit", parents=[common, ray_common], help="send a tenant's prompts (JSON lines) to the server")
-    p.add_argument("--tenant", required=True)
+    p.add_argument("--tenant", required=True, help="the tenant (named in the server's SLO file) the prompts are for")
     p.add_argument("--prompts", required=True, help='JSON lines: {"prompt": "...", "max_new_tokens": 32}')
     p.add_argument("--out", help="results as JSON lines (default: stdout)")
     p.set_defaults(func=cmd_submit)
@@ -459,34 +488,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("front", parents=[common], help="print the Pareto-optimal plans of a profile or search file")
-    p.add_argument("file")
+    p.add_argument("file", help="a CSV written by qos profile or qos search")
     p.add_argument("--objectives", default="decode_tok_s:max,ppl:min,gpu_bytes:min",
                    help="COLUMN:max|min, comma-separated; ppl is the mean of the datasets")
     p.add_argument("--datasets", help="which ppl_ columns make up ppl (default: all measured)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_front)
 
     p = sub.add_parser("plot", parents=[common], help="pictures of a profile or search file (PNG)")
-    p.add_argument("file")
+    p.add_argument("file", help="a CSV written by qos profile or qos search")
     p.add_argument("--out-prefix", help="default: the file's path without .csv")
     p.add_argument("--datasets", help="which ppl_ columns make up ppl (default: all measured)")
-    p.add_argument("--title")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--title", help="the pictures' title (default: the model and the device)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", parents=[common], help="the whole loop on the reference model")
     p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="the accelerator tier (auto: cuda when present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the narrative goes to stderr)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+def _bytes_text(n: float) -> str:
+    """Decimal units, as --gpu-budget 20GB reads them: 42.7 GB, 881.98 kB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n:g} B"
+
+
+def _human(key: str, value) -> str:
+    """A value as a person reads it: sizes in units, rates in percent, floats to 4 digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_human(k, v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return f"{len(value)} entries (--json shows them)" if value and isinstance(value[0], dict) else \
+            ", ".join(_human(key, v) for v in value)
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float)):
+        return str(value)
+    if "bytes" in key.split("_") or key.endswith("_fetched"):
+        return _bytes_text(value)
+    if key.endswith(("rate", "accuracy")) and 0 <= value <= 1:
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _print_human(result: dict) -> None:
     for key, value in result.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        print(f"{key:>16}: {value}")
+        print(f"{key:>16}: {_human(key, value)}")
 
 
 def main(argv: list[str] | None = None) -> int:

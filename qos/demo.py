@@ -56,7 +56,7 @@ def run(model: str, device: str | None) -> dict:
 def _run(model: str, device: str | None, work: Path) -> dict:
     from catalog.knobs import Knobs, parse_grid
     from catalog.pareto import front
-    from catalog.rows import ModelIdentity, read_profile, with_ppl
+    from catalog.rows import ModelIdentity, passed, read_profile, with_ppl
     from placement.session import open_session
     from profiler.profile import Profiler, Settings, profile_grid
     from runtime import ray_actor
@@ -71,7 +71,7 @@ def _run(model: str, device: str | None, work: Path) -> dict:
     del profiler, session  # the server loads its own copy of the model
 
     print("\n[2] the front")
-    best = front(with_ppl(read_profile(profile)))
+    best = front(with_ppl(passed(read_profile(profile))))
     print(best[["plan_id", "quantized", "bits", "gpu_experts", "decode_tok_s", "ppl", "gpu_bytes"]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}"))
 

@@ -78,3 +78,33 @@ def test_malformed_prompt_files_name_the_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_prompts(str(path))
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from qos.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"qos {name} {action.option_strings or action.dest} has no help"
+            text = formatter._get_help_string(action) % {**vars(action), "prog": name}
+            shows = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+            if action.option_strings and shows:
+                assert "default" in text, f"qos {name} {action.option_strings}: {text!r} hides its default"
+    assert "(default: 1)" in sub.choices["profile"].format_help()  # --batch-sizes' tuple, shown as a list
+
+
+def test_text_output_reads_in_units(capsys):
+    from qos.cli import _human
+
+    assert _human("gpu_bytes", 42_671_284_736) == "42.67 GB" and _human("host_bytes", 0) == "0 B"
+    assert _human("hit_rate", 0.6470588235294118) == "64.7%" and _human("ttft_s", 0.0265451) == "0.02655"
+    assert _human("memory", {"gpu_bytes": 1_545_536, "hit_rate": None}) == "gpu_bytes=1.546 MB, hit_rate=None"
+    code, out, _ = run(capsys, "plan", "--model", "tiny-random", "--gpu-experts", "8")
+    assert code == 0 and "gpu_bytes: 1.546 MB" in out and "host_bytes: 786.4 kB" in out
