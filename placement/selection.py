@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from catalog.knobs import Knobs
 from placement.plan import ExpertId, build_plan
@@ -58,6 +59,8 @@ def sensitivity_scores(engine, token_ids: list[int], bits: int, group_size: int 
         _run_calibration(engine, token_ids, window, max_tokens)
     routed = engine.routed.double().cpu()  # [L, E] token slots
     scores = []
+    bar = tqdm(total=engine.spec.num_layers * engine.spec.num_experts, desc=f"sensitivity of {bits}-bit experts",
+               unit="expert", leave=False, disable=None)  # (None: no bar when stderr is not a terminal)
     for l in range(engine.spec.num_layers):
         layer_total = max(routed[l].sum().item(), 1.0)
         row = []
@@ -65,13 +68,16 @@ def sensitivity_scores(engine, token_ids: list[int], bits: int, group_size: int 
             eid = ExpertId(l, e)
             if eid not in captured:
                 row.append(0.0)  # never routed on this text: quantizing it costs nothing here
+                bar.update()
                 continue
             x = torch.cat([x for x, _ in captured[eid]])  # [n, H]
             w = torch.cat([w for _, w in captured[eid]])  # [n]
             diff = engine.expert_output(eid, bits, group_size, x) - engine.expert_output(eid, 16, group_size, x)
             err = ((w[:, None] * diff.float()) ** 2).sum().item()
             row.append(err * (routed[l, e].item() / len(w)) / layer_total)
+            bar.update()
         scores.append(row)
+    bar.close()
     return scores
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+from tqdm.auto import tqdm
 
 from catalog.knobs import Knobs, suggest
 from catalog.rows import COLUMNS, batch_columns, check_speed, row_ppl
@@ -153,7 +154,10 @@ class Search:
             for params in sweep:
                 study.enqueue_trial(params, user_attrs={"source": "sweep"})
         done = len([t for t in study.trials if t.state.is_finished()])
-        study.optimize(self.objective, n_trials=max(0, len(sweep) + trials - done), show_progress_bar=progress)
+        todo = max(0, len(sweep) + trials - done)
+        with tqdm(total=todo, desc=f"search ({len(sweep)} sweep points, then {trials} sampler trials)", unit="trial",
+                  disable=not progress) as bar:
+            study.optimize(self.objective, n_trials=todo, callbacks=[lambda study, trial: bar.update()])
         return study
 
     @staticmethod

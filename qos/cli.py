@@ -35,11 +35,15 @@ def _add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> No
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and of random selection")
 
 
+CALIB_HELP = ("text file the frequency and sensitivity selections score experts on "
+              "(default: PTB train in the data folder)")
+
+
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     from catalog.knobs import add_flags
 
     add_flags(p)
-    p.add_argument("--calib", help="calibration text for scored selections (default: PTB train in the data folder)")
+    p.add_argument("--calib", help=CALIB_HELP)
     p.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
 
 
@@ -403,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
       "(default: %(default)s)")
     m("--remeasure", metavar="all|flagged|PLAN_ID,...",
       help="measure again plans already in the files instead of reusing them")
-    m("--calib", help="calibration text for frequency/sensitivity (default: PTB train)")
+    m("--calib", help=CALIB_HELP)
     m("--quiet", action="store_true", help="no progress bar")
     m("--json", action="store_true", help="print one JSON object")
 
