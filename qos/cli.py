@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -554,11 +555,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     try:
         result = args.func(args)
+        if args.json:
+            print(json.dumps(result, default=str))
+        elif args.command not in ("demo", "front", "plot", "submit"):
+            _print_human(result)
     except ValueError as err:  # bad input: one clear line, no traceback
         print(f"qos {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result, default=str))
-    elif args.command not in ("demo", "front", "plot", "submit"):
-        _print_human(result)
+    except BrokenPipeError:  # the reader left (qos front F | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     return 0
