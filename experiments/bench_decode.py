@@ -3,8 +3,8 @@ transformers with every weight on the GPU, and moe-qos plans (all experts on the
 mixed, most experts on the host served by `fetch` (with and without speculative prefetch, a knob of
 the plan) or `cpu`), on `mixtral-8x7b-shape`.
 
-    python experiments/bench_decode.py --layers 4 --out experiments/results/bench_decode_h100.csv
-    python experiments/bench_decode.py --layers 8 --no-accelerate --out experiments/results/bench_decode_h100.csv
+    python -m experiments.bench_decode --layers 4 --out experiments/results/bench_decode_h100.csv
+    python -m experiments.bench_decode --layers 8 --no-accelerate --out experiments/results/bench_decode_h100.csv
 
 32 Mixtral layers do not fit the H100 in bf16 (the all-GPU baseline) nor pinned in host memory
 beside the masters, so each run measures a few layers; rows of one CSV with two layer counts give

@@ -15,8 +15,8 @@ Before the engine takes the model over, stock transformers `generate` runs at ba
 `--batch` (the same prompts as a static batch, left-padded) as the baseline. Batches take different
 prompts: identical ones would all route to the same two experts per layer and flatter batching.
 
-    python experiments/bench_serve.py --layers 16 --out experiments/results/bench_serve_h200.csv
-    python experiments/bench_serve.py --model tiny-random --device cpu --new-tokens 16 --out /tmp/b.csv
+    python -m experiments.bench_serve --layers 16 --out experiments/results/bench_serve_h200.csv
+    python -m experiments.bench_serve --model tiny-random --device cpu --new-tokens 16 --out /tmp/b.csv
 
 Random weights (mixtral-8x7b-shape); quantized experts are rounded to nearest in HQQ's format, as
 in bench_decode.py (the same bytes and kernels as HQQ's solver gives).

@@ -3,7 +3,7 @@ number of measured plans? Measures both in one process (these machines are noisy
 hypervolume each dominates (decode tok/s up, mean perplexity down, accelerator bytes down; one
 reference point for both), prints a table and writes every measured row to a CSV.
 
-    python experiments/compare_search.py --model reference --trials 24 --max-windows 8 \\
+    python -m experiments.compare_search --model reference --trials 24 --max-windows 8 \\
         --out experiments/results/search_vs_sweep_cpu.csv
 """
 

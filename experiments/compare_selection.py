@@ -2,7 +2,7 @@
 prints, per (quantized, bits), each dataset's perplexity increase over the 16-bit plan under both
 selections, and writes the table as CSV next to the profile.
 
-    python experiments/compare_selection.py experiments/results/profile_reference_h100.csv
+    python -m experiments.compare_selection experiments/results/profile_reference_h100.csv
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ machines are noisy: compare side by side) and predicts it; prints the errors, ov
 over the profile's Pareto-optimal ones (decode tok/s up; mean perplexity, accelerator bytes down),
 and writes a CSV.
 
-    python experiments/costmodel_error.py --model reference --profile experiments/results/profile_reference_cpu.csv
-    python experiments/costmodel_error.py --model mixtral-8x7b-shape --layers 2 --profile PROFILE.csv
+    python -m experiments.costmodel_error --model reference --profile experiments/results/profile_reference_cpu.csv
+    python -m experiments.costmodel_error --model mixtral-8x7b-shape --layers 2 --profile PROFILE.csv
 """
 
 from __future__ import annotations

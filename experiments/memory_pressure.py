@@ -3,10 +3,10 @@ before anything runs out of memory, and grow back once the memory is freed. Each
 seconds are set against its bytes moved over the measured pinned host->device bandwidth.
 
     # H100: a second process allocates GPU memory (the front is profiled here first, ~ minutes)
-    python experiments/memory_pressure.py --model mixtral-8x7b-shape --layers 4 \\
+    python -m experiments.memory_pressure --model mixtral-8x7b-shape --layers 4 \\
         --out-prefix experiments/results/memory_pressure_h100
     # CPU: the co-tenant is simulated through Server.set_free_memory (tiny-random, < 1 minute)
-    python experiments/memory_pressure.py --simulate
+    python -m experiments.memory_pressure --simulate
 
 The server (runtime.server.Server, in this process) serves one tenant whose perplexity bound lets
 every plan through and prefers throughput, so it holds as much accelerator memory as it may and

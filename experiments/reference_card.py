@@ -9,7 +9,7 @@ Tables (printed and written as markdown + JSON next to the checkpoint):
   3. the tokenizer's unigram baseline on PTB test versus the model.
 
 Usage (CPU; about 6.5 minutes for the full tables on 2 cores, --max-windows 8 for a quick look):
-    python experiments/reference_card.py --data ../shared/data
+    python -m experiments.reference_card --data ../shared/data
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ over layers, does not enforce. The model is small enough to ship inside the repo
 quantizing its experts costs perplexity the way it does for big MoE models (see the model card).
 
 Usage (about 3 minutes on one H100: 1500 steps of 32 x 512 tokens, 13.5 epochs):
-    python experiments/train_reference_moe.py --data ../shared/data --out placement/reference
+    python -m experiments.train_reference_moe --data ../shared/data --out placement/reference
 """
 
 from __future__ import annotations

@@ -1,6 +1,41 @@
-"""The expert placement engine: per-expert precision and accelerator/host placement."""
+"""The expert placement engine: per-expert precision and accelerator/host placement.
+
+Plans are imported with the package; the session, engine, decoder and model loading (which bring
+transformers) on first use: `from placement import open_session` loads placement.session."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from placement.plan import ExpertId, ExpertState, Move, Plan, build_plan, diff
 from placement.spec import ModelSpec
 
-__all__ = ["ExpertId", "ExpertState", "ModelSpec", "Move", "Plan", "build_plan", "diff"]
+_EXPORTS = {
+    "Session": "placement.session", "open_session": "placement.session",
+    "Decoder": "placement.decode", "Sampling": "placement.decode", "Generation": "placement.decode",
+    "BatchTiming": "placement.decode",
+    "Engine": "placement.engine", "ApplyReport": "placement.engine",
+    "LoadedModel": "placement.models", "load_model": "placement.models",
+    "Planner": "placement.planner",
+}
+__all__ = sorted(["ExpertId", "ExpertState", "ModelSpec", "Move", "Plan", "build_plan", "diff", *_EXPORTS])
+
+if TYPE_CHECKING:
+    from placement.decode import BatchTiming, Decoder, Generation, Sampling
+    from placement.engine import ApplyReport, Engine
+    from placement.models import LoadedModel, load_model
+    from placement.planner import Planner
+    from placement.session import Session, open_session
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -36,6 +36,7 @@ def open_storage(storage: str | None):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    Path(storage).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(storage))
 
 
