@@ -6,8 +6,9 @@ The names below are imported on first use (`from catalog import Knobs` loads cat
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from catalog.lazy import lazy_exports
 
 _EXPORTS = {
     "Knobs": "catalog.knobs", "parse_bytes": "catalog.knobs", "parse_grid": "catalog.knobs",
@@ -28,13 +29,4 @@ if TYPE_CHECKING:
     from catalog.slo import SLOError, SLOSpec, TenantSLO, load_slos, parse_slos
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -5,8 +5,9 @@ transformers) on first use: `from placement import open_session` loads placement
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from catalog.lazy import lazy_exports
 
 from placement.plan import ExpertId, ExpertState, Move, Plan, build_plan, diff
 from placement.spec import ModelSpec
@@ -29,13 +30,4 @@ if TYPE_CHECKING:
     from placement.session import Session, open_session
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

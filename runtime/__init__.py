@@ -5,8 +5,9 @@ Ray actor is its own module, `from runtime import ray_actor` (it imports ray).""
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from catalog.lazy import lazy_exports
 
 _EXPORTS = {
     "Controller": "runtime.controller", "Desired": "runtime.controller", "World": "runtime.controller",
@@ -25,13 +26,4 @@ if TYPE_CHECKING:
     from runtime.server import Server
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
