@@ -274,12 +274,12 @@ class Executor:
                     r.plan_ids.append(plan.plan_id)
 
     def _pick_tenant(self) -> str | None:
-        """The waiting tenant to admit next: highest priority first among those whose fair share
-        is not ahead; weighted fair queuing keeps a flood of one tenant from starving another."""
+        """The waiting tenant furthest behind its fair share (tokens admitted over its weight,
+        2^priority: a priority-2 tenant gets twice a priority-1's), the higher priority on a tie.
+        A flood raises only the flooding tenant's share, so it cannot starve another."""
         candidates = [t for t, q in self.waiting.items() if q]
         if not candidates:
             return None
-        # share = admitted tokens / weight, weight 2^priority: a priority-2 tenant gets twice a priority-1's
         return min(candidates, key=lambda t: (self.served_share.get(t, 0.0), -self.priority(t)))
 
     def _admit(self) -> None:
