@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,17 @@ PREFERENCES = ("quality", "throughput")
 TENANT_KEYS = {"name", "min_decode_tok_s", "max_ppl_increase", "priority"}
 TOP_KEYS = {"tenants", "gpu", "prefer"}
 GPU_KEYS = {"reserve_gib"}
+# Limits that keep a hostile or broken file from stalling the controller: size, tenants, values.
+MAX_FILE_BYTES = 1 << 20
+MAX_TENANTS = 1000
+MAX_PRIORITY = 100  # a tenant's fair-queuing weight is 2^priority
+MAX_RESERVE_GIB = 1 << 20  # 1 PiB
+
+# Errors quote the bad value shortened: a YAML alias bomb of a few hundred bytes expands to gigabytes
+# when printed whole.
+_repr = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 40, 40, 4, 4
+_short = _repr.repr
 
 
 class SLOError(ValueError):
@@ -44,8 +57,8 @@ class TenantSLO:
             raise SLOError(f"{self.name}: min_decode_tok_s must be > 0, got {self.min_decode_tok_s}")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise SLOError(f"{self.name}: max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
-        if self.priority < 0:
-            raise SLOError(f"{self.name}: priority must be >= 0, got {self.priority}")
+        if not 0 <= self.priority <= MAX_PRIORITY:
+            raise SLOError(f"{self.name}: priority must be from 0 to {MAX_PRIORITY}, got {self.priority}")
 
 
 @dataclass(frozen=True)
@@ -58,31 +71,42 @@ class SLOSpec:
         for t in self.tenants:
             if t.name == name:
                 return t
-        raise SLOError(f"unknown tenant {name!r}; tenants: {', '.join(t.name for t in self.tenants)}")
+        names = [t.name for t in self.tenants]
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        raise SLOError(f"unknown tenant {_short(name)}; tenants: {', '.join(names[:10])}{more}")
 
 
 def _number(where: str, value, *, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
-        raise SLOError(f"{where}: must be {kind}, got {value!r}")
+        raise SLOError(f"{where}: must be {kind}, got {_short(value)}")
+    if not math.isfinite(value):  # NaN would pass every comparison and switch the SLO off
+        raise SLOError(f"{where}: must be a finite number, got {value}")
     return value
 
 
 def _unknown(where: str, got: dict, allowed: set) -> None:
-    extra = sorted(set(got) - allowed)
+    extra = sorted(set(got) - allowed, key=str)
     if extra:
-        raise SLOError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}")
+        shown = ", ".join(_short(k) for k in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise SLOError(f"{where}: unknown key(s) {shown}; allowed: {', '.join(sorted(allowed))}")
 
 
 def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
+    if len(text) > MAX_FILE_BYTES:
+        raise SLOError(f"{source}: {len(text)} characters; an SLO file may have at most {MAX_FILE_BYTES}")
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SLOError(f"{source}: not valid YAML: {err}") from None
+        raise SLOError(f"{source}: not valid YAML: {str(err)[:300]}") from None
+    except RecursionError:
+        raise SLOError(f"{source}: nested too deeply to be an SLO file") from None
     if doc is None:
         raise SLOError(f"{source}: the file is empty")
     if not isinstance(doc, dict):
         raise SLOError(f"{source}: must be a mapping with 'tenants', got {type(doc).__name__}")
+    if isinstance(doc.get("tenants"), list) and len(doc["tenants"]) > MAX_TENANTS:
+        raise SLOError(f"{source}: tenants: {len(doc['tenants'])} of them; at most {MAX_TENANTS}")
     _unknown(source, doc, TOP_KEYS)
     raw = doc.get("tenants")
     if not isinstance(raw, list) or not raw:
@@ -91,13 +115,13 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
     for i, t in enumerate(raw):
         where = f"{source}: tenants[{i}]"
         if not isinstance(t, dict):
-            raise SLOError(f"{where}: must be a mapping, got {t!r}")
+            raise SLOError(f"{where}: must be a mapping, got {_short(t)}")
         _unknown(where, t, TENANT_KEYS)
         name = t.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise SLOError(f"{where}.name: must be a non-empty string, got {name!r}")
+            raise SLOError(f"{where}.name: must be a non-empty string, got {_short(name)}")
         if name in seen:
-            raise SLOError(f"{where}.name: duplicate tenant name {name!r}")
+            raise SLOError(f"{where}.name: duplicate tenant name {_short(name)}")
         seen.add(name)
         kwargs = {"name": name}
         for key in ("min_decode_tok_s", "max_ppl_increase"):
@@ -111,21 +135,25 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
             raise SLOError(f"{where}: {err}") from None
     gpu = doc.get("gpu") or {}
     if not isinstance(gpu, dict):
-        raise SLOError(f"{source}: gpu: must be a mapping, got {gpu!r}")
+        raise SLOError(f"{source}: gpu: must be a mapping, got {_short(gpu)}")
     _unknown(f"{source}: gpu", gpu, GPU_KEYS)
     reserve = float(_number(f"{source}: gpu.reserve_gib", gpu.get("reserve_gib", 0)))
-    if reserve < 0:
-        raise SLOError(f"{source}: gpu.reserve_gib: must be >= 0, got {reserve}")
+    if not 0 <= reserve <= MAX_RESERVE_GIB:
+        raise SLOError(f"{source}: gpu.reserve_gib: must be from 0 to {MAX_RESERVE_GIB}, got {reserve:g}")
     prefer = doc.get("prefer", "quality")
     if prefer not in PREFERENCES:
-        raise SLOError(f"{source}: prefer: must be one of {', '.join(PREFERENCES)}, got {prefer!r}")
+        raise SLOError(f"{source}: prefer: must be one of {', '.join(PREFERENCES)}, got {_short(prefer)}")
     return SLOSpec(tuple(tenants), int(reserve * 2**30), prefer)
 
 
 def load_slos(path: str | Path) -> SLOSpec:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_FILE_BYTES:  # refused before it is read
+            raise SLOError(f"{path}: {path.stat().st_size} bytes; an SLO file may have at most {MAX_FILE_BYTES}")
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise SLOError(f"cannot read SLO file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SLOError(f"{path}: not UTF-8 text (byte {err.start})") from None
     return parse_slos(text, str(path))

@@ -105,4 +105,4 @@ def _run(model: str, device: str | None, work: Path) -> dict:
               f"{sorted({pid for r in results for pid in r['plan_ids']})}")
         print(f"   e.g. {results[0]['tenant']}: {results[0]['prompt']!r} -> {results[0]['text']!r}")
         final = ray_actor.call(handle, "status")
-        return {"answered": len(results), "requests": len(refs), "reconfigurations": len(final["history"]) - 1}
+        return {"answered": len(results), "requests": len(refs), "reconfigurations": final["reconfigurations"] - 1}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from catalog.rows import Measured
 from catalog.slo import SLOError, SLOSpec, load_slos
 
 log = logging.getLogger(__name__)
+KEPT = 50  # rejections kept for status (the total is counted)
+MAX_ERROR = 500  # characters of an error kept
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class Controller:
         self.desired: Desired | None = None
         self.last_decision: Decision | None = None
         self.budget_bytes: int | None = None  # at the last tick: what its decision was made on
-        self.rejections: list[dict] = []
+        self.rejections: deque[dict] = deque(maxlen=KEPT)  # the latest; rejected_total counts them all
+        self.rejected_total = 0
         self.ticks = 0
 
     def reload_slos(self) -> None:
@@ -67,8 +71,7 @@ class Controller:
         except OSError as err:
             if self.slo_mtime is not None:  # recorded once, when it goes missing
                 self.slo_mtime = None
-                self.rejections.append({"at": time.time(), "error": f"cannot read SLO file {self.slo_path}: "
-                                        f"{err.strerror}; keeping the last good SLOs"})
+                self._reject(f"cannot read SLO file {self.slo_path}: {err.strerror}; keeping the last good SLOs")
             return
         if mtime == self.slo_mtime:
             return
@@ -76,9 +79,13 @@ class Controller:
         try:
             self.slos = load_slos(self.slo_path)
             log.info("reloaded SLOs from %s", self.slo_path)
-        except SLOError as err:
-            self.rejections.append({"at": time.time(), "error": str(err)})
-            log.warning("rejected SLO file: %s", err)
+        except Exception as err:  # SLOError, or anything else a strange file provokes: the old SLOs stay
+            self._reject(str(err) if isinstance(err, SLOError) else f"{self.slo_path}: {type(err).__name__}: {err}")
+            log.warning("rejected SLO file: %s", self.rejections[-1]["error"])
+
+    def _reject(self, error: str) -> None:
+        self.rejections.append({"at": time.time(), "error": error[:MAX_ERROR]})
+        self.rejected_total += 1
 
     def budget(self, free_bytes: int, held_bytes: int) -> int:
         """What a plan may take: free memory less the reserve, plus what the server holds now."""

@@ -27,6 +27,7 @@ from runtime.controller import Desired, World
 from runtime.limits import Limits, Rejected
 
 log = logging.getLogger(__name__)
+HISTORY = 500  # reconfigurations kept for status (all are counted)
 
 
 class Request:
@@ -127,7 +128,8 @@ class Executor:
         self.served_share: dict[str, float] = {}  # tenant -> admitted tokens / weight (fair queuing)
         self.served: dict[str, deque] = {}  # tenant -> recent decode tok/s
         self.desired: Desired | None = None
-        self.history: list[dict] = []
+        self.history: deque[dict] = deque(maxlen=HISTORY)  # the latest reconfigurations
+        self.reconfigurations = 0  # all of them
         self.serving = True
         self.steps = 0
         self._ids = 0
@@ -183,6 +185,7 @@ class Executor:
             desired = self.desired
             before = self.engine.plan.plan_id if self.engine.plan is not None else None
             report = self.engine.apply(self.plans[desired.plan_id])
+            self.reconfigurations += 1
             self.history.append({"at": time.time(), "from": before, "to": desired.plan_id, "reason": desired.reason,
                                  "experts_moved": report.moves, "bytes_to_accel": report.bytes_to_accel,
                                  "requantized": report.requantized, "seconds": report.seconds,

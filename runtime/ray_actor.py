@@ -11,6 +11,14 @@ import ray
 
 NAMESPACE = "moe-qos"
 DEFAULT_NAME = "moe-qos"
+# Control calls run in a concurrency group of their own, so they answer at once however many
+# requests are queued on the actor's request threads.
+CONTROL = frozenset({"ready", "status", "tick", "set_free_memory", "stop"})
+
+
+def _method(handle, name: str):
+    method = getattr(handle, name)
+    return method.options(concurrency_group="control") if name in CONTROL else method
 
 
 def connect(address: str | None = None) -> None:
@@ -41,12 +49,12 @@ def serve(front: str, slos: str, *, name: str = DEFAULT_NAME, model: str | None 
         raise ValueError(f"a server named {name!r} is already running; stop it or pick another --name")
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and device != "cpu" else 0
-    actor_cls = ray.remote(Server).options(name=name, namespace=NAMESPACE, lifetime="detached",
-                                           max_concurrency=64, num_gpus=num_gpus, num_cpus=1)
+    actor_cls = ray.remote(concurrency_groups={"control": 4})(Server).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", max_concurrency=64, num_gpus=num_gpus, num_cpus=1)
     handle = actor_cls.remote(front, slos, model=model, layers=layers, device=device, tick_s=tick_s,
                               free_bytes=free_bytes, data=data, limits=limits or Limits(), speed=speed)
     try:
-        ray.get(handle.ready.remote())
+        ray.get(_method(handle, "ready").remote())
     except ray.exceptions.RayActorError as err:  # the constructor failed: say why in one line
         ray.kill(handle)
         cause = getattr(err, "cause", None) or err
@@ -67,7 +75,7 @@ def server(name: str = DEFAULT_NAME):
 
 def call(handle, method: str, *args, **kwargs):
     """A remote call whose errors come back as the server raised them (ValueError for bad input)."""
-    return result(getattr(handle, method).remote(*args, **kwargs))
+    return result(_method(handle, method).remote(*args, **kwargs))
 
 
 def result(ref):
@@ -95,7 +103,7 @@ def stream(handle, tenant: str, prompt: str, max_new_tokens: int = 32, **samplin
 def stop(name: str = DEFAULT_NAME) -> None:
     handle = server(name)
     try:
-        ray.get(handle.stop.remote())
+        ray.get(_method(handle, "stop").remote())
     finally:
         ray.kill(handle)
 

@@ -165,7 +165,8 @@ class Server:
                 "queued": self.executor.queued(), "waiting": self.executor.queue_depth(),
                 "running": self.executor.running_count(), "decode_steps": self.executor.steps,
                 "limits": asdict(self.executor.limits) | {"max_len": self.executor.max_len}, "ticks": c.ticks, "last_decision": d.reason if d else None,
-                "history": list(self.history), "slo_rejections": list(c.rejections),
+                "history": list(self.history), "reconfigurations": self.executor.reconfigurations,
+                "slo_rejections": list(c.rejections), "slo_rejections_total": c.rejected_total,
                 "memory": self.engine.memory() | {"kv_cache_bytes": self.executor.decoder.cache.nbytes()},
             }
 

@@ -35,14 +35,45 @@ def test_a_good_file_parses():
     ("tenants: [{name: a, min_decode_tok_s: -3}]", "min_decode_tok_s must be > 0, got -3"),
     ("tenants: [{name: a, max_ppl_increase: -0.1}]", "max_ppl_increase must be >= 0"),
     ("tenants: [{name: a}, {name: a}]", r"tenants\[1\].name: duplicate tenant name 'a'"),
-    ("tenants: [{name: a}]\ngpu: {reserve_gib: -1}", "gpu.reserve_gib: must be >= 0"),
+    ("tenants: [{name: a}]\ngpu: {reserve_gib: -1}", "gpu.reserve_gib: must be from 0 to"),
     ("tenants: [{name: a}]\nprefer: speed", "prefer: must be one of quality, throughput, got 'speed'"),
     ("tenants: [{name: a}]\n  bad: [", "not valid YAML"),
     ("- a\n- b", "must be a mapping"),
+    ("tenants: [{name: a, min_decode_tok_s: .nan}]", r"tenants\[0\].min_decode_tok_s: must be a finite number, got nan"),
+    ("tenants: [{name: a, max_ppl_increase: .inf}]", "max_ppl_increase: must be a finite number, got inf"),
+    ("tenants: [{name: a}]\ngpu: {reserve_gib: 1.0e+300}", "gpu.reserve_gib: must be from 0 to 1048576, got 1e\\+300"),
+    ("tenants: [{name: a, priority: 1000}]", "priority must be from 0 to 100, got 1000"),
+    ("tenants:" + "\n  - {name: t}" * 1001, r"tenants: 1001 of them; at most 1000"),
 ])
 def test_bad_files_name_the_key_and_the_problem(text, message):
     with pytest.raises(SLOError, match=message):
         parse_slos(text, "slos.yaml")
+
+
+def test_hostile_files_get_short_errors_fast():
+    import time
+
+    # a YAML alias bomb: 350 bytes that print as gigabytes
+    levels = ", ".join(f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi"))
+    bomb = f"tenants: [{{name: t, priority: [&a [x, x, x, x, x, x, x, x, x], {levels}]}}]\n"
+    deep = "tenants: " + "[" * 100_000 + "]" * 100_000
+    assert len(bomb) < 600
+    for text, message in [(bomb, "priority: must be an integer, got [['x', "), (deep, "nested too deeply"),
+                          ("x" * (2 << 20), "an SLO file may have at most")]:
+        start = time.perf_counter()
+        with pytest.raises(SLOError, match=message.replace("[", r"\[").replace(".", r"\.")) as err:
+            parse_slos(text, "slos.yaml")
+        assert len(str(err.value)) < 300 and time.perf_counter() - start < 5
+
+
+def test_a_file_that_is_not_utf8_or_too_big_is_refused_before_parsing(tmp_path):
+    bad = tmp_path / "slos.yaml"
+    bad.write_bytes(b"tenants: [{name: \xff\xfe}]\n")
+    with pytest.raises(SLOError, match="not UTF-8 text"):
+        load_slos(bad)
+    bad.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(SLOError, match="bytes; an SLO file may have at most"):
+        load_slos(bad)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

@@ -1,6 +1,7 @@
 """The serving loop and controller without Ray: requests answered across reconfigurations, SLO
 reloads (bad files rejected), memory squeezes."""
 
+import os
 import time
 
 import pandas as pd
@@ -111,6 +112,12 @@ def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front,
         assert len(pieces) > 1 and "".join(pieces) == again["text"]  # streamed as made, same seed, same text
         with pytest.raises(ValueError, match="top_p must be a number in"):
             ray_actor.call(handle, "generate", "batch", "hi", 3, top_p=5)
+        flood = [handle.generate.remote("batch", "the market", 16) for _ in range(120)]  # past the 64 threads
+        time.sleep(0.5)
+        start = time.perf_counter()
+        assert ray_actor.call(handle, "status")["queued"] > 0
+        assert time.perf_counter() - start < 2  # control calls have threads of their own
+        assert len(ray.get(flood, timeout=300)) == 120
         assert main(["stop", "--name", "test-server"]) == 0
 
 
@@ -134,7 +141,6 @@ def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(t
     squeezed = c.tick(serving, free_bytes=-500)  # a co-tenant took memory: only "small" fits
     assert squeezed.switch and c.desired.plan_id == "small" and "big" not in c.desired.reason
     slos.write_text("tenants: [{name: x, priority: high}]")
-    import os
     os.utime(slos, (1, 1))  # a new mtime whatever the clock's resolution
     c.tick(serving, free_bytes=1000)
     assert c.rejections and c.slos.prefer == "quality"  # the bad file is recorded, the good SLOs stay
@@ -142,3 +148,10 @@ def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(t
     c.tick(serving, free_bytes=1000)
     c.tick(serving, free_bytes=1000)  # a missing file is one rejection, not one per tick
     assert len(c.rejections) == 2 and "keeping the last good SLOs" in c.rejections[-1]["error"]
+    for i in range(60):  # strange files are rejections too, kept as a ring with a total
+        slos.write_bytes(b"tenants: [{name: \xff}]" if i % 2 else b"tenants: [{name: a, min_decode_tok_s: .nan}]")
+        os.utime(slos, (10 + i, 10 + i))
+        c.tick(serving, free_bytes=1000)
+    assert c.rejected_total == 62 and len(c.rejections) == 50 and c.slos.prefer == "quality"
+    assert {r["error"].split(": ", 1)[1][:20] for r in list(c.rejections)[-2:]} == {
+        "not UTF-8 text (byte", "tenants[0].min_decod"}
