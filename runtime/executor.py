@@ -34,10 +34,11 @@ class Request:
     """An accepted request: wait for its result, stream its tokens, or cancel it (any thread)."""
 
     def __init__(self, rid: int, tenant: str, prompt: str, prompt_ids: list[int], max_new_tokens: int,
-                 sampling: Sampling, stop: tuple[str, ...]):
+                 sampling: Sampling, stop: tuple[str, ...], timeout_s: float | None = None):
         self.id, self.tenant, self.prompt, self.prompt_ids = rid, tenant, prompt, prompt_ids
         self.max_new_tokens, self.sampling, self.stop = max_new_tokens, sampling, stop
         self.accepted_at = time.time()
+        self.deadline = None if timeout_s is None else self.accepted_at + timeout_s
         self.tokens: list[int] = []
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens in the cache so far
@@ -193,11 +194,16 @@ class Executor:
 
     # --- requests ------------------------------------------------------------------------------
     def submit(self, tenant: str, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Request:
-        """Accept a request or refuse it at once (Rejected, naming the limit or the bad field)."""
+               top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
+               timeout_s: float | None = None) -> Request:
+        """Accept a request or refuse it at once (Rejected, naming the limit or the bad field).
+        `timeout_s`: past it the request ends (finish_reason "timeout") with what it has."""
         self.check_tenant(tenant)  # unknown tenant: a clear error for this request
         if not isinstance(prompt, str) or not prompt:
             raise Rejected("prompt must be a non-empty string")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not 0 < timeout_s < float("inf")):
+            raise Rejected(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         lim = self.limits
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise Rejected(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -225,7 +231,7 @@ class Executor:
             if self.queue_depth() >= lim.max_queue:
                 raise Rejected(f"queue full: {lim.max_queue} requests are waiting; retry later")
             self._ids += 1
-            req = Request(self._ids, tenant, prompt, ids, max_new_tokens, sampling, stops)
+            req = Request(self._ids, tenant, prompt, ids, max_new_tokens, sampling, stops, timeout_s)
             if not self.waiting.get(tenant) and tenant not in {r.tenant for r in self.running.values()}:
                 # a tenant coming back starts level with the others (no credit for idle time)
                 shares = [self.served_share.get(t, 0.0) for t in self.active_tenants()]
@@ -359,13 +365,21 @@ class Executor:
         return any(s in tail for s in req.stop)
 
     def _drop_cancelled(self) -> None:
-        for slot, req in list(self.running.items()):
+        """End cancelled requests and those past their deadline, running or waiting."""
+        now = time.time()
+
+        def why(req: Request) -> str | None:
             if req.cancelled:
-                self._end(slot, "cancelled")
+                return "cancelled"
+            return "timeout" if req.deadline is not None and now > req.deadline else None
+
+        for slot, req in list(self.running.items()):
+            if reason := why(req):
+                self._end(slot, reason)
         for q in self.waiting.values():
-            for req in [r for r in q if r.cancelled]:
+            for req in [r for r in q if why(r)]:
                 q.remove(req)
-                req._finish(self._result(req, "cancelled"))
+                req._finish(self._result(req, why(req)))
 
     def _end(self, slot: int, reason: str = "error", error: BaseException | None = None) -> None:
         req = self.running.pop(slot)

@@ -107,6 +107,18 @@ def test_streaming_gives_tokens_in_order_and_cancel_ends_a_request_early(session
             assert r.result(timeout=30)["finish_reason"] == "cancelled" and r.tokens == []
 
 
+def test_a_request_past_its_deadline_ends_with_what_it_has_running_or_waiting(session, plans):
+    with Running(session, plans, max_seqs=1) as ex:
+        slow = ex.submit("a", PROMPTS[1], 200, timeout_s=0.15)  # runs, then times out mid-way
+        queued = ex.submit("b", "hello", 5, timeout_s=0.05)  # waits behind it past its deadline
+        done = slow.result(timeout=30)
+        assert done["finish_reason"] == "timeout" and 0 < done["new_tokens"] < 200
+        assert queued.result(timeout=30)["finish_reason"] == "timeout" and queued.tokens == []
+        assert ex.submit("a", "hello", 3).result(timeout=30)["new_tokens"] == 3
+        with pytest.raises(Rejected, match="timeout_s must be a positive number"):
+            ex.submit("a", "hi", 3, timeout_s=0)
+
+
 def test_limits_are_checked_at_submit_with_errors_that_name_them(session, plans):
     runner = Running(session, plans, start=False, max_seqs=1, max_queue=2, max_len=64, max_new_tokens=50)
     with runner as ex:
