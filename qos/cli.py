@@ -285,6 +285,9 @@ def cmd_serve(args) -> dict:
     load_slos(args.slos)  # a bad file fails here, not inside the cluster
     rows = read_front(args.front, speed=args.speed)  # and so does a front of another model than --model names
     identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        print("qos serve: warning: Ray token auth is off (RAY_AUTH_MODE=disabled): any process that reaches "
+              "this cluster can call the server and run code on it", file=sys.stderr)
     ray_actor.connect(args.address)
     ray_actor.serve(args.front, args.slos, name=args.name, model=args.model, layers=args.layers,
                     device=None if args.device == "auto" else args.device, tick_s=args.tick,
