@@ -6,8 +6,8 @@ served.
   steps at their own positions, so one forward pass decodes every running sequence.
 - A decode step over the slots [0, B) reads the cache up to a length bucket L (a power of two), and
   runs as one CUDA graph replay per (B, L) bucket when the engine's plan is capturable (every expert
-  in the fused kernels, no host sync); eagerly otherwise. Graphs are captured on first use and again
-  after a reconfiguration changes the engine's kernel layout.
+  in the fused kernels, no host sync); eagerly otherwise. Graphs are captured on first use (or all at
+  once, `capture_all`) and again after a reconfiguration changes the engine's kernel layout.
 - Prefill writes one sequence's prompt (or a chunk of it) into its slot, eagerly.
 - Greedy or sampled decoding per sequence (`Sampling`: temperature, top-p, seed, stop tokens).
 
