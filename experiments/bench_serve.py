@@ -39,6 +39,7 @@ import torch
 from catalog.data import eval_text
 from catalog.knobs import Knobs
 from catalog.rows import ModelIdentity
+from catalog.stats import percentile
 from experiments.baselines import timed_generate
 from experiments.bench_decode import FAST_QUANTIZER
 from placement.decode import Decoder
@@ -50,14 +51,6 @@ from runtime.executor import Executor
 from runtime.limits import Limits
 
 TENANT = "bench"
-
-
-def percentile(values, q: float) -> float | None:
-    """Nearest-rank percentile; None without values."""
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
 
 
 def wikitext_prompts(tokenizer, count: int, lo: int, hi: int, data: str | None, seed: int = 0) -> list[str]:

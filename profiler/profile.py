@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import platform
 import statistics
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ import torch
 from catalog.data import DATASETS, calibration_text, eval_text
 from catalog.knobs import Knobs, knob_cells
 from catalog.rows import COLUMNS, append_row, batch_columns, read_profile, replace_row
+from catalog.stats import percentile
 from placement.decode import Decoder
 from placement.plan import Plan
 from placement.planner import row_knobs
@@ -143,7 +143,7 @@ class Profiler:
             if b == 1:
                 engine.reset_stats()
             runs = [decoder.generate(prompts, s.new_tokens, fixed_length=True) for _ in range(s.repeats)]
-            steps_ms = sorted(1000 * t for r in runs for t in r.step_s)
+            steps_ms = [1000 * t for r in runs for t in r.step_s]
             speeds = [r.sequences[0].decode_tok_s if b == 1 else r.decode_tok_s for r in runs]
             spread = max(spread, (max(speeds) - min(speeds)) / statistics.median(speeds))
             if b == 1:
@@ -154,7 +154,7 @@ class Profiler:
                     "decode_tok_s_min": min(speeds), "decode_tok_s_max": max(speeds),
                     "prefill_tok_s": statistics.median(g.prefill_tok_s for g in seqs),
                     "ttft_s": statistics.median(g.ttft_s for g in seqs),
-                    "tpot_p50_ms": _percentile(steps_ms, 50), "tpot_p95_ms": _percentile(steps_ms, 95),
+                    "tpot_p50_ms": percentile(steps_ms, 50), "tpot_p95_ms": percentile(steps_ms, 95),
                     "hit_rate": stats.hit_rate,
                     "fetched_bytes_per_token": stats.bytes_fetched / (s.repeats * s.new_tokens),
                 }
@@ -162,7 +162,7 @@ class Profiler:
                 agg = statistics.median(r.decode_tok_s for r in runs)
                 out |= {  # every sequence runs every step: each gets 1/b of the aggregate
                     f"agg_tok_s_b{b}": agg, f"seq_tok_s_b{b}": agg / b,
-                    f"tpot_p95_ms_b{b}": _percentile(steps_ms, 95),
+                    f"tpot_p95_ms_b{b}": percentile(steps_ms, 95),
                 }
         out["peak_accel_bytes"] = torch.cuda.max_memory_allocated(engine.accel) if cuda else None
         out["decode_graphs"] = decoder.reason or "on"
@@ -228,13 +228,6 @@ class Profiler:
         same = {"model": self.session.identity.model, "device_name": self.fixed["device_name"], "seqlen": self.seqlen,
                 "decoder": DECODER}
         return all(row.get(k) == v for k, v in same.items())
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    """The q-th percentile of sorted values (nearest rank), None without values."""
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))]
 
 
 class Measurements:

@@ -25,6 +25,7 @@ from placement.plan import Plan
 from placement.session import Session
 from runtime.controller import Desired, World
 from runtime.limits import Limits, Rejected
+from runtime.window import Window
 
 log = logging.getLogger(__name__)
 HISTORY = 500  # reconfigurations kept for status (all are counted)
@@ -128,6 +129,7 @@ class Executor:
         self.running: dict[int, Request] = {}  # slot -> request (prefilling or decoding)
         self.served_share: dict[str, float] = {}  # tenant -> admitted tokens / weight (fair queuing)
         self.served: dict[str, deque] = {}  # tenant -> recent decode tok/s
+        self.windows: dict[tuple[str, str], Window] = {}  # ("tenant"|"plan", name) -> recent requests
         self.desired: Desired | None = None
         self.history: deque[dict] = deque(maxlen=HISTORY)  # the latest reconfigurations
         self.reconfigurations = 0  # all of them
@@ -148,6 +150,17 @@ class Executor:
     def active_tenants(self) -> set[str]:
         with self.lock:
             return {t for t, q in self.waiting.items() if q} | {r.tenant for r in self.running.values()}
+
+    def delivered(self, kind: str, name: str) -> dict:
+        """What requests of a tenant (kind "tenant") or served by a plan ("plan") got lately:
+        TTFT, time per output token and decode speed percentiles, tokens delivered per second."""
+        with self.lock:
+            window = self.windows.get((kind, name))
+            return window.summary() if window else {"requests": 0}
+
+    def delivered_by_plan(self) -> dict[str, dict]:
+        with self.lock:
+            return {name: w.summary() for (kind, name), w in self.windows.items() if kind == "plan"}
 
     def measured_tok_s(self, tenant: str) -> float | None:
         """Median decode speed of the tenant's recent requests."""
@@ -390,6 +403,9 @@ class Executor:
         result = self._result(req, reason)
         if result["decode_tok_s"]:
             self.served.setdefault(req.tenant, deque(maxlen=16)).append(result["decode_tok_s"])
+        if reason in ("stop", "length"):  # what a finished request got (a cancelled one says little)
+            for key in (("tenant", req.tenant), ("plan", result["plan_id"])):
+                self.windows.setdefault(key, Window()).add(result)
         req._finish(result)
 
     def _result(self, req: Request, reason: str) -> dict:

@@ -154,6 +154,7 @@ class Server:
                     "measured_decode_tok_s": measured,
                     "floor_met": None if measured is None or t.min_decode_tok_s is None else measured >= t.min_decode_tok_s,
                     "plan_meets_slo": None if slo_status is None else slo_status.met,
+                    "delivered": self.executor.delivered("tenant", t.name),
                     "problems": [] if slo_status is None else list(slo_status.problems),
                 })
             return {
@@ -165,6 +166,7 @@ class Server:
                 "queued": self.executor.queued(), "waiting": self.executor.queue_depth(),
                 "running": self.executor.running_count(), "decode_steps": self.executor.steps,
                 "limits": asdict(self.executor.limits) | {"max_len": self.executor.max_len}, "ticks": c.ticks, "last_decision": d.reason if d else None,
+                "delivered_by_plan": self.executor.delivered_by_plan(),
                 "history": list(self.history), "reconfigurations": self.executor.reconfigurations,
                 "slo_rejections": list(c.rejections), "slo_rejections_total": c.rejected_total,
                 "memory": self.engine.memory() | {"kv_cache_bytes": self.executor.decoder.cache.nbytes()},

@@ -174,3 +174,21 @@ def test_stop_answers_everything_accepted_and_refuses_new_requests(session, plan
     assert outcomes[0] == "aborted" and outcomes.count("refused") >= 2
     with pytest.raises(Rejected, match="the server is stopping"):
         ex.submit("a", "hello", 3)
+
+
+def test_what_each_tenant_and_plan_got_is_measured_online(session, plans):
+    first, second = plans
+    with Running(session, plans, max_seqs=2) as ex:
+        done = [ex.submit(t, p, 6).result(timeout=60) for t, p in [("a", PROMPTS[0]), ("a", PROMPTS[2]), ("b", PROMPTS[3])]]
+        ex.want(Desired(second, "test", time.time()))
+        done.append(ex.submit("b", PROMPTS[4], 6).result(timeout=60))
+        cancelled = ex.submit("b", PROMPTS[1], 100)
+        cancelled.cancel()
+        cancelled.result(timeout=60)
+        a, b = ex.delivered("tenant", "a"), ex.delivered("tenant", "b")
+        by_plan = ex.delivered_by_plan()
+    assert a["requests"] == 2 and b["requests"] == 2  # a cancelled request is not a measurement
+    assert a["ttft_s"]["p50"] <= a["ttft_s"]["p95"] == max(r["ttft_s"] for r in done[:2])
+    assert b["tpot_ms"]["p95"] == max(r["tpot_ms"] for r in done[2:]) and b["delivered_tok_s"] > 0
+    assert {k: v["requests"] for k, v in by_plan.items()} == {first: 3, second: 1}
+    assert ex.delivered("tenant", "nobody") == {"requests": 0}
