@@ -96,7 +96,10 @@ class Controller:
         desired state."""
         self.reload_slos()
         self.budget_bytes = self.budget(free_bytes, world.held_bytes)
-        decision = choose(self.options, self.slos, world.active, self.budget_bytes, world.plan_id,
+        # tenants the SLO file no longer names keep being served, with no SLO to meet
+        named = {t.name for t in self.slos.tenants}
+        active = frozenset(t for t in world.active if t in named)
+        decision = choose(self.options, self.slos, active, self.budget_bytes, world.plan_id,
                           base_ppl=self.base_ppl, switch_bytes=self.switch_bytes, hysteresis=self.hysteresis)
         self.last_decision = decision
         self.ticks += 1

@@ -66,6 +66,17 @@ def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp
 
         with pytest.raises(Exception, match="unknown tenant 'nobody'"):
             server.submit("nobody", "hi")
+
+        # a tenant removed while its requests wait: they are still served, and the control loop ticks on
+        queued = [server.submit("batch", "hello moe", 8) for _ in range(4)]
+        slos.write_text(SLOS.format(prefer="quality").split("  - name: batch")[0] + "prefer: quality\n")
+        os.utime(slos, (2_000_000_000, 2_000_000_000))
+        server.tick()
+        assert [t.name for t in server.slos.tenants] == ["interactive"]
+        assert [r.result(timeout=60)["new_tokens"] for r in queued] == [8] * 4
+        server.tick()
+        with pytest.raises(Exception, match="unknown tenant 'batch'"):
+            server.submit("batch", "hi")
     finally:
         server.stop()
 
