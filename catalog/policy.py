@@ -21,6 +21,17 @@ class Option:
     decode_tok_s: float
     ppl: float
     gpu_bytes: int
+    # profiled latency at p50 and p95 (None: not measured; time per output token then follows from
+    # decode_tok_s, time to first token goes unchecked)
+    ttft_s: tuple[float | None, float | None] = (None, None)
+    tpot_ms: tuple[float | None, float | None] = (None, None)
+
+    def latency(self, which: str, p: int) -> float | None:
+        """Profiled time to first token (s) or time per output token (ms) at percentile p (50 or 95)."""
+        value = getattr(self, which)[0 if p == 50 else 1]
+        if value is None and which == "tpot_ms" and self.decode_tok_s > 0:
+            return 1000 / self.decode_tok_s
+        return value
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,11 @@ def tenant_status(option: Option, tenant: TenantSLO, base_ppl: float) -> TenantS
         if increase > tenant.max_ppl_increase + 1e-12:
             problems.append(f"perplexity {100 * increase:+.1f}% over 16-bit exceeds the allowed "
                             f"{100 * tenant.max_ppl_increase:+.1f}%")
+    for which, limit, unit, what in (("tpot_ms", tenant.max_tpot_ms, "ms", "time per output token"),
+                                     ("ttft_s", tenant.max_ttft_s, "s", "time to first token")):
+        value = option.latency(which, tenant.p)
+        if limit is not None and value is not None and value > limit:
+            problems.append(f"{what} p{tenant.p} {value:.3g} {unit} exceeds {limit:g} {unit}")
     return TenantStatus(tenant.name, not problems, tuple(problems))
 
 

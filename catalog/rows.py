@@ -84,7 +84,7 @@ PPL_COLUMNS = [f"ppl_{d}" for d in DATASETS]
 COLUMNS = [
     *IDENTITY_COLUMNS, "plan_id", "precision_id", *KNOB_COLUMNS, "experts_total",
     "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "spread", "flagged", "attempts",
-    "prefill_tok_s", "ttft_s", "tpot_p50_ms", "tpot_p95_ms", "batch_sizes",
+    "prefill_tok_s", "ttft_s", "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "batch_sizes",
     "gpu_bytes", "host_bytes", "peak_accel_bytes", "hit_rate", "fetched_bytes_per_token",
     *PPL_COLUMNS, "ppl_note", "seqlen",
     "prompt_tokens", "new_tokens", "repeats", "decoder", "decode_graphs", "device", "device_name", "torch", "transformers", "hqq",
@@ -143,11 +143,25 @@ class Measured:
     ppl: float
     gpu_bytes: int
     host_bytes: int
+    ttft_s: tuple[float | None, float | None] = (None, None)  # p50, p95
+    tpot_ms: tuple[float | None, float | None] = (None, None)  # p50, p95
 
     @classmethod
     def from_record(cls, row: Mapping, speed: str = "decode_tok_s") -> Measured:
+        """`speed` seq_tok_s_bN: the plan's per-sequence speed and time per output token with N
+        running; older rows without latency percentiles take their median TTFT for both."""
+        def cell(name):
+            v = row.get(name)
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+        ttft = (cell("ttft_s"), cell("ttft_p95_s") if cell("ttft_p95_s") is not None else cell("ttft_s"))
+        if speed.startswith("seq_tok_s_b"):
+            n = speed.rsplit("_b", 1)[1]
+            tpot = (1000 / float(row[speed]), cell(f"tpot_p95_ms_b{n}"))
+        else:
+            tpot = (cell("tpot_p50_ms"), cell("tpot_p95_ms"))
         return cls(ModelIdentity.from_row(row), knobs_from_row(row), str(row["plan_id"]),
-                   float(row[speed]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]))
+                   float(row[speed]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]), ttft, tpot)
 
 
 def check_speed(column: str, columns: Iterable[str] | None = None) -> str:

@@ -4,6 +4,9 @@
       - name: interactive
         min_decode_tok_s: 20
         max_ppl_increase: 0.10     # relative to the 16-bit model
+        max_tpot_ms: 60            # time per output token at the p-th percentile (p: 50 or 95)
+        max_ttft_s: 1.5            # time to first token, likewise
+        p: 95
         priority: 2
       - name: batch
         max_ppl_increase: 0.02
@@ -23,7 +26,8 @@ from pathlib import Path
 import yaml
 
 PREFERENCES = ("quality", "throughput")
-TENANT_KEYS = {"name", "min_decode_tok_s", "max_ppl_increase", "priority"}
+TENANT_KEYS = {"name", "min_decode_tok_s", "max_ppl_increase", "max_ttft_s", "max_tpot_ms", "p", "priority"}
+PERCENTILES = (50, 95)  # what a profile records of time to first token and time per output token
 TOP_KEYS = {"tenants", "gpu", "prefer"}
 GPU_KEYS = {"reserve_gib"}
 # Limits that keep a hostile or broken file from stalling the controller: size, tenants, values.
@@ -48,6 +52,9 @@ class TenantSLO:
     name: str
     min_decode_tok_s: float | None = None
     max_ppl_increase: float | None = None  # 0.10 = at most 10% above the 16-bit perplexity
+    max_ttft_s: float | None = None  # time to first token, at percentile p
+    max_tpot_ms: float | None = None  # time per output token, at percentile p
+    p: int = 95
     priority: int = 1
 
     def __post_init__(self):
@@ -57,6 +64,12 @@ class TenantSLO:
             raise SLOError(f"{self.name}: min_decode_tok_s must be > 0, got {self.min_decode_tok_s}")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise SLOError(f"{self.name}: max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
+        for key in ("max_ttft_s", "max_tpot_ms"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise SLOError(f"{self.name}: {key} must be > 0, got {getattr(self, key)}")
+        if self.p not in PERCENTILES:
+            raise SLOError(f"{self.name}: p must be one of {', '.join(map(str, PERCENTILES))} (the percentiles a "
+                           f"profile records), got {self.p}")
         if not 0 <= self.priority <= MAX_PRIORITY:
             raise SLOError(f"{self.name}: priority must be from 0 to {MAX_PRIORITY}, got {self.priority}")
 
@@ -124,11 +137,12 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
             raise SLOError(f"{where}.name: duplicate tenant name {_short(name)}")
         seen.add(name)
         kwargs = {"name": name}
-        for key in ("min_decode_tok_s", "max_ppl_increase"):
+        for key in ("min_decode_tok_s", "max_ppl_increase", "max_ttft_s", "max_tpot_ms"):
             if t.get(key) is not None:
                 kwargs[key] = float(_number(f"{where}.{key}", t[key]))
-        if "priority" in t:
-            kwargs["priority"] = _number(f"{where}.priority", t["priority"], integer=True)
+        for key in ("p", "priority"):
+            if key in t:
+                kwargs[key] = _number(f"{where}.{key}", t[key], integer=True)
         try:
             tenants.append(TenantSLO(**kwargs))
         except SLOError as err:

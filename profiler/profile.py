@@ -154,6 +154,7 @@ class Profiler:
                     "decode_tok_s_min": min(speeds), "decode_tok_s_max": max(speeds),
                     "prefill_tok_s": statistics.median(g.prefill_tok_s for g in seqs),
                     "ttft_s": statistics.median(g.ttft_s for g in seqs),
+                    "ttft_p95_s": percentile([g.ttft_s for g in seqs], 95),
                     "tpot_p50_ms": percentile(steps_ms, 50), "tpot_p95_ms": percentile(steps_ms, 95),
                     "hit_rate": stats.hit_rate,
                     "fetched_bytes_per_token": stats.bytes_fetched / (s.repeats * s.new_tokens),

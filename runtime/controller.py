@@ -51,7 +51,7 @@ class Controller:
         self.slo_path = Path(slo_path)
         self.slos: SLOSpec = load_slos(self.slo_path)
         self.slo_mtime = self.slo_path.stat().st_mtime
-        self.options = [Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes) for m in front]
+        self.options = [Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes, m.ttft_s, m.tpot_ms) for m in front]
         # the quality reference: the best 16-bit plan's perplexity (any plan's, if none is 16-bit)
         quality = [m.ppl for m in front if m.knobs.quantized == 0] or [min(m.ppl for m in front)]
         self.base_ppl = min(quality)

@@ -23,6 +23,15 @@ from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
 log = logging.getLogger(__name__)
 
 
+def latency_met(tenant, delivered: dict) -> bool | None:
+    """Whether the latency percentiles the tenant's requests got lately are within its SLO (None:
+    no latency SLO, or nothing measured yet)."""
+    checks = [(delivered.get(key) or {}).get(f"p{tenant.p}") <= limit
+              for key, limit in (("ttft_s", tenant.max_ttft_s), ("tpot_ms", tenant.max_tpot_ms))
+              if limit is not None and (delivered.get(key) or {}).get(f"p{tenant.p}") is not None]
+    return all(checks) if checks else None
+
+
 class Server:
     def __init__(self, front: str | Path, slos: str | Path, *, model: str | None = None, layers: int | None = None,
                  dtype: str | None = None, device: str | None = None, tick_s: float = 1.0,
@@ -147,14 +156,16 @@ class Server:
             for t in c.slos.tenants:
                 measured = self.executor.measured_tok_s(t.name)
                 slo_status = next((s for s in d.tenants if s.tenant == t.name), None) if d else None
+                delivered = self.executor.delivered("tenant", t.name)
                 tenants.append({
                     "name": t.name, "priority": t.priority, "active": t.name in active,
                     "waiting": self.executor.queue_depth(t.name), "running": self.executor.running_count(t.name),
                     "min_decode_tok_s": t.min_decode_tok_s, "max_ppl_increase": t.max_ppl_increase,
+                    "max_ttft_s": t.max_ttft_s, "max_tpot_ms": t.max_tpot_ms, "p": t.p,
                     "measured_decode_tok_s": measured,
                     "floor_met": None if measured is None or t.min_decode_tok_s is None else measured >= t.min_decode_tok_s,
                     "plan_meets_slo": None if slo_status is None else slo_status.met,
-                    "delivered": self.executor.delivered("tenant", t.name),
+                    "delivered": delivered, "latency_met": latency_met(t, delivered),
                     "problems": [] if slo_status is None else list(slo_status.problems),
                 })
             return {

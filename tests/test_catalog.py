@@ -151,3 +151,17 @@ def test_a_front_read_by_a_batched_speed_takes_that_column_or_names_the_ones_it_
     for bad in ("ppl", "tpot_p95_ms_b8", "agg_tok_s_bx"):
         with pytest.raises(ValueError, match="unknown speed column"):
             check_speed(bad)
+
+
+def test_measured_rows_carry_latency_percentiles_with_fallbacks_for_older_rows(tmp_path):
+    path = tmp_path / "p.csv"
+    rows = pd.read_csv(Path(__file__).parent.parent / "experiments/results/profile_reference_cpu.csv").head(1)
+    rows.to_csv(path, index=False)
+    old = read_front(path)[0]  # written before the percentiles: the median TTFT for both, tpot from speed
+    assert old.ttft_s == (rows["ttft_s"][0], rows["ttft_s"][0]) and old.tpot_ms == (None, None)
+    rows.assign(ttft_p95_s=0.9, tpot_p50_ms=5.0, tpot_p95_ms=7.0, seq_tok_s_b4=50.0, tpot_p95_ms_b4=30.0,
+                agg_tok_s_b4=200.0).to_csv(path, index=False)
+    new = read_front(path)[0]
+    assert new.ttft_s == (rows["ttft_s"][0], 0.9) and new.tpot_ms == (5.0, 7.0)
+    busy = read_front(path, speed="seq_tok_s_b4")[0]  # 4 running: 20 ms a token at the median, 30 at p95
+    assert busy.decode_tok_s == 50.0 and busy.tpot_ms == (20.0, 30.0)

@@ -1,6 +1,6 @@
 import pytest
 
-from catalog.policy import Option, choose
+from catalog.policy import Option, choose, tenant_status
 from catalog.slo import SLOError, load_slos, parse_slos
 
 GOOD = """
@@ -129,3 +129,38 @@ def test_hysteresis_and_switching_cost_stop_flapping():
     again = choose(FRONT, spec, {"interactive"}, budget_bytes=100, current=d.plan_id, base_ppl=10.0,
                    switch_bytes=lambda pid: 10_000)
     assert again.plan_id == d.plan_id and not again.switch
+
+
+def test_latency_slos_parse_and_rule_out_plans_whose_profiled_percentile_is_too_slow():
+    spec = parse_slos("tenants: [{name: chat, max_tpot_ms: 40, max_ttft_s: 0.5, p: 95}, {name: bulk, p: 50}]")
+    chat = spec.tenant("chat")
+    assert (chat.max_tpot_ms, chat.max_ttft_s, chat.p) == (40.0, 0.5, 95) and spec.tenant("bulk").p == 50
+    for text, message in [("tenants: [{name: a, p: 99}]", "p must be one of 50, 95"),
+                          ("tenants: [{name: a, max_tpot_ms: 0}]", "max_tpot_ms must be > 0"),
+                          ("tenants: [{name: a, max_ttft_s: .nan}]", "max_ttft_s: must be a finite number")]:
+        with pytest.raises(SLOError, match=message):
+            parse_slos(text)
+    fast = Option("fast", decode_tok_s=30, ppl=10.5, gpu_bytes=50, ttft_s=(0.2, 0.3), tpot_ms=(30.0, 38.0))
+    jittery = Option("jittery", decode_tok_s=35, ppl=10.0, gpu_bytes=50, ttft_s=(0.2, 0.3), tpot_ms=(28.0, 55.0))
+    slow_start = Option("slow-start", decode_tok_s=40, ppl=10.0, gpu_bytes=50, ttft_s=(0.4, 0.9), tpot_ms=(25.0, 30.0))
+    unprofiled = Option("old", decode_tok_s=20, ppl=10.0, gpu_bytes=50)  # time per token from its speed: 50 ms
+    decision = choose([fast, jittery, slow_start, unprofiled], spec, {"chat"}, 100, base_ppl=10.0)
+    assert decision.plan_id == "fast" and decision.all_met
+    statuses = {o.plan_id: tenant_status(o, chat, 10.0) for o in (jittery, slow_start, unprofiled)}
+    assert statuses["jittery"].problems == ("time per output token p95 55 ms exceeds 40 ms",)
+    assert statuses["slow-start"].problems == ("time to first token p95 0.9 s exceeds 0.5 s",)
+    assert statuses["old"].problems == ("time per output token p95 50 ms exceeds 40 ms",)
+    # p50 reads the median columns: the jittery plan's median is within a p50 limit of 40 ms
+    median = parse_slos("tenants: [{name: chat, max_tpot_ms: 40, p: 50}]").tenant("chat")
+    assert tenant_status(jittery, median, 10.0).met
+
+
+def test_a_tenant_s_measured_latency_is_checked_against_its_slo():
+    from runtime.server import latency_met
+
+    chat = parse_slos("tenants: [{name: chat, max_tpot_ms: 40, max_ttft_s: 0.5}]").tenant("chat")
+    assert latency_met(chat, {"requests": 0}) is None
+    good = {"requests": 3, "ttft_s": {"p50": 0.1, "p95": 0.4}, "tpot_ms": {"p50": 20.0, "p95": 39.0}}
+    assert latency_met(chat, good) is True
+    assert latency_met(chat, {**good, "tpot_ms": {"p50": 20.0, "p95": 41.0}}) is False
+    assert latency_met(parse_slos("tenants: [{name: x}]").tenant("x"), good) is None
