@@ -96,10 +96,15 @@ COLUMNS = [
 BATCH_PREFIXES = ("agg_tok_s_b", "seq_tok_s_b", "tpot_p95_ms_b")
 
 
+def batch_of(column: str) -> int:
+    """The batch size N of a per-batch column (..._bN)."""
+    return int(column.rsplit("_b", 1)[1])
+
+
 def batch_columns(columns: Iterable[str]) -> list[str]:
     """The per-batch-size columns among `columns`, by batch size then kind."""
     found = [c for c in columns if any(c.startswith(p) and c[len(p):].isdigit() for p in BATCH_PREFIXES)]
-    return sorted(found, key=lambda c: (int(c.rsplit("_b", 1)[1]), c))
+    return sorted(found, key=lambda c: (batch_of(c), c))
 
 
 def ppl_columns(columns: Iterable[str], datasets: Iterable[str] | None = None) -> list[str]:
@@ -156,7 +161,7 @@ class Measured:
 
         ttft = (cell("ttft_s"), cell("ttft_p95_s") if cell("ttft_p95_s") is not None else cell("ttft_s"))
         if speed.startswith("seq_tok_s_b"):
-            n = speed.rsplit("_b", 1)[1]
+            n = batch_of(speed)
             tpot = (1000 / float(row[speed]), cell(f"tpot_p95_ms_b{n}"))
         else:
             tpot = (cell("tpot_p50_ms"), cell("tpot_p95_ms"))
@@ -164,9 +169,10 @@ class Measured:
                    float(row[speed]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]), ttft, tpot)
 
 
-def check_speed(column: str, columns: Iterable[str] | None = None) -> str:
-    """`column` if it is a decode speed a row records (decode_tok_s at batch 1, or agg_/seq_tok_s_bN
-    at batch N) and, given the file's `columns`, one it has; else a ValueError naming the choices."""
+def check_speed(column: str, columns: Iterable[str] | None = None) -> int:
+    """The batch size of `column` if it is a decode speed a row records (decode_tok_s at batch 1, or
+    agg_/seq_tok_s_bN at batch N) and, given the file's `columns`, one it has; else a ValueError
+    naming the choices."""
     if column != "decode_tok_s" and not (column in batch_columns([column]) and "tpot" not in column):
         raise ValueError(f"unknown speed column {column!r}; choose decode_tok_s (batch 1), agg_tok_s_bN "
                          "(N sequences, in aggregate) or seq_tok_s_bN (per sequence at N)")
@@ -174,7 +180,7 @@ def check_speed(column: str, columns: Iterable[str] | None = None) -> str:
         measured = [c for c in batch_columns(columns) if "tpot" not in c]
         raise ValueError(f"the file has no {column} column; measured speeds: {', '.join(['decode_tok_s', *measured])} "
                          f"(profile with --batch-sizes to add batched ones)")
-    return column
+    return 1 if column == "decode_tok_s" else batch_of(column)
 
 
 def read_front(path: str | Path, datasets: list[str] | None = None, speed: str = "decode_tok_s") -> list[Measured]:

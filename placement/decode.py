@@ -136,11 +136,14 @@ class BatchTiming:
     """A `Decoder.generate` call: its sequences and the aggregate decode speed over its steps."""
 
     sequences: list[Generation]
-    steps: int
     decode_tokens: int  # tokens produced by decode steps (all sequences)
     decode_s: float
     step_s: list[float] = field(default_factory=list)  # each decode step's time (its tokens' time per output token)
     stats: dict = field(default_factory=dict)  # the engine's counters over the decode steps
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_s)
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -181,7 +184,6 @@ class Decoder:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.signature = None
         self.pool = None
-        self.capture_s = 0.0  # spent capturing graphs, in total
         self.reason: str | None = None  # why steps run eagerly, when they do
         self.mask_min = torch.finfo(engine.dtype).min
         # transformers renamed the model's cache argument (past_key_values -> cache) in 5.2x
@@ -305,7 +307,6 @@ class Decoder:
             self.signature = eng.kernel_signature
         key = (B, kv_len)
         if key not in self.graphs:
-            t = time.perf_counter()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm up (kernels compiled, workspaces made): same writes
@@ -317,7 +318,6 @@ class Decoder:
             with torch.cuda.graph(graph, pool=self.pool):  # graphs run one at a time: one pool
                 self._decode_forward(B, kv_len)
             self.graphs[key] = graph
-            self.capture_s += time.perf_counter() - t
         return self.graphs[key]
 
     def buckets(self) -> list[tuple[int, int]]:
@@ -415,7 +415,7 @@ class Decoder:
                                  f"({self.scratch} positions)")
         if self.sampling:
             raise RuntimeError("the decoder is serving sequences; generate() needs it idle")
-        stop = set() if fixed_length else {*_ids(eos_token_id), *sampling.stop_token_ids}
+        stop = set() if fixed_length else {*eos_ids(eos_token_id), *sampling.stop_token_ids}
         sync = self._sync
         sync()
         t0 = time.perf_counter()
@@ -457,14 +457,15 @@ class Decoder:
             seqs.append(Generation(out[s], len(p), first_at[s] - t0, n / span if n and span > 0 else None,
                                    done_at[s] - t0, reason))
         stats = {k: v - before[k] for k, v in asdict(self.engine.stats).items()}
-        return BatchTiming(seqs, len(step_s), decode_tokens, t2 - t1, step_s, stats)
+        return BatchTiming(seqs, decode_tokens, t2 - t1, step_s, stats)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 
-def _ids(eos) -> list[int]:
+def eos_ids(eos: int | list[int] | None) -> list[int]:
+    """A tokenizer's or config's end-of-sequence id(s) as a list."""
     if eos is None:
         return []
     return [eos] if isinstance(eos, int) else list(eos)

@@ -137,7 +137,8 @@ class Profiler:
         if cuda:
             torch.cuda.reset_peak_memory_stats(engine.accel)
         out, spread = {}, 0.0
-        for b in sorted({1, *s.batch_sizes}):
+        sizes = sorted({1, *s.batch_sizes})
+        for b in sizes:
             prompts = [self.prompt] * b
             decoder.generate(prompts, s.new_tokens, fixed_length=True)  # warm-up
             if b == 1:
@@ -167,7 +168,7 @@ class Profiler:
                 }
         out["peak_accel_bytes"] = torch.cuda.max_memory_allocated(engine.accel) if cuda else None
         out["decode_graphs"] = decoder.reason or "on"
-        out["batch_sizes"] = ",".join(map(str, sorted({1, *s.batch_sizes})))
+        out["batch_sizes"] = ",".join(map(str, sizes))
         out["spread"] = spread  # the worst over the batch sizes timed
         return out
 

@@ -52,8 +52,7 @@ def sweep_points(total: int, steps: int) -> list[int]:
 def check_search_speed(speed: str, batch_sizes, *, screened: bool) -> None:
     """The throughput objective must be measured by the profile (its batch size timed) and, with
     cost-model screening, be the batch-1 speed the cost model predicts."""
-    check_speed(speed)
-    batch = int(speed.rsplit("_b", 1)[1]) if speed != "decode_tok_s" else 1
+    batch = check_speed(speed)
     if batch != 1 and batch not in batch_sizes:
         raise ValueError(f"the search maximises {speed}: time batch {batch} too (--batch-sizes 1,{batch})")
     if screened and speed != "decode_tok_s":

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import queue
-import statistics
 import threading
 import time
 from collections import deque
 
-from placement.decode import Decoder, Sampling
+from placement.decode import Decoder, Sampling, eos_ids
 from placement.plan import Plan
 from placement.session import Session
 from runtime.controller import Desired, World
@@ -128,7 +127,6 @@ class Executor:
         self.waiting: dict[str, deque[Request]] = {}  # tenant -> requests without a slot, FIFO
         self.running: dict[int, Request] = {}  # slot -> request (prefilling or decoding)
         self.served_share: dict[str, float] = {}  # tenant -> admitted tokens / weight (fair queuing)
-        self.served: dict[str, deque] = {}  # tenant -> recent decode tok/s
         self.windows: dict[tuple[str, str], Window] = {}  # ("tenant"|"plan", name) -> recent requests
         self.desired: Desired | None = None
         self.history: deque[dict] = deque(maxlen=HISTORY)  # the latest reconfigurations
@@ -164,8 +162,7 @@ class Executor:
 
     def measured_tok_s(self, tenant: str) -> float | None:
         """Median decode speed of the tenant's recent requests."""
-        recent = self.served.get(tenant)
-        return statistics.median(recent) if recent else None
+        return (self.delivered("tenant", tenant).get("decode_tok_s") or {}).get("p50")
 
     def queued(self) -> int:
         """Requests accepted and not yet answered (waiting or running)."""
@@ -226,7 +223,7 @@ class Executor:
         if not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
             raise Rejected(f"stop must be a non-empty string or a list of up to 4 of them, got {stop!r}")
         try:
-            sampling = Sampling(temperature, top_p, seed, tuple(self._eos()))
+            sampling = Sampling(temperature, top_p, seed, tuple(eos_ids(self.tokenizer.eos_token_id)))
         except ValueError as err:
             raise Rejected(str(err)) from None
         with self._tok_lock:
@@ -252,10 +249,6 @@ class Executor:
             self.waiting.setdefault(tenant, deque()).append(req)
             self.wake.notify()
         return req
-
-    def _eos(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     # --- the loop ------------------------------------------------------------------------------
     def serve_forever(self, between_steps) -> None:
@@ -363,9 +356,7 @@ class Executor:
         req.tokens.append(tok)
         req._events.put(tok)
         reason = None
-        if tok in req.sampling.stop_token_ids:
-            reason = "stop"
-        elif req.stop and self._hits_stop(req):
+        if tok in req.sampling.stop_token_ids or (req.stop and self._hits_stop(req)):
             reason = "stop"
         elif len(req.tokens) >= req.max_new_tokens:
             reason = "length"
@@ -401,8 +392,6 @@ class Executor:
             req._finish(error=error)
             return
         result = self._result(req, reason)
-        if result["decode_tok_s"]:
-            self.served.setdefault(req.tenant, deque(maxlen=16)).append(result["decode_tok_s"])
         if reason in ("stop", "length"):  # what a finished request got (a cancelled one says little)
             for key in (("tenant", req.tenant), ("plan", result["plan_id"])):
                 self.windows.setdefault(key, Window()).add(result)
