@@ -8,6 +8,7 @@
         max_ttft_s: 1.5            # time to first token, likewise
         p: 95
         priority: 2
+        api_keys: [sk-interactive-0123456789]   # bearer keys of the HTTP API that name this tenant
       - name: batch
         max_ppl_increase: 0.02
         priority: 1
@@ -18,15 +19,17 @@
 
 from __future__ import annotations
 
+import hmac
 import math
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 PREFERENCES = ("quality", "throughput")
-TENANT_KEYS = {"name", "min_decode_tok_s", "max_ppl_increase", "max_ttft_s", "max_tpot_ms", "p", "priority"}
+TENANT_KEYS = {"name", "min_decode_tok_s", "max_ppl_increase", "max_ttft_s", "max_tpot_ms", "p", "priority",
+               "api_keys"}
 PERCENTILES = (50, 95)  # what a profile records of time to first token and time per output token
 TOP_KEYS = {"tenants", "gpu", "prefer"}
 GPU_KEYS = {"reserve_gib"}
@@ -35,6 +38,7 @@ MAX_FILE_BYTES = 1 << 20
 MAX_TENANTS = 1000
 MAX_PRIORITY = 100  # a tenant's fair-queuing weight is 2^priority
 MAX_RESERVE_GIB = 1 << 20  # 1 PiB
+MIN_KEY_CHARS, MAX_KEY_CHARS, MAX_KEYS = 16, 256, 100  # per API key; keys per tenant
 
 # Errors quote the bad value shortened: a YAML alias bomb of a few hundred bytes expands to gigabytes
 # when printed whole.
@@ -56,6 +60,7 @@ class TenantSLO:
     max_tpot_ms: float | None = None  # time per output token, at percentile p
     p: int = 95
     priority: int = 1
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never printed
 
     def __post_init__(self):
         if not self.name:
@@ -88,6 +93,19 @@ class SLOSpec:
         more = f" and {len(names) - 10} more" if len(names) > 10 else ""
         raise SLOError(f"unknown tenant {_short(name)}; tenants: {', '.join(names[:10])}{more}")
 
+    def tenant_for_key(self, key: str) -> str | None:
+        """The tenant an API key names (None: no tenant has it), compared in constant time."""
+        found = None
+        for t in self.tenants:
+            for k in t.api_keys:
+                if hmac.compare_digest(k.encode(), key.encode()):
+                    found = t.name
+        return found
+
+    @property
+    def has_keys(self) -> bool:
+        return any(t.api_keys for t in self.tenants)
+
 
 def _number(where: str, value, *, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -105,6 +123,21 @@ def _unknown(where: str, got: dict, allowed: set) -> None:
         raise SLOError(f"{where}: unknown key(s) {shown}; allowed: {', '.join(sorted(allowed))}")
 
 
+def _api_keys(where: str, value, seen: set) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_KEYS:
+        raise SLOError(f"{where}: must be a list of at most {MAX_KEYS} keys")
+    for i, key in enumerate(value):
+        # a key is never quoted back: it is a secret
+        if not isinstance(key, str) or not MIN_KEY_CHARS <= len(key) <= MAX_KEY_CHARS or not key.isprintable() \
+                or any(c.isspace() for c in key):
+            raise SLOError(f"{where}[{i}]: must be a string of {MIN_KEY_CHARS} to {MAX_KEY_CHARS} printable "
+                           f"characters without spaces")
+        if key in seen:
+            raise SLOError(f"{where}[{i}]: the same key is given twice (keys must name one tenant)")
+        seen.add(key)
+    return tuple(value)
+
+
 def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
     if len(text) > MAX_FILE_BYTES:
         raise SLOError(f"{source}: {len(text)} characters; an SLO file may have at most {MAX_FILE_BYTES}")
@@ -114,6 +147,11 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
         raise SLOError(f"{source}: not valid YAML: {str(err)[:300]}") from None
     except RecursionError:
         raise SLOError(f"{source}: nested too deeply to be an SLO file") from None
+    return slos_from_mapping(doc, source)
+
+
+def slos_from_mapping(doc, source: str = "SLOs") -> SLOSpec:
+    """The SLOs of an already parsed document (a YAML file's, or a Serve config's user_config)."""
     if doc is None:
         raise SLOError(f"{source}: the file is empty")
     if not isinstance(doc, dict):
@@ -124,7 +162,7 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
     raw = doc.get("tenants")
     if not isinstance(raw, list) or not raw:
         raise SLOError(f"{source}: tenants: must be a non-empty list of tenants")
-    tenants, seen = [], set()
+    tenants, seen, keys = [], set(), set()
     for i, t in enumerate(raw):
         where = f"{source}: tenants[{i}]"
         if not isinstance(t, dict):
@@ -143,6 +181,8 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
         for key in ("p", "priority"):
             if key in t:
                 kwargs[key] = _number(f"{where}.{key}", t[key], integer=True)
+        if t.get("api_keys") is not None:
+            kwargs["api_keys"] = _api_keys(f"{where}.api_keys", t["api_keys"], keys)
         try:
             tenants.append(TenantSLO(**kwargs))
         except SLOError as err:

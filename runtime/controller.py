@@ -44,13 +44,13 @@ class Desired:
 
 
 class Controller:
-    def __init__(self, front: list[Measured], slo_path: str | Path, *, hysteresis: float = 0.05,
+    def __init__(self, front: list[Measured], slos: str | Path | SLOSpec, *, hysteresis: float = 0.05,
                  switch_bytes: Callable[[str], int] = lambda plan_id: 0):
         if not front:
             raise ValueError("the front has no measured plans")
-        self.slo_path = Path(slo_path)
-        self.slos: SLOSpec = load_slos(self.slo_path)
-        self.slo_mtime = self.slo_path.stat().st_mtime
+        self.rejections: deque[dict] = deque(maxlen=KEPT)  # the latest; rejected_total counts them all
+        self.rejected_total = 0
+        self.use_slos(slos)
         self.options = [Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes, m.ttft_s, m.tpot_ms) for m in front]
         # the quality reference: the best 16-bit plan's perplexity (any plan's, if none is 16-bit)
         quality = [m.ppl for m in front if m.knobs.quantized == 0] or [min(m.ppl for m in front)]
@@ -60,12 +60,32 @@ class Controller:
         self.desired: Desired | None = None
         self.last_decision: Decision | None = None
         self.budget_bytes: int | None = None  # at the last tick: what its decision was made on
-        self.rejections: deque[dict] = deque(maxlen=KEPT)  # the latest; rejected_total counts them all
-        self.rejected_total = 0
         self.ticks = 0
+
+    def use_slos(self, slos: str | Path | SLOSpec) -> None:
+        """Serve these SLOs from now on: a file's (re-read whenever it changes) or given ones (a Serve
+        config's user_config). A bad file is recorded as a rejection and raised; the SLOs stay."""
+        if isinstance(slos, SLOSpec):
+            self.slo_path, self.slo_mtime, self.slos = None, None, slos
+            return
+        path = Path(slos)
+        try:
+            spec, mtime = load_slos(path), path.stat().st_mtime
+        except Exception as err:
+            if hasattr(self, "slos"):  # a running controller records what it refused
+                self._reject(str(err))
+            raise
+        self.slo_path, self.slo_mtime, self.slos = path, mtime, spec
+
+    def reject(self, error: str) -> None:
+        """Record SLOs refused elsewhere (a bad user_config): status shows them with the file's."""
+        self._reject(error)
+        log.warning("rejected SLOs: %s", error[:MAX_ERROR])
 
     def reload_slos(self) -> None:
         """Re-read the SLO file if it changed; a bad or missing file never replaces good SLOs."""
+        if self.slo_path is None:  # given SLOs: nothing to watch
+            return
         try:
             mtime = self.slo_path.stat().st_mtime
         except OSError as err:

@@ -1,5 +1,5 @@
-"""The serving core without Ray (runtime/ray_actor.py makes it a Ray actor): a controller and an
-executor over one model session, and the control loop between them.
+"""The serving core without Ray (runtime/ray_app.py makes it a Ray Serve deployment): a controller
+and an executor over one model session, and the control loop between them.
 
 The front names the model it was measured on, so a server needs no model flags; given ones must
 agree with it. Every plan of the front is rebuilt (and checked by its plan_id) before serving.
@@ -14,10 +14,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from catalog.rows import read_front
+from catalog.slo import SLOError, SLOSpec, slos_from_mapping
 from placement.session import identity_for, open_session
 from runtime.controller import Controller
 from runtime.executor import Executor
-from runtime.limits import Limits
+from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,29 @@ def latency_met(tenant, delivered: dict) -> bool | None:
     return all(checks) if checks else None
 
 
+def slos_of(config: dict) -> str | SLOSpec:
+    """The SLOs a live configuration (a Serve deployment's user_config) names: `slo_file: PATH`
+    (re-read whenever it changes) or `slos: {tenants: ...}` inline."""
+    if not isinstance(config, dict) or len(set(config) & {"slo_file", "slos"}) != 1 or set(config) - {"slo_file", "slos"}:
+        raise SLOError("user_config: must be a mapping with exactly one of 'slo_file' (a path) or 'slos' "
+                       "(the SLOs inline)")
+    if "slo_file" in config:
+        if not isinstance(config["slo_file"], str) or not config["slo_file"]:
+            raise SLOError("user_config.slo_file: must be a path")
+        return config["slo_file"]
+    return slos_from_mapping(config["slos"], "user_config.slos")
+
+
 class Server:
-    def __init__(self, front: str | Path, slos: str | Path, *, model: str | None = None, layers: int | None = None,
-                 dtype: str | None = None, device: str | None = None, tick_s: float = 1.0,
-                 free_bytes: int | None = None, data: str | None = None, hysteresis: float = 0.05,
-                 limits: Limits = Limits(), speed: str = "decode_tok_s"):
+    def __init__(self, front: str | Path, slos: str | Path | SLOSpec | dict, *, model: str | None = None,
+                 layers: int | None = None, dtype: str | None = None, device: str | None = None,
+                 tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
+                 hysteresis: float = 0.05, limits: Limits = Limits(), speed: str = "decode_tok_s",
+                 metrics=None):
+        """slos: a file, SLOs, or a live configuration (see slos_of); metrics: a runtime.metrics.Metrics
+        to feed (None: none)."""
+        if isinstance(slos, dict):
+            slos = slos_of(slos)
         rows = read_front(front, speed=speed)  # speed: the column SLO floors are checked against
         identity = identity_for(rows[0].identity, model=model, layers=layers, dtype=dtype, source=str(front))
         self.session = open_session(identity, device, data=data)
@@ -46,6 +65,7 @@ class Server:
         self.executor = Executor(self.session, self.plans, check_tenant=lambda name: self.slos.tenant(name),
                                  limits=limits, priority=self._priority)
         self.lock = self.executor.lock  # one lock: a tick never sees a half-applied plan
+        self.metrics = metrics
         self.tick_s = tick_s
         self.set_free_memory(free_bytes)
         self.tick()  # choose and apply the first plan before serving
@@ -103,6 +123,11 @@ class Server:
                     self.executor.wake.notify()
             except Exception:  # the controller must outlive a bad tick
                 log.exception("controller tick failed")
+            if self.metrics is not None:
+                try:
+                    self.metrics.observe(self.status())
+                except Exception:  # nor a metrics problem
+                    log.exception("updating metrics failed")
 
     def _switch_bytes(self, plan_id: str) -> int:
         plan, now = self.plans[plan_id], self.engine.plan
@@ -111,18 +136,52 @@ class Server:
         return sum(plan.expert_nbytes(self.engine.spec, s.bits) for eid, s in plan.items()
                    if s.tier == "accel" and now.state(eid) != s)
 
+    def reconfigure(self, config: dict) -> dict:
+        """Live configuration (a Serve deployment's user_config, see slos_of): serve these SLOs from
+        now on and decide at once. Bad SLOs raise SLOError (recorded in status); the served ones stay."""
+        try:
+            slos = slos_of(config)
+        except SLOError as err:
+            self.controller.reject(str(err))
+            raise
+        with self.lock:
+            self.controller.use_slos(slos)
+        decision = self.tick()
+        with self.executor.wake:
+            self.executor.wake.notify()
+        return decision
+
+    def tenant_for_key(self, key: str) -> str | None:
+        """The tenant an API key names in the SLOs served now."""
+        return self.slos.tenant_for_key(key)
+
     # --- RPC ----------------------------------------------------------------------------------
     def submit(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling):
-        """Accept a request (sampling: temperature, top_p, seed, stop); a Request to wait on,
-        stream or cancel."""
-        return self.executor.submit(tenant, prompt, max_new_tokens, **sampling)
+        """Accept a request (sampling: temperature, top_p, seed, stop, timeout_s); a Request to wait
+        on, stream or cancel."""
+        try:
+            req = self.executor.submit(tenant, prompt, max_new_tokens, **sampling)
+        except Rejected:
+            if self.metrics is not None:
+                self.metrics.request_rejected(tenant)
+            raise
+        if self.metrics is not None:
+            req.add_done_callback(self._count)
+        return req
+
+    def _count(self, req) -> None:
+        limits = next((t for t in self.slos.tenants if t.name == req.tenant), None)
+        self.metrics.request_done(None if req.exception(0) else req.result(0), req.tenant, limits)
 
     def generate(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling) -> dict:
         return self.submit(tenant, prompt, max_new_tokens, **sampling).result()
 
     def stream(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling):
         """The request's text as it is made, piece by piece (a generator; over Ray, a streaming call)."""
-        req = self.submit(tenant, prompt, max_new_tokens, **sampling)
+        yield from self.pieces(self.submit(tenant, prompt, max_new_tokens, **sampling))
+
+    def pieces(self, req):
+        """An accepted request's text as it is made, piece by piece; leaving early cancels it."""
         tok, ids, shown = self.session.tokenizer, [], ""
         try:
             for t in req.stream():
@@ -179,12 +238,17 @@ class Server:
                 "limits": asdict(self.executor.limits) | {"max_len": self.executor.max_len}, "ticks": c.ticks, "last_decision": d.reason if d else None,
                 "delivered_by_plan": self.executor.delivered_by_plan(),
                 "history": list(self.history), "reconfigurations": self.executor.reconfigurations,
+                "slo_source": str(c.slo_path) if c.slo_path else "user_config",
                 "slo_rejections": list(c.rejections), "slo_rejections_total": c.rejected_total,
                 "memory": self.engine.memory() | {"kv_cache_bytes": self.executor.decoder.cache.nbytes()},
             }
 
     def ready(self) -> bool:
         return True
+
+    def healthy(self) -> bool:
+        """Serving: the serving thread is alive and not stopped."""
+        return self.executor.serving and self.serve_thread.is_alive()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop serving; returns once every accepted request is answered (or after `timeout`)."""

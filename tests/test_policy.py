@@ -76,6 +76,20 @@ def test_a_file_that_is_not_utf8_or_too_big_is_refused_before_parsing(tmp_path):
         load_slos(bad)
 
 
+def test_api_keys_name_one_tenant_and_are_never_shown():
+    spec = parse_slos("tenants:\n  - {name: a, api_keys: [sk-aaaaaaaaaaaaaaaa1, sk-aaaaaaaaaaaaaaaa2]}\n"
+                      "  - {name: b, api_keys: [sk-bbbbbbbbbbbbbbbb1]}\n  - {name: c}")
+    assert spec.has_keys and spec.tenant_for_key("sk-aaaaaaaaaaaaaaaa2") == "a"
+    assert spec.tenant_for_key("sk-bbbbbbbbbbbbbbbb1") == "b" and spec.tenant_for_key("sk-nope-nope-nope-1") is None
+    assert "sk-" not in repr(spec)
+    for text, message in [("[sk-short]", r"api_keys\[0\]: must be a string of 16 to 256"),
+                          ("[sk-bbbbbbbbbbbbbbbb1]", r"api_keys\[0\]: the same key is given twice"),
+                          ("[sk with spaces in it 123]", "without spaces"), ("sk-aaaaaaaaaaaaaaaa9", "must be a list")]:
+        with pytest.raises(SLOError, match=message) as err:
+            parse_slos(f"tenants:\n  - {{name: b, api_keys: [sk-bbbbbbbbbbbbbbbb1]}}\n  - {{name: a, api_keys: {text}}}")
+        assert "sk-aaaa" not in str(err.value) and "sk-bbbb" not in str(err.value)  # keys are secrets
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SLOError, match="cannot read SLO file"):
         load_slos(tmp_path / "none.yaml")
