@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -273,52 +274,70 @@ def read_prompts(path: str) -> list[dict]:
 
 
 def cmd_serve(args) -> dict:
-    """Start the serving actor on a running Ray cluster and return; it keeps serving."""
-    from catalog.rows import read_front
-    from catalog.slo import load_slos
-    from placement.session import identity_for
-    from runtime import ray_actor
-    from runtime.limits import Limits
+    """Write a Ray Serve config for the front and SLOs (or take --config as it is) and deploy it on a
+    running Ray cluster; returns once every replica serves."""
+    from runtime import ray_app
 
-    limits = Limits(max_seqs=args.max_seqs, max_batched_tokens=args.max_batched_tokens, max_queue=args.max_queue,
-                    max_len=args.max_len, max_new_tokens=args.max_new_tokens)
-    load_slos(args.slos)  # a bad file fails here, not inside the cluster
-    rows = read_front(args.front, speed=args.speed)  # and so does a front of another model than --model names
-    identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
+    if args.front is None and args.config is None:
+        raise ValueError("give --front and --slos (a Serve config is written for them), or --config of one")
+    config = args.config or f"runs/serve-{args.name}.yaml"
+    if args.front is not None:
+        if args.slos is None:
+            raise ValueError("--slos is required with --front")
+        from catalog.rows import read_front
+        from placement.session import identity_for
+        from runtime.limits import Limits
+
+        limits = Limits(max_seqs=args.max_seqs, max_batched_tokens=args.max_batched_tokens,
+                        max_queue=args.max_queue, max_len=args.max_len, max_new_tokens=args.max_new_tokens)
+        rows = read_front(args.front, speed=args.speed)  # a bad front fails here, not inside the cluster
+        identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
+        ray_app.connect(args.address)
+        num_gpus = args.num_gpus
+        if num_gpus is None:
+            num_gpus = 1 if ray_app.cluster_gpus() >= 1 and args.device != "cpu" else 0
+        ray_app.write_config(
+            config, front=args.front, slos=args.slos, watch_slos=args.watch_slos, app=args.name,
+            replicas=args.replicas, num_gpus=num_gpus, host=args.host, port=args.port,
+            model=args.model, layers=args.layers, device=None if args.device == "auto" else args.device,
+            tick_s=args.tick, free_memory=args.free_memory, data=args.data, speed=args.speed,
+            limits=dataclasses.asdict(limits), anonymous_tenant=args.anonymous_tenant,
+            served_model_name=args.served_model_name)
     if os.environ.get("RAY_AUTH_MODE") == "disabled":
         print("qos serve: warning: Ray token auth is off (RAY_AUTH_MODE=disabled): any process that reaches "
               "this cluster can call the server and run code on it", file=sys.stderr)
-    ray_actor.connect(args.address)
-    ray_actor.serve(args.front, args.slos, name=args.name, model=args.model, layers=args.layers,
-                    device=None if args.device == "auto" else args.device, tick_s=args.tick,
-                    free_bytes=args.free_memory, data=args.data, limits=limits, speed=args.speed)
-    return ray_actor.call(ray_actor.server(args.name), "status") | {"name": args.name}
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"qos serve: warning: the HTTP API listens on {args.host}, beyond this machine; only API keys "
+              f"in the SLO file guard it", file=sys.stderr)
+    ray_app.connect(args.address)
+    apps = ray_app.deploy(config, wait_s=args.wait)
+    replicas = ray_app.statuses(apps[0])
+    return {"config": config, "applications": apps, "replicas": len(replicas),
+            "plan_ids": [r["plan_id"] for r in replicas], "model": replicas[0]["model"]}
 
 
 def cmd_status(args) -> dict:
-    from runtime import ray_actor
+    from runtime import ray_app
 
-    ray_actor.connect(args.address)
-    handle = ray_actor.server(args.name)
-    if args.free_memory is not None:
-        ray_actor.call(handle, "set_free_memory", args.free_memory)
-        ray_actor.call(handle, "tick")
-    return ray_actor.call(handle, "status")
+    ray_app.connect(args.address)
+    replicas = ray_app.statuses(args.name, free_bytes=args.free_memory, set_free=args.free_memory is not None,
+                                replica=args.replica)
+    return {"app": args.name, "replicas": replicas}
 
 
 def cmd_submit(args) -> dict:
     """Send a tenant's prompts to the server; one result per prompt, in order."""
     import json as _json
 
-    from runtime import ray_actor
+    from runtime import ray_app
 
     prompts = read_prompts(args.prompts)
-    ray_actor.connect(args.address)
-    handle = ray_actor.server(args.name)
-    tenants = [t["name"] for t in ray_actor.call(handle, "status")["tenants"]]
+    ray_app.connect(args.address)
+    handle = ray_app.handle(args.name)
+    tenants = [t["name"] for t in ray_app.result(handle.status.remote())["tenants"]]
     if args.tenant not in tenants:  # the job fails at once, naming the tenants the server knows
         raise ValueError(f"unknown tenant {args.tenant!r}; the server's tenants: {', '.join(tenants)}")
-    results = ray_actor.generate_all(handle, [(args.tenant, p["prompt"], p["max_new_tokens"]) for p in prompts])
+    results = ray_app.generate_all(handle, [(args.tenant, p["prompt"], p["max_new_tokens"]) for p in prompts])
     lines = "\n".join(_json.dumps(r) for r in results) + "\n"
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -329,10 +348,10 @@ def cmd_submit(args) -> dict:
 
 
 def cmd_stop(args) -> dict:
-    from runtime import ray_actor
+    from runtime import ray_app
 
-    ray_actor.connect(args.address)
-    ray_actor.stop(args.name)
+    ray_app.connect(args.address)
+    ray_app.stop(args.name)
     return {"stopped": args.name}
 
 
@@ -446,18 +465,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     ray_common = argparse.ArgumentParser(add_help=False)
-    ray_common.add_argument("--name", default="moe-qos", help="the server actor's name")
+    ray_common.add_argument("--name", default="moe-qos", help="the Serve application's name")
     ray_common.add_argument("--address", help="Ray cluster address (default: auto, a local `ray start --head`)")
     ray_common.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("serve", parents=[common, ray_common], help="start the serving actor on a Ray cluster")
-    p.add_argument("--front", required=True, help="a front or profile CSV of measured plans (it names the model "
-                   "they were measured on)")
+    p = sub.add_parser("serve", parents=[common, ray_common],
+                       help="deploy the server as a Ray Serve application (OpenAI-compatible HTTP API)")
+    p.add_argument("--front", help="a front or profile CSV of measured plans (it names the model they were "
+                   "measured on)")
+    p.add_argument("--slos", help="tenant SLOs (YAML), written into the Serve config as its user_config")
+    p.add_argument("--config", metavar="YAML",
+                   help="the Serve config: written here from --front and --slos, or deployed as it is without "
+                        "them (default: runs/serve-NAME.yaml)")
+    p.add_argument("--watch-slos", action="store_true",
+                   help="put the SLO file's path in the config instead of its content: the server re-reads "
+                        "the file when it changes (one machine)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas, each with its own model (one per GPU)")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per replica (default: 1 when the cluster has GPUs and --device is not cpu, else 0)")
+    p.add_argument("--host", default="127.0.0.1", help="where the HTTP API listens (loopback unless you say)")
+    p.add_argument("--port", type=int, default=8000, help="the HTTP API's port")
+    p.add_argument("--anonymous-tenant", metavar="TENANT",
+                   help="the tenant of HTTP requests without an API key (default: they are refused)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model name clients pass (default: the front's)")
+    p.add_argument("--wait", type=float, default=900.0, help="seconds to wait for every replica to serve")
     p.add_argument("--model", help="the model to serve: must be the one the front was measured on (default: the front's)")
     p.add_argument("--layers", type=int, help="with --model: the layers the front was measured with (default: all)")
-    p.add_argument("--slos", required=True, help="tenant SLOs (YAML)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where the server runs the model (auto: cuda when the actor has a GPU)")
+                   help="where the server runs the model (auto: cuda when the replica has a GPU)")
     p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
     p.add_argument("--free-memory", type=_bytes, metavar="BYTES",
                    help="start with this much free accelerator memory, simulated (e.g. 30MB; CPU machines, tests)")
@@ -481,9 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the most new tokens a request may ask for")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", parents=[common, ray_common], help="the server's plan, budget, tenants and history")
+    p = sub.add_parser("status", parents=[common, ray_common],
+                       help="every replica's plan, budget, tenants and history")
     p.add_argument("--free-memory", "--set-free-memory", dest="free_memory", type=_bytes, metavar="BYTES",
-                   help="simulate this much free accelerator memory (e.g. 30MB, 24GiB), then tick")
+                   help="simulate this much free accelerator memory (e.g. 30MB, 24GiB) on every replica (or "
+                        "--replica), then tick")
+    p.add_argument("--replica", metavar="ID", help="with --free-memory: only this replica (ids: qos status)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("submit", parents=[common, ray_common], help="send a tenant's prompts (JSON lines) to the server")
@@ -492,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results as JSON lines (default: stdout)")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("stop", parents=[common, ray_common], help="stop the server actor")
+    p = sub.add_parser("stop", parents=[common, ray_common],
+                       help="delete the Serve application (every accepted request is answered first)")
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("front", parents=[common], help="print the Pareto-optimal plans of a profile or search file")
@@ -544,7 +583,18 @@ def _human(key: str, value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+STATUS_KEYS = ("replica", "model", "plan_id", "desired_plan_id", "last_decision", "free_bytes", "budget_bytes",
+               "running", "waiting", "reconfigurations", "slo_rejections_total")
+
+
 def _print_human(result: dict) -> None:
+    if isinstance(result.get("replicas"), list):  # qos status: the headline of each replica (--json: all)
+        for status in result["replicas"]:
+            _print_human({k: status[k] for k in STATUS_KEYS} | {
+                "tenants": ", ".join(f"{t['name']} ({t['running']} running, {t['waiting']} waiting)"
+                                     for t in status["tenants"])})
+            print()
+        return
     for key, value in result.items():
         print(f"{key:>16}: {_human(key, value)}")
 

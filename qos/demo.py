@@ -59,7 +59,7 @@ def _run(model: str, device: str | None, work: Path) -> dict:
     from catalog.rows import ModelIdentity, passed, read_profile, with_ppl
     from placement.session import open_session
     from profiler.profile import Profiler, Settings, profile_grid
-    from runtime import ray_actor
+    from runtime import ray_app
 
     profile, slos = work / "profile.csv", work / "slos.yaml"
     print(f"[1] profiling {model} (a small grid, 2 perplexity windows per dataset) -> {profile}")
@@ -76,33 +76,45 @@ def _run(model: str, device: str | None, work: Path) -> dict:
         index=False, float_format=lambda v: f"{v:.3f}"))
 
     slos.write_text(SLOS.format(floor=20, prefer="quality"))
-    with ray_actor.local_cluster(), ray_actor.running("qos-demo", str(profile), str(slos),
-                                                      device=device, tick_s=0.5) as handle:
-        _show("[3] serving (nobody active yet: best quality that fits)", ray_actor.call(handle, "status"))
+    config = work / "serve.yaml"
+    with ray_app.local_cluster():
+        # the SLO file's path in the config (watch_slos): the server re-reads it when it changes
+        ray_app.write_config(config, front=str(profile), slos=str(slos), watch_slos=True, app="qos-demo",
+                             port=ray_app.free_port(), device=device, tick_s=0.5)
+        ray_app.deploy(config)
+        handle = ray_app.handle("qos-demo")
+
+        def status() -> dict:
+            return ray_app.statuses("qos-demo")[0]
+
+        def squeeze(free_bytes: int | None) -> None:
+            ray_app.statuses("qos-demo", free_bytes=free_bytes, set_free=True)
+
+        _show("[3] serving (nobody active yet: best quality that fits)", status())
 
         # enough work (about 10 s) that both tenants stay active through the changes below
-        refs = [handle.generate.remote(t, p, 48) for _ in range(6) for p in PROMPTS for t in ("interactive", "batch")]
+        calls = [handle.generate.remote(t, p, 48) for _ in range(6) for p in PROMPTS for t in ("interactive", "batch")]
         time.sleep(1.0)
-        _show("[4] two tenants' jobs running", ray_actor.call(handle, "status"))
+        _show("[4] two tenants' jobs running", status())
 
         # a co-tenant takes the accelerator: leave room for the second-smallest plan only
         sizes = sorted(pd.read_csv(profile)["gpu_bytes"].unique())
-        held = ray_actor.call(handle, "status")["memory"]["gpu_bytes"]
-        ray_actor.call(handle, "set_free_memory", int(sizes[1]) - held + 2**16)
+        squeeze(int(sizes[1]) - status()["memory"]["gpu_bytes"] + 2**16)
         time.sleep(1.2)
-        _show(f"[5] memory squeeze: the budget holds at most {sizes[1] / 2**20:.1f} MiB", ray_actor.call(handle, "status"))
+        _show(f"[5] memory squeeze: the budget holds at most {sizes[1] / 2**20:.1f} MiB", status())
 
         slos.write_text(SLOS.format(floor=20, prefer="quality").replace("max_ppl_increase: 0.02", "max_ppl_increase: 0.001"))
         time.sleep(1.2)
-        _show("[6] SLO change: batch now allows only +0.1% perplexity", ray_actor.call(handle, "status"))
+        _show("[6] SLO change: batch now allows only +0.1% perplexity", status())
 
-        ray_actor.call(handle, "set_free_memory", None)  # the co-tenant is gone
+        squeeze(None)  # the co-tenant is gone
         time.sleep(1.2)
-        _show("[7] memory freed", ray_actor.call(handle, "status"))
+        _show("[7] memory freed", status())
 
-        results = [ray_actor.result(ref) for ref in refs]
-        print(f"\n   {len(results)} of {len(refs)} requests answered, served by plans "
+        results = [ray_app.result(call) for call in calls]
+        print(f"\n   {len(results)} of {len(calls)} requests answered, served by plans "
               f"{sorted({pid for r in results for pid in r['plan_ids']})}")
         print(f"   e.g. {results[0]['tenant']}: {results[0]['prompt']!r} -> {results[0]['text']!r}")
-        final = ray_actor.call(handle, "status")
-        return {"answered": len(results), "requests": len(refs), "reconfigurations": final["reconfigurations"] - 1}
+        final = status()
+        ray_app.stop("qos-demo")
+        return {"answered": len(results), "requests": len(calls), "reconfigurations": final["reconfigurations"] - 1}

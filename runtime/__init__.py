@@ -1,7 +1,9 @@
-"""The serving runtime: the request loop and controller, and the Ray actor around them.
+"""The serving runtime: the request loop and controller, their HTTP API and metrics, and the Ray Serve
+application around them.
 
 The names below are imported on first use (`from runtime import Controller` brings no torch); the
-Ray actor is its own module, `from runtime import ray_actor` (it imports ray)."""
+Serve application is its own module, `from runtime import ray_app` (it imports ray), and so is the
+HTTP API, `runtime.http_api` (it imports FastAPI)."""
 
 from __future__ import annotations
 

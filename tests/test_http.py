@@ -227,3 +227,10 @@ def test_a_live_slo_change_moves_the_plan_while_a_client_streams(api):
     assert server.status()["slo_rejections"][-1]["error"].startswith("user_config.slos")
     server.set_free_memory(None)
     server.reconfigure({"slos": slos()})
+
+
+def test_the_readme_lists_every_metric():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert [name for name in METRICS if f"`ray_{name}" not in readme] == []

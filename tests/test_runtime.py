@@ -81,57 +81,6 @@ def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp
         server.stop()
 
 
-@needs_data
-@pytest.mark.ray
-def test_ray_actor_serves_two_tenants_through_an_slo_change_and_a_squeeze(front, tmp_path, monkeypatch):
-    import ray
-
-    from runtime import ray_actor
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    slos = tmp_path / "slos.yaml"
-    slos.write_text(SLOS.format(prefer="quality"))
-    with ray_actor.local_cluster(num_cpus=4):
-        # the front names its model: `qos serve` needs no --model
-        assert main(["serve", "--front", str(front), "--slos", str(slos), "--name", "test-server",
-                     "--device", "cpu", "--tick", "0.5", "--max-seqs", "4", "--json"]) == 0
-        handle = ray_actor.server("test-server")
-        start = ray_actor.call(handle, "status")
-        assert start["plan"]["quantized"] == 0 and start["model"].startswith("tiny-random (all layers, float32")
-        refs = [handle.generate.remote(t, "the market", 16) for t in ("interactive", "batch") * 4]
-        # (sixteen accepted at once: with --max-seqs 4 they are decoded four at a time)
-        slos.write_text(SLOS.format(prefer="throughput"))
-        smallest = int(pd.read_csv(front)["gpu_bytes"].min())
-        at_squeeze = ray_actor.call(handle, "status")["ticks"]
-        ray_actor.call(handle, "set_free_memory", smallest - start["memory"]["gpu_bytes"] + 1)
-        deadline = time.time() + 10
-        while time.time() < deadline:  # poll: how many controller ticks until the plan shrinks?
-            squeezed = ray_actor.call(handle, "status")
-            if squeezed["plan"]["gpu_bytes"] <= smallest:
-                break
-            time.sleep(0.05)
-        assert squeezed["plan"]["gpu_bytes"] <= smallest and squeezed["ticks"] - at_squeeze <= 2
-        assert squeezed["prefer"] == "throughput"  # the new SLO file was read
-        results = ray.get(refs, timeout=120)
-        assert len(results) == 8 and all(r["new_tokens"] == 16 for r in results)
-        after = ray_actor.call(handle, "status")
-        assert after["plan"]["gpu_bytes"] <= smallest and after["history"][-1]["to"] == after["plan_id"]
-        with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
-            ray_actor.call(handle, "generate", "nobody", "hi")
-        pieces = list(ray_actor.stream(handle, "batch", "the market", 12, temperature=0.7, seed=1))
-        again = ray_actor.call(handle, "generate", "batch", "the market", 12, temperature=0.7, seed=1)
-        assert len(pieces) > 1 and "".join(pieces) == again["text"]  # streamed as made, same seed, same text
-        with pytest.raises(ValueError, match="top_p must be a number in"):
-            ray_actor.call(handle, "generate", "batch", "hi", 3, top_p=5)
-        flood = [handle.generate.remote("batch", "the market", 16) for _ in range(120)]  # past the 64 threads
-        time.sleep(0.5)
-        start = time.perf_counter()
-        assert ray_actor.call(handle, "status")["queued"] > 0
-        assert time.perf_counter() - start < 2  # control calls have threads of their own
-        assert len(ray.get(flood, timeout=300)) == 120
-        assert main(["stop", "--name", "test-server"]) == 0
-
-
 def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(tmp_path):
     """The controller alone, on a hand-made front: no model, no executor."""
     from catalog.knobs import Knobs
