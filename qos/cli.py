@@ -298,7 +298,7 @@ def cmd_serve(args) -> dict:
             num_gpus = 1 if ray_app.cluster_gpus() >= 1 and args.device != "cpu" else 0
         ray_app.write_config(
             config, front=args.front, slos=args.slos, watch_slos=args.watch_slos, app=args.name,
-            replicas=args.replicas, num_gpus=num_gpus, host=args.host, port=args.port,
+            replicas=args.replicas, max_replicas=args.max_replicas, num_gpus=num_gpus, host=args.host, port=args.port,
             model=args.model, layers=args.layers, device=None if args.device == "auto" else args.device,
             tick_s=args.tick, free_memory=args.free_memory, data=args.data, speed=args.speed,
             limits=dataclasses.asdict(limits), anonymous_tenant=args.anonymous_tenant,
@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the SLO file's path in the config instead of its content: the server re-reads "
                         "the file when it changes (one machine)")
     p.add_argument("--replicas", type=int, default=1, help="replicas, each with its own model (one per GPU)")
+    p.add_argument("--max-replicas", type=int, metavar="N",
+                   help="let Serve autoscale from --replicas up to N replicas by requests in flight")
     p.add_argument("--num-gpus", type=float, default=None,
                    help="GPUs per replica (default: 1 when the cluster has GPUs and --device is not cpu, else 0)")
     p.add_argument("--host", default="127.0.0.1", help="where the HTTP API listens (loopback unless you say)")

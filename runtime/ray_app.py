@@ -212,10 +212,11 @@ def build(args: dict):
 
 # --- writing and deploying a Serve config ---------------------------------------------------------
 def write_config(path: str | Path, *, front: str, slos: str, watch_slos: bool = False, app: str = DEFAULT_APP,
-                 replicas: int = 1, num_gpus: float = 0, host: str = "127.0.0.1", port: int = 8000,
-                 **args) -> dict:
+                 replicas: int = 1, max_replicas: int | None = None, num_gpus: float = 0, host: str = "127.0.0.1",
+                 port: int = 8000, **args) -> dict:
     """A Serve config for `serve run`/`serve deploy`/`qos serve --config`: the SLO file inline as
-    the user_config (or, with watch_slos, its path, re-read when it changes)."""
+    the user_config (or, with watch_slos, its path, re-read when it changes). max_replicas: Serve
+    autoscales between `replicas` and it, aiming at a full decoder's worth of requests per replica."""
     from catalog.slo import load_slos
 
     spec = load_slos(slos)  # a bad file fails here, not inside the cluster
@@ -233,6 +234,14 @@ def write_config(path: str | Path, *, front: str, slos: str, watch_slos: bool = 
                              "ray_actor_options": {"num_cpus": 1, "num_gpus": num_gpus}}],
         }],
     }
+    if max_replicas is not None:
+        if max_replicas < replicas:
+            raise ValueError(f"max_replicas ({max_replicas}) must be at least replicas ({replicas})")
+        deployment = config["applications"][0]["deployments"][0]
+        del deployment["num_replicas"]  # Serve takes one or the other
+        per_replica = (args.get("limits") or {}).get("max_seqs", 16)
+        deployment["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": max_replicas,
+                                            "target_ongoing_requests": per_replica}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
     return config

@@ -36,7 +36,8 @@ def latency_met(tenant, delivered: dict) -> bool | None:
 def slos_of(config: dict) -> str | SLOSpec:
     """The SLOs a live configuration (a Serve deployment's user_config) names: `slo_file: PATH`
     (re-read whenever it changes) or `slos: {tenants: ...}` inline."""
-    if not isinstance(config, dict) or len(set(config) & {"slo_file", "slos"}) != 1 or set(config) - {"slo_file", "slos"}:
+    keys = {"slo_file", "slos"}
+    if not isinstance(config, dict) or len(set(config) & keys) != 1 or set(config) - keys:
         raise SLOError("user_config: must be a mapping with exactly one of 'slo_file' (a path) or 'slos' "
                        "(the SLOs inline)")
     if "slo_file" in config:

@@ -128,3 +128,30 @@ def test_serve_app_with_two_replicas_http_handles_live_config_metrics_and_stop(f
         with pytest.raises(urllib.error.HTTPError):  # Serve's proxy has no application to route to
             urllib.request.urlopen(f"{url}/health", timeout=5)
         assert main(["status", "--name", "test-app"]) == 2  # no such application: one line
+
+
+def test_the_written_serve_config_is_valid_and_bad_input_is_one_line(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from runtime import ray_app
+
+    slo_file = tmp_path / "slos.yaml"
+    slo_file.write_text(yaml.safe_dump(slos()))
+    config = ray_app.write_config(tmp_path / "serve.yaml", front="front.csv", slos=str(slo_file), replicas=2,
+                                  max_replicas=4, limits={"max_seqs": 8}, device="cpu")
+    ServeDeploySchema.model_validate(config)  # what `serve run`/`serve deploy` check
+    deployment = config["applications"][0]["deployments"][0]
+    assert deployment["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert yaml.safe_load((tmp_path / "serve.yaml").read_text()) == config
+    watched = ray_app.write_config(tmp_path / "w.yaml", front="front.csv", slos=str(slo_file), watch_slos=True)
+    assert watched["applications"][0]["deployments"][0]["user_config"] == {"slo_file": str(slo_file.resolve())}
+
+    with pytest.raises(ValueError, match="unknown tenant 'nobody'"):
+        ray_app.write_config(tmp_path / "x.yaml", front="f.csv", slos=str(slo_file), anonymous_tenant="nobody")
+    with pytest.raises(ValueError, match="max_replicas"):
+        ray_app.write_config(tmp_path / "x.yaml", front="f.csv", slos=str(slo_file), replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="unknown application args colour"):
+        ray_app.build({"front": "f.csv", "colour": "red"})
+    (tmp_path / "bad.yaml").write_text("applications: 3\n")
+    with pytest.raises(ValueError, match="not a Serve config"):
+        ray_app.deploy(tmp_path / "bad.yaml")
