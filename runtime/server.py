@@ -16,7 +16,7 @@ from pathlib import Path
 from catalog.rows import read_front
 from catalog.slo import SLOError, SLOSpec, slos_from_mapping
 from placement.session import identity_for, open_session
-from runtime.controller import Controller
+from runtime.controller import Controller, Desired
 from runtime.executor import Executor
 from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
@@ -52,9 +52,10 @@ class Server:
                  layers: int | None = None, dtype: str | None = None, device: str | None = None,
                  tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
                  hysteresis: float = 0.05, limits: Limits = Limits(), speed: str = "decode_tok_s",
-                 metrics=None):
+                 metrics=None, start_plan: str | None = None):
         """slos: a file, SLOs, or a live configuration (see slos_of); metrics: a runtime.metrics.Metrics
-        to feed (None: none)."""
+        to feed (None: none); start_plan: a plan_id to serve first (a restarted replica's plan), which
+        the controller then keeps unless it decides otherwise (an unknown one is ignored)."""
         if isinstance(slos, dict):
             slos = slos_of(slos)
         rows = read_front(front, speed=speed)  # speed: the column SLO floors are checked against
@@ -69,6 +70,11 @@ class Server:
         self.metrics = metrics
         self.tick_s = tick_s
         self.set_free_memory(free_bytes)
+        if start_plan in self.plans:
+            self.executor.want(Desired(start_plan, "restored: the plan served before a restart", time.time()))
+            self._reconcile()
+        elif start_plan is not None:
+            log.warning("start_plan %s is not a plan of the front; the controller chooses", start_plan)
         self.tick()  # choose and apply the first plan before serving
         self._reconcile()
         self.serve_thread = threading.Thread(target=self.executor.serve_forever, args=(self._reconcile,),
