@@ -80,6 +80,7 @@ class Knobs:
     seed: int = 0
     gpu_experts: int | None = None  # None with gpu_budget None: every expert on the accelerator
     gpu_budget: int | None = None  # bytes; the number of accelerator experts follows
+    host_budget: int | None = None  # bytes the plan's host tier may hold; a plan over it is an error
     offload: str = "fetch"
     cache_slots: int | None = None  # None: twice the router's top-k
     group_size: int = 64
@@ -102,6 +103,8 @@ class Knobs:
             raise ValueError(f"gpu_experts={self.gpu_experts} must be >= 0")
         if self.gpu_budget is not None and self.gpu_budget < 0:
             raise ValueError(f"gpu_budget={self.gpu_budget} must be >= 0 bytes")
+        if self.host_budget is not None and self.host_budget < 0:
+            raise ValueError(f"host_budget={self.host_budget} must be >= 0 bytes")
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ValueError(f"cache_slots={self.cache_slots} must be >= 1")
         check_group_size(self.group_size)
@@ -204,6 +207,8 @@ KNOBS = (
          exclusive="where", space=_counts),
     Knob("gpu_budget", "bytes", "accelerator bytes (e.g. 20GiB); the number of accelerator experts follows",
          column=False, exclusive="where"),
+    Knob("host_budget", "bytes", "host memory bytes (e.g. 64GiB) the plan's host-tier experts may hold "
+         "(pinned, plus dequantized matrices with --offload cpu); a plan over it is an error", column=False),
     Knob("offload", "str", "how host experts run: fetch (copied into accelerator slots) or cpu (computed on "
          "the host)", choices=OFFLOAD_MODES, space=lambda total, top_k: ("categorical", list(OFFLOAD_MODES))),
     Knob("cache_slots", "int", "accelerator slots for fetched experts", blank=0,
@@ -274,7 +279,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         if k.kind == "bool":
             target.add_argument(k.option, action="store_true", help=k.help.replace("%", "%%"))
             continue
-        shown = {"gpu_experts": "all", "cache_slots": "2 x top-k", "gpu_budget": "none"}.get(k.name, k.default)
+        shown = {"gpu_experts": "all", "cache_slots": "2 x top-k", "gpu_budget": "none",
+                 "host_budget": "none"}.get(k.name, k.default)
         metavar = "{" + ",".join(map(str, k.choices)) + "}" if k.choices else ("BYTES" if k.kind == "bytes" else "N")
         target.add_argument(k.option, type=_flag_type(k), default=k.default, metavar=metavar,
                             help=f"{k.help} (default: {shown})".replace("%", "%%"))

@@ -3,10 +3,12 @@ on the tier a Plan gives it, and moves experts when the plan changes.
 
 `Engine` is the façade (plan, apply, run_expert, stats, memory, router counts) over three parts
 with narrow interfaces:
-- `ExpertStore` (store.py), the host side: each expert's 16-bit master and every quantized variant
-  derived so far, one packed buffer each (pinned when there is CUDA), so any precision can be
-  re-derived and returning to an earlier plan quantizes nothing; for `cpu` offloading, quantized
-  host experts' matrices, dequantized on first use and kept while the plan serves them so;
+- `ExpertStore` (store.py), the host side: masters read one expert at a time from a master source
+  (masters.py, checkpoint.py: the model's tensors, a per-expert seed or a checkpoint's memory
+  maps), variants quantized from them or read back from the on-disk variant cache (variants.py),
+  and only the host-tier experts of the plan resident (pinned when there is CUDA); for `cpu`
+  offloading, quantized host experts' matrices, dequantized on first use and kept while the plan
+  serves them so;
 - `FetchCache` (fetch.py), for `fetch` offloading: `cache_slots` accelerator buffers holding
   recently used host experts (an LRU), filled on a copy stream, and what was prefetched;
 - `KernelTables` (kernels.py): per precision, the [L, E] addresses of the accelerator experts the
@@ -32,8 +34,9 @@ from placement.adapters import adapter_for
 from placement.experts import expert_forward, gated_forward, tensor_bytes
 from placement.fetch import FetchCache
 from placement.packed import Layout
-from placement.plan import PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, diff
+from placement.plan import PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, check_host_budget, diff
 from placement.store import ExpertStore
+from placement.variants import VariantCache
 from placement.tiers import ACCEL, CPU, FETCH, serving_path
 
 log = logging.getLogger(__name__)
@@ -91,9 +94,10 @@ class ApplyReport:
     moves: int  # experts whose state changed
     loaded: int  # experts copied onto the accelerator
     evicted: int  # experts dropped from the accelerator
-    requantized: int  # variants derived from the 16-bit master (the rest came from the host cache)
+    requantized: int  # variants derived from the 16-bit master (the rest came from memory or disk)
     bytes_to_accel: int
     seconds: float
+    host_loaded: int = 0  # host-tier buffers made (the plan's new host experts)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -179,13 +183,40 @@ class EngineExperts(nn.Module):
         return f"layer={self.layer}, num_experts={self.num_experts}"
 
 
+def quantizer_tag(quantizer) -> str | None:
+    """What names a quantizer's output in the variant cache: HQQ's solver with its version, or a
+    quantizer's own `cache_tag`; None (no disk cache) for quantizers that give none."""
+    from placement import hqq_backend
+
+    if quantizer is hqq_backend:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"hqq-{version('hqq')}"
+        except PackageNotFoundError:
+            return "hqq"
+    return getattr(quantizer, "cache_tag", None)
+
+
 class Engine:
-    """Takes over the routed experts of `model` (in place) and serves them by plan."""
+    """Takes over the routed experts of `model` (in place) and serves them by plan.
+
+    `masters`: where expert masters are read from (default: the source `load_model` attached to
+    the model, else the model's own expert tensors). `fingerprint`: of the weights (LoadedModel's);
+    with it and a quantizer that has a cache tag, variants are cached on disk under
+    `$QOS_CACHE_DIR` (`variant_cache`: a VariantCache to use instead, or False for none).
+    `host_budget`: bytes the plan's host tier may hold (a plan over it is refused before anything
+    is allocated). `keep_variants`: keep every quantized variant made in host memory (default:
+    only without a disk cache and a host budget)."""
 
     def __init__(self, model: nn.Module, *, accel=None, quantizer=None, pin: bool | None = None,
-                 use_kernels: bool | None = None):
+                 use_kernels: bool | None = None, masters=None, fingerprint: str | None = None,
+                 variant_cache=None, host_budget: int | None = None, keep_variants: bool | None = None):
         if quantizer is None:
             from placement import hqq_backend as quantizer
+        if host_budget is not None and host_budget < 0:
+            raise ValueError(f"host_budget={host_budget} must be >= 0 bytes")
+        self.host_budget = host_budget
         self.adapter = adapter_for(model.config)
         self.spec = self.adapter.spec(model)
         self.accel = torch.device(accel if accel is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,7 +230,21 @@ class Engine:
         self.routed = torch.zeros(self.spec.num_layers, self.spec.num_experts, dtype=torch.long, device=self.accel)
 
         quantize_on = self.accel if self.on_cuda else self.host
-        self.store = ExpertStore(self.spec, quantizer, pin=self.pin, quantize_on=quantize_on)
+        blocks = self.adapter.moe_blocks(model)
+        if masters is None:
+            masters = getattr(model, "qos_masters", None)
+        if masters is None:
+            from placement.masters import ModelMasters
+
+            masters = ModelMasters([block.experts for _, block in blocks])
+        if variant_cache is None and fingerprint is not None and quantizer_tag(quantizer) is not None:
+            variant_cache = VariantCache(fingerprint, quantizer_tag(quantizer), self.dtype)
+        self.variant_cache = variant_cache or None
+        # without a disk cache (and a budget), derived variants stay in memory, so returning to an
+        # earlier plan quantizes nothing
+        keep = self.variant_cache is None and host_budget is None if keep_variants is None else keep_variants
+        self.store = ExpertStore(self.spec, quantizer, masters, pin=self.pin, quantize_on=quantize_on,
+                                 disk=self.variant_cache, keep_variants=keep)
         self.cache = FetchCache(self.store, self.accel, pin=self.pin)
         self.resident: dict[ExpertId, tuple[Layout, torch.Tensor, dict]] = {}  # accelerator tier
         self.act_fns = []  # per MoE layer
@@ -210,10 +255,8 @@ class Engine:
         self._capture_limit = 0
         self._trace: list[tuple[int, torch.Tensor]] | None = None  # (layer, top_k_index [T, k]) while tracing
 
-        for l, (_, block) in enumerate(self.adapter.moe_blocks(model)):
+        for l, (_, block) in enumerate(blocks):
             fused = block.experts
-            for e in range(self.spec.num_experts):
-                self.store.add_master(ExpertId(l, e), fused.gate_up_proj[e], fused.down_proj[e])
             block.experts = EngineExperts(self, l, self.spec.num_experts)
             self.act_fns.append(fused.act_fn)
             self.gates.append(getattr(block, "gate", None))
@@ -390,9 +433,16 @@ class Engine:
                 self._fetch(ExpertId(layer, e), state.bits, gs, ahead=True)
 
     # --- reconfiguration ------------------------------------------------------------------------
-    def apply(self, plan: Plan) -> ApplyReport:
-        """Move to `plan`, touching only experts whose state differs; evict before loading."""
+    def check_host_budget(self, plan: Plan) -> None:
+        """A ValueError (one line) if `plan`'s host tier does not fit the engine's host budget."""
+        check_host_budget(plan, self.spec, self.host_budget)
+
+    def apply(self, plan: Plan, *, progress: bool | None = None) -> ApplyReport:
+        """Move to `plan`, touching only experts whose state differs; evict before loading. A plan
+        whose host tier is over the host budget is refused before anything changes. `progress`:
+        a progress bar while placing experts (default: when many must be quantized, on a terminal)."""
         plan.check_fits(self.spec)
+        self.check_host_budget(plan)
         start = time.perf_counter()
         if self.on_cuda:  # queued compute and copies may still read buffers this frees or overwrites
             torch.cuda.synchronize(self.accel)
@@ -414,31 +464,41 @@ class Engine:
         if self.on_cuda:
             torch.cuda.empty_cache()  # hand freed memory back to co-tenants, not just to our allocator
 
-        # Phase 2: derive missing variants, load accelerator experts, allocate slots.
-        loaded = requantized = bytes_in = 0
-        for m in moves:
-            buf, quantized_now = self.store.buffer(m.expert, m.dst.bits, gs)
-            requantized += quantized_now
-            if m.loads_accel:
-                dev = self._to_accel(buf)
-                layout = self.layout(m.dst.bits, gs)
-                self.resident[m.expert] = (layout, dev, layout.views(dev))
-                loaded += 1
-                bytes_in += buf.numel()
-        self.cache.allocate(n_slots, slot_bytes)
-        if self.on_cuda:
-            torch.cuda.synchronize(self.accel)
-        self.plan = plan
-
+        # Phase 2: the host tier (drop what the plan no longer serves from the host, then make what
+        # it does), then load accelerator experts and allocate slots.
         def still_on_cpu(key) -> bool:  # dequantized host experts stay while computed on the host as is
             eid, bits, group = key
             state = plan.state(eid)
             return group == gs and state.bits == bits and serving_path(state, plan.offload) == CPU
 
-        self.store.keep_dequantized(still_on_cpu)
+        self.store.keep_dequantized(still_on_cpu)  # before making new host buffers: peak host memory
+        host_keys = {(eid, s.bits, gs) for eid, s in plan.items() if s.tier == "host"}
+        new_host = len(host_keys - self.store.host.keys())
+        loads = [m for m in moves if m.loads_accel]
+        to_quantize = sum(m.requantize for m in moves)
+        from tqdm import tqdm
+
+        bar = tqdm(total=new_host + len(loads), desc="placing experts", unit="expert", leave=False,
+                   disable=(not progress) if progress is not None else (to_quantize < 16 or None))
+        requantized = self.store.set_host(host_keys, progress=bar.update)
+        loaded = bytes_in = 0
+        for m in loads:
+            dev, quantized_now = self.store.to_device(m.expert, m.dst.bits, gs, self.accel)
+            requantized += quantized_now
+            layout = self.layout(m.dst.bits, gs)
+            self.resident[m.expert] = (layout, dev, layout.views(dev))
+            loaded += 1
+            bytes_in += dev.numel()
+            bar.update()
+        bar.close()
+        self.cache.allocate(n_slots, slot_bytes)
+        if self.on_cuda:
+            torch.cuda.synchronize(self.accel)
+        self.plan = plan
+
         self._refresh_tables()
         report = ApplyReport(plan.plan_id, len(moves), loaded, evicted, requantized, bytes_in,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, new_host)
         log.info("applied plan %s: %s", plan.plan_id, report)
         return report
 
@@ -450,23 +510,22 @@ class Engine:
 
     # --- accounting -------------------------------------------------------------------------------
     def memory(self) -> dict:
-        """Bytes per tier, summed over the tensors the engine really holds. `host_bytes` is the
-        plan's host tier (packed experts, as Plan.host_bytes); `host_store_bytes` everything kept in
-        host memory: masters, derived variants and, for `cpu` offload, dequantized host experts
-        (`host_dequant_bytes`)."""
+        """Bytes per tier, summed over the tensors the engine really holds. `host_bytes` is what
+        the plan keeps resident in host memory (its host-tier experts, pinned when there is CUDA,
+        and for `cpu` offload the dequantized matrices made so far; Plan.host_bytes is its bound);
+        `host_store_bytes` everything the engine holds on the host, with variants kept in memory
+        (no disk cache) and the masters' own tensors (none for checkpoints and seeded built-ins)."""
         resident = tensor_bytes(buf for _, buf, _ in self.resident.values())
         slots = self.cache.nbytes()
-        host = 0
-        if self.plan is not None:
-            host = self.store.bytes_of(((eid, s.bits) for eid, s in self.plan.items() if s.tier == "host"),
-                                       self.plan.group_size)
         return {
             "gpu_bytes": self.nonexpert_bytes + resident + slots,
             "gpu_expert_bytes": resident,
             "gpu_slot_bytes": slots,
             "nonexpert_bytes": self.nonexpert_bytes,
-            "host_bytes": host,
+            "host_bytes": self.store.host_bytes(),
+            "host_pinned_bytes": self.store.pinned_bytes(),
             "host_dequant_bytes": self.store.dequantized_bytes(),
+            "host_master_bytes": self.store.source.resident_bytes(),
             "host_store_bytes": self.store.nbytes(),
         }
 
@@ -510,9 +569,13 @@ class Engine:
     def expert_call(self, eid: ExpertId, bits: int, group_size: int, *, copy: bool = True):
         """`eid` at `bits` as a function of x [n, H] on the accelerator, whatever the current plan;
         its buffer is put on the accelerator once (a copy of it unless `copy` is False)."""
-        buf, _ = self.store.buffer(eid, bits, group_size)
+        key = (eid, bits, group_size)
+        if not copy and self.host.type == self.accel.type and (key in self.store.host or key in self.store.variants):
+            buf = self.store.buffer(eid, bits, group_size)[0]
+        else:
+            buf = self.store.to_device(eid, bits, group_size, self.accel)[0]
         layout = self.layout(bits, group_size)
-        views = layout.views(buf.to(self.accel, non_blocking=self.pin, copy=copy))
+        views = layout.views(buf)
         act_fn, dequantize = self.act_fns[eid.layer], self.store.dequantize
         return lambda x: expert_forward(layout, views, x, act_fn, dequantize)
 

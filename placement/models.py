@@ -58,6 +58,9 @@ class LoadedModel:
     model: nn.Module
     tokenizer: ByteTokenizer | HFTokenizer
     fingerprint: str  # of the weights' source: see fingerprint()
+    # where the engine reads expert masters from when the model's experts are on the meta device
+    # (checkpoints, the full-size built-in); None: the model's own expert tensors
+    masters: object | None = None
 
 
 # What makes a random built-in's weights: its recipe (family and shapes) and the seed. The layer
@@ -74,10 +77,12 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def recipe_fingerprint(name: str, config, seed: int) -> str:
-    """A random built-in: its name, shapes and seed (the weights follow from them)."""
+def recipe_fingerprint(name: str, config, seed: int, experts: str | None = None) -> str:
+    """A random built-in: its name, shapes and seed (the weights follow from them), and how its
+    experts are drawn when not by transformers' initialisation (`experts`)."""
     recipe = {k: getattr(config, k, None) for k in RECIPE_KEYS}
-    return _digest(json.dumps({"name": name, "seed": seed, **recipe}, sort_keys=True).encode())
+    extra = {"experts": experts} if experts else {}
+    return _digest(json.dumps({"name": name, "seed": seed, **recipe, **extra}, sort_keys=True).encode())
 
 
 def checkpoint_fingerprint(path: Path) -> str:
@@ -128,57 +133,120 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _random_model(config, dtype: torch.dtype, device: torch.device, seed: int) -> nn.Module:
+def _random_model(config, dtype: torch.dtype, device: torch.device, seed: int, *, seeded_experts: bool = False):
+    """A random model initialised on `device` (where it is fastest). `seeded_experts`: its routed
+    experts stay on the meta device and come from a SeededMasters (regenerated per expert on
+    demand), returned too (else None)."""
     from transformers import AutoModelForCausalLM
 
+    from placement.masters import SeededMasters, experts_on_meta
+
     torch.manual_seed(seed)
-    with torch.device(device):  # initialise where it is fastest; the engine moves experts to the host
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    if not seeded_experts:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), None
+    with torch.device(device), experts_on_meta(config):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    spec = adapter_for(config).spec(model)
+    masters = SeededMasters(seed=seed, hidden=spec.hidden, intermediate=spec.intermediate, dtype=dtype,
+                            device="cpu" if device.type == "meta" else device,
+                            std=getattr(config, "initializer_range", 0.02))
+    model.qos_masters = masters  # Engine(model) finds them there
+    return model, masters
 
 
 def load_model(name: str, *, layers: int | None = None, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, seed: int = 0) -> LoadedModel:
-    """Load `name` for inference. Random built-ins are initialised on `device` (the accelerator);
-    checkpoints load on the host, and the engine places their weights."""
+               device: torch.device | str | None = None, seed: int = 0,
+               seeded_experts: bool | None = None) -> LoadedModel:
+    """Load `name` for inference, non-expert weights on `device` (the accelerator). Random built-ins
+    are initialised there; `seeded_experts` (default: for mixtral-8x7b-shape) leaves their routed
+    experts on the meta device, regenerated per expert on demand (`LoadedModel.masters`). Local
+    checkpoints never materialise their experts: the engine reads them from memory maps."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
     if layers is not None and layers < 1:
         raise ValueError(f"--layers must be >= 1, got {layers}")
 
-    if name.startswith("tiny-random"):
-        family = "mixtral" if name == "tiny-random" else name.removeprefix("tiny-random-")
-        if family not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
-            raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
-        config = _tiny_config(family)
-        if layers:
-            config.num_hidden_layers = layers
-        model = _random_model(config, dtype, device, seed)
-        return LoadedModel(name, model, ByteTokenizer(config.vocab_size), recipe_fingerprint(name, config, seed))
-    if name == "mixtral-8x7b-shape":
-        config = _mixtral_shape_config(layers)
-        model = _random_model(config, dtype, device, seed)
-        return LoadedModel(name, model, ByteTokenizer(config.vocab_size), recipe_fingerprint(name, config, seed))
+    if name.startswith("tiny-random") or name == "mixtral-8x7b-shape":
+        if name == "mixtral-8x7b-shape":
+            config = _mixtral_shape_config(layers)
+            seeded = True if seeded_experts is None else seeded_experts
+        else:
+            family = "mixtral" if name == "tiny-random" else name.removeprefix("tiny-random-")
+            if family not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+                raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+            config = _tiny_config(family)
+            if layers:
+                config.num_hidden_layers = layers
+            seeded = bool(seeded_experts)
+        model, masters = _random_model(config, dtype, device, seed, seeded_experts=seeded)
+        # seeded experts are drawn on the accelerator: other random numbers than the CPU's
+        extra = f"seeded-experts:{'cpu' if device.type == 'meta' else device.type}" if seeded else None
+        return LoadedModel(name, model, ByteTokenizer(config.vocab_size),
+                           recipe_fingerprint(name, config, seed, extra), masters)
 
-    path = REFERENCE_DIR if name == "reference" else Path(name)
+    path = REFERENCE_DIR if name == "reference" else Path(name).expanduser()
     if name == "reference" and not (path / "config.json").exists():
         raise ValueError(f"the reference model is missing: expected a checkpoint in {path}")
-    return _load_pretrained(str(path) if path.exists() else name, layers, dtype, device)
+    if path.is_dir():
+        return _load_local(path, layers, dtype, device)
+    if "/" not in name:
+        raise ValueError(
+            f"unknown model {name!r}: not a local directory, not a hub id, not a built-in "
+            f"({', '.join(BUILTINS)})"
+        )
+    from placement.checkpoint import looks_like_path
+
+    if looks_like_path(name):
+        raise ValueError(f"no such directory: {name}")
+    return _load_pretrained(name, layers, dtype, device)
+
+
+def _tokenizer(path: Path, vocab_size: int):
+    """The checkpoint's tokenizer, or bytes as tokens when it has none (a checkpoint written by
+    save_pretrained alone)."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        log.warning("%s has no tokenizer: using UTF-8 bytes as token ids", path)
+        return ByteTokenizer(vocab_size)
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+
+
+def _load_local(path: Path, layers: int | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """A local checkpoint folder: non-expert weights copied from its memory maps to `device`,
+    experts left in the files for the engine (see checkpoint.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from placement.checkpoint import check_dir, load_checkpoint
+
+    check_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load a model config from {str(path)!r}: {str(err).splitlines()[0]}") from None
+    adapter_for(config)  # fail early, naming the supported families
+    if layers:
+        config.num_hidden_layers = layers
+    fp = checkpoint_fingerprint(path)
+    if device.type == "meta":  # shapes only, e.g. to cost plans without reading the weights
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return LoadedModel(path.name, model.eval(), ByteTokenizer(max(config.vocab_size, 256)), fp)
+    model, masters = load_checkpoint(path, config, dtype, device)
+    model.qos_masters = masters  # Engine(model) finds them there
+    return LoadedModel(path.name, model, _tokenizer(path, config.vocab_size), fp, masters)
 
 
 def _load_pretrained(name_or_path: str, layers: int | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """A hub id (from the local Hugging Face cache or the hub), loaded whole by transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = os.path.isdir(name_or_path)
-    if not local and "/" not in name_or_path:
-        raise ValueError(
-            f"unknown model {name_or_path!r}: not a local directory, not a hub id, not a built-in "
-            f"({', '.join(BUILTINS)})"
-        )
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=local)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load a model config from {name_or_path!r}: {err}") from None
+        raise ValueError(f"cannot load a model config from {name_or_path!r}: {str(err).splitlines()[0]}") from None
     adapter_for(config)  # fail early, naming the supported families
     if layers:
         config.num_hidden_layers = layers

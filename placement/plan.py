@@ -171,7 +171,19 @@ class Plan:
         return spec.nonexpert_bytes + experts + self.slots_used() * self.slot_nbytes(spec)
 
     def host_bytes(self, spec: ModelSpec) -> int:
+        """Host memory the plan keeps resident: its host-tier experts at their precision (the
+        fetch source, pinned) and, with `cpu` offload, quantized host experts' dequantized 16-bit
+        matrices (made on first use: a bound)."""
+        return self.host_packed_bytes(spec) + self.host_dequant_bytes(spec)
+
+    def host_packed_bytes(self, spec: ModelSpec) -> int:
         return sum(self.expert_nbytes(spec, s.bits) for _, s in self.items() if s.tier == "host")
+
+    def host_dequant_bytes(self, spec: ModelSpec) -> int:
+        if self.offload != "cpu":
+            return 0
+        matrices = 3 * spec.hidden * spec.intermediate * spec.dtype.itemsize  # gate_up [2I, H] and down [H, I]
+        return matrices * sum(1 for _, s in self.items() if s.tier == "host" and s.bits != 16)
 
     def check_fits(self, spec: ModelSpec) -> None:
         if (self.num_layers, self.num_experts) != (spec.num_layers, spec.num_experts):
@@ -304,7 +316,20 @@ def build_plan(spec: ModelSpec, knobs: Knobs, scores=None) -> Plan:
     else:
         plan = _fit_budget(spec, knobs.gpu_budget, make, total)
     plan.check_fits(spec)
+    check_host_budget(plan, spec, knobs.host_budget)
     return plan
+
+
+def check_host_budget(plan: Plan, spec: ModelSpec, host_budget: int | None) -> None:
+    """A one-line ValueError when `plan`'s host tier needs more than `host_budget` bytes."""
+    if host_budget is None:
+        return
+    need = plan.host_bytes(spec)
+    if need > host_budget:
+        raise ValueError(
+            f"the plan keeps {need / 1e9:.4g} GB of experts in host memory ({plan.host_experts} host experts"
+            f"{', dequantized for --offload cpu' if plan.host_dequant_bytes(spec) else ''}), over the host budget "
+            f"of {host_budget / 1e9:.4g} GB: put more experts on the accelerator, quantize more, or raise --host-budget")
 
 
 def _fit_budget(spec: ModelSpec, budget: int, make, total: int) -> Plan:

@@ -69,10 +69,12 @@ class Session:
         return self.engine.apply(plan)
 
 
-def open_session(identity: ModelIdentity, device=None, *, data: str | None = None, quantizer=None) -> Session:
+def open_session(identity: ModelIdentity, device=None, *, data: str | None = None, quantizer=None,
+                 host_budget: int | None = None) -> Session:
     """Load the model `identity` names on `device` and put an engine in charge of its experts (no
     plan applied yet). A fingerprint in the identity must match the weights found. `quantizer`:
-    the engine's (default: HQQ with its solver)."""
+    the engine's (default: HQQ with its solver); its variants are cached on disk by the weights'
+    fingerprint. `host_budget`: bytes the plans' host tier may hold (see Engine)."""
     device = resolve_device(device)
     dtype = resolve_dtype(identity.dtype, device)
     t0 = time.perf_counter()
@@ -82,7 +84,8 @@ def open_session(identity: ModelIdentity, device=None, *, data: str | None = Non
     if identity.fingerprint is not None and identity.fingerprint != loaded.fingerprint:
         raise ValueError(f"the weights of {identity.model} have fingerprint {loaded.fingerprint}, not the "
                          f"{identity.fingerprint} the plans were measured on: another checkpoint or seed?")
-    engine = Engine(loaded.model, accel=device, quantizer=quantizer)
+    engine = Engine(loaded.model, accel=device, quantizer=quantizer, masters=loaded.masters,
+                    fingerprint=loaded.fingerprint, host_budget=host_budget)
     log.info("loaded %s in %.1fs: %s", identity.describe(), time.perf_counter() - t0, engine.spec)
     # scored selections measure their scores on calibration text, read only when needed
     calib: list[int] = []

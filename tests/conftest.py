@@ -8,6 +8,15 @@ from placement.models import load_model
 FAMILIES = ["tiny-random", "tiny-random-qwen2_moe", "tiny-random-qwen3_moe", "tiny-random-olmoe"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Variant and score caches of the test session in a folder of its own, not ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QOS_CACHE_DIR", str(tmp_path_factory.mktemp("qos-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """Pristine tiny models by name (CPU, fp32, fixed seed); copy before handing to an engine."""

@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "results"
 def test_the_schema_names_every_knob_once():
     names = [k.name for k in KNOBS]
     assert sorted(names) == sorted(f.name for f in dataclasses.fields(Knobs)) and len(set(names)) == len(names)
-    assert KNOB_COLUMNS == [k.name for k in KNOBS if k.name != "gpu_budget"]
+    assert KNOB_COLUMNS == [k.name for k in KNOBS if k.name not in ("gpu_budget", "host_budget")]  # constraints
     assert COLUMNS[: len(IDENTITY_COLUMNS)] == IDENTITY_COLUMNS and set(KNOB_COLUMNS) <= set(COLUMNS)
 
 

@@ -1,0 +1,215 @@
+"""Checkpoints on disk served without holding their masters: memory maps, a host budget, the
+on-disk variant cache across restarts, and one-line errors for bad checkpoints."""
+
+import functools
+import os
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from catalog.knobs import Knobs
+from placement import hqq_backend
+from placement.engine import Engine
+from placement.models import load_model
+from placement.plan import build_plan
+
+E, LAYERS, HIDDEN, INTER = 8, 4, 256, 1024  # 32 experts of 3 MB (fp32): 100 MB of masters
+
+
+def status_kb(*fields) -> int:
+    """Sum of /proc/self/status fields (kB): RssAnon + RssShmem is anonymous plus pinned memory."""
+    total = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in fields:
+            total += int(rest.split()[0])
+    return total
+
+
+def anon_bytes() -> int:
+    return 1024 * status_kb("RssAnon", "RssShmem")
+
+
+def write_checkpoint(path: Path, hidden: int, inter: int, layers: int):
+    """A random Mixtral written with save_pretrained (per-expert keys, as transformers does), some
+    tokens and its logits on them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", vocab_size=512, hidden_size=hidden, intermediate_size=inter,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, num_local_experts=E, num_experts_per_tok=2,
+                                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    tokens = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(tokens).logits
+    return path, tokens, reference
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """100 MB of masters: big enough that holding them would show in the process's memory."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "small-mixtral", HIDDEN, INTER, LAYERS)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """16 experts of 0.4 MB: quick to quantize, for the cache and the errors."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral", 128, 256, 2)
+
+
+def masters_bytes() -> int:
+    return LAYERS * E * 3 * HIDDEN * INTER * 4
+
+
+class CountingQuantizer:
+    """HQQ's packed format rounded to nearest (fast), counting calls; cacheable by its tag."""
+
+    cache_tag = "test-rtn"
+
+    def __init__(self):
+        self.calls = 0
+        self.dequantize = hqq_backend.dequantize
+
+    def quantize(self, *args, **kwargs):
+        self.calls += 1
+        return hqq_backend.quantize(*args, **kwargs, optimize=False)
+
+
+def serve(path, quantizer, knobs, *, host_budget=None):
+    loaded = load_model(str(path), device="cpu", dtype=torch.float32)
+    engine = Engine(loaded.model, quantizer=quantizer, fingerprint=loaded.fingerprint, host_budget=host_budget)
+    plan = build_plan(engine.spec, knobs)
+    return loaded, engine, plan, engine.apply(plan)
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_a_checkpoint_serves_16bit_from_its_files_like_transformers(tiny_checkpoint):
+    path, tokens, reference = tiny_checkpoint
+    loaded = load_model(str(path), device="cpu", dtype=torch.float32)
+    blocks = [layer.mlp.experts for layer in loaded.model.model.layers]
+    assert all(b.gate_up_proj.is_meta for b in blocks)  # the experts were never materialised
+    engine = Engine(loaded.model)
+    engine.apply(build_plan(engine.spec, Knobs(gpu_experts=5, cache_slots=3)))
+    torch.testing.assert_close(logits(loaded.model, tokens), reference)
+    assert engine.memory()["host_master_bytes"] == 0  # masters are memory maps, not anonymous memory
+
+
+def test_a_host_budget_below_the_masters_holds(checkpoint, tmp_path, monkeypatch):
+    """Anonymous plus pinned memory (RssAnon + RssShmem of this process, measured: page cache of
+    the memory-mapped checkpoint does not count) grows by the plan's host tier and its accelerator
+    part (the CPU is the accelerator here) plus a small allowance, not by the 100 MB of masters."""
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    path, tokens, reference = checkpoint
+    budget = masters_bytes() // 4
+    knobs = Knobs(quantized=LAYERS * E, bits=4, gpu_experts=0, cache_slots=4, host_budget=budget)
+    before = anon_bytes()
+    loaded, engine, plan, _ = serve(path, CountingQuantizer(), knobs, host_budget=budget)
+    out = logits(loaded.model, tokens)
+    grown = anon_bytes() - before
+    mem = engine.memory()
+    assert mem["host_bytes"] == plan.host_bytes(engine.spec) <= budget < masters_bytes()
+    assert mem["host_store_bytes"] == mem["host_bytes"]  # nothing else kept: no masters, no variants
+    allowance = 24 << 20  # allocator slack, a few experts' transient copies, the forward pass
+    assert grown <= budget + plan.gpu_bytes(engine.spec) + allowance < masters_bytes(), grown
+    assert (out - reference).abs().max() < 0.25 * reference.abs().max()  # 4-bit, and sane
+
+
+def test_a_plan_over_the_host_budget_is_refused_before_anything_is_allocated(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    path, _, _ = tiny_checkpoint
+    with pytest.raises(ValueError, match=r"over the host budget of .* GB.*raise --host-budget"):
+        build_plan(_spec(path), Knobs(gpu_experts=0, host_budget=1 << 20))
+    loaded = load_model(str(path), device="cpu", dtype=torch.float32)
+    q = CountingQuantizer()
+    engine = Engine(loaded.model, quantizer=q, host_budget=1 << 20)
+    plan = build_plan(engine.spec, Knobs(quantized=8, bits=4, gpu_experts=4))
+    with pytest.raises(ValueError, match="over the host budget"):
+        engine.apply(plan)
+    assert engine.plan is None and q.calls == 0 and engine.memory()["host_bytes"] == 0
+
+
+def _spec(path):
+    from placement.adapters import adapter_for
+
+    model = load_model(str(path), device="meta").model
+    return adapter_for(model.config).spec(model)
+
+
+def test_variants_survive_a_restart_and_a_corrupt_one_is_made_again(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    path, tokens, _ = tiny_checkpoint
+    n = 2 * E
+    knobs = Knobs(quantized=n, bits=4, gpu_experts=6, cache_slots=4)
+
+    first_q = CountingQuantizer()
+    loaded, engine, _, first = serve(path, first_q, knobs)
+    expected = logits(loaded.model, tokens)
+    assert first.requantized == n and first_q.calls == 2 * n  # two matrices each
+    files = sorted(engine.variant_cache.dir.glob("*.safetensors"))
+    assert len(files) == n and not list(engine.variant_cache.dir.glob("*.tmp"))  # atomic writes
+
+    again_q = CountingQuantizer()  # a restart: a new model, engine and quantizer, the same cache folder
+    loaded, engine, _, again = serve(path, again_q, knobs)
+    assert again_q.calls == 0 and again.requantized == 0
+    assert torch.equal(logits(loaded.model, tokens), expected)
+
+    with open(files[0], "r+b") as fh:  # truncated: a partial write that was somehow renamed
+        fh.truncate(os.path.getsize(files[0]) // 2)
+    data = bytearray(files[1].read_bytes())
+    data[-100] ^= 0xFF  # one flipped bit pattern in the packed weights
+    files[1].write_bytes(bytes(data))
+    fixed_q = CountingQuantizer()
+    with pytest.warns(UserWarning, match="cached variant .* quantizing it again") as caught:
+        loaded, engine, _, fixed = serve(path, fixed_q, knobs)
+    assert len([w for w in caught if "cached variant" in str(w.message)]) == 2
+    assert fixed.requantized == 2 and fixed_q.calls == 4
+    assert torch.equal(logits(loaded.model, tokens), expected)  # the bad files were never used
+    assert engine.variant_cache.rejected == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remade: they verify now
+        serve(path, CountingQuantizer(), knobs)
+
+
+def test_seeded_built_in_experts_are_made_on_demand_and_match_their_stock_model(tokens):
+    from placement.masters import fill_experts
+
+    a = load_model("tiny-random", device="cpu", seeded_experts=True)
+    b = load_model("tiny-random", device="cpu", seeded_experts=True)
+    assert a.model.model.layers[0].mlp.experts.gate_up_proj.is_meta
+    assert a.fingerprint == b.fingerprint != load_model("tiny-random", device="cpu").fingerprint
+    blocks = [layer.mlp for layer in b.model.model.layers]
+    fill_experts(blocks, b.masters, "cpu")  # the stock transformers model with the same experts
+    reference = logits(b.model, tokens)
+    engine = Engine(a.model)
+    engine.apply(build_plan(engine.spec, Knobs(gpu_experts=5, cache_slots=2)))
+    torch.testing.assert_close(logits(a.model, tokens), reference)
+    assert engine.memory()["host_master_bytes"] == 0
+
+
+def test_bad_checkpoints_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
+    from qos.cli import main
+
+    path, _, _ = tiny_checkpoint
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(os.path.getsize(weights) - 1000)
+    for model, message in ((str(bad), f"qos generate: error: corrupt or truncated checkpoint file {weights}: "),
+                           (str(tmp_path / "missing"), f"qos generate: error: no such directory: {tmp_path / 'missing'}"),
+                           ("./no/such/model", "qos generate: error: no such directory: ./no/such/model")):
+        assert main(["generate", "--model", model, "--prompt", "hi", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err, err
