@@ -25,6 +25,7 @@ class Option:
     # decode_tok_s, time to first token goes unchecked)
     ttft_s: tuple[float | None, float | None] = (None, None)
     tpot_ms: tuple[float | None, float | None] = (None, None)
+    host_bytes: int = 0  # host memory the plan keeps resident (Plan.host_bytes)
 
     def latency(self, which: str, p: int) -> float | None:
         """Profiled time to first token (s) or time per output token (ms) at percentile p (50 or 95)."""
@@ -60,8 +61,8 @@ class Decision:
 
 def options_from_rows(rows: Iterable[dict]) -> list[Option]:
     """Options from front/profile rows (`ppl` is the mean perplexity, see catalog.pareto.with_ppl)."""
-    return [Option(str(r["plan_id"]), float(r["decode_tok_s"]), float(r["ppl"]), int(r["gpu_bytes"]))
-            for r in rows]
+    return [Option(str(r["plan_id"]), float(r["decode_tok_s"]), float(r["ppl"]), int(r["gpu_bytes"]),
+                   host_bytes=int(r.get("host_bytes") or 0)) for r in rows]
 
 
 def tenant_status(option: Option, tenant: TenantSLO, base_ppl: float) -> TenantStatus:
@@ -85,12 +86,17 @@ def tenant_status(option: Option, tenant: TenantSLO, base_ppl: float) -> TenantS
 def choose(options: list[Option], slos: SLOSpec, active: Iterable[str], budget_bytes: int,
            current: str | None = None, *, base_ppl: float,
            switch_bytes: Callable[[str], int] = lambda plan_id: 0,
-           hysteresis: float = 0.05, bytes_weight: float = 0.05) -> Decision:
+           hysteresis: float = 0.05, bytes_weight: float = 0.05, host_budget: int | None = None) -> Decision:
     """The plan to serve. `active`: tenants with queued or running requests; `switch_bytes(plan_id)`:
     bytes a switch to that plan would move; a switch must gain more than `hysteresis` (relative,
-    in the preferred metric) plus `bytes_weight` x moved bytes / budget."""
+    in the preferred metric) plus `bytes_weight` x moved bytes / budget. `host_budget`: plans whose
+    host tier needs more host memory are never chosen (the host cannot be squeezed like the GPU)."""
     if not options:
         raise ValueError("no plans to choose from: the front is empty")
+    if host_budget is not None:
+        options = [o for o in options if o.host_bytes <= host_budget]
+        if not options:
+            raise ValueError(f"no plan of the front fits the host budget of {host_budget} bytes")
     tenants = sorted((slos.tenant(n) for n in set(active)), key=lambda t: (-t.priority, t.name))
     fitting = [o for o in options if o.gpu_bytes <= budget_bytes]
     if not fitting:

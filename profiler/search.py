@@ -1,6 +1,7 @@
 """Pareto search over plans with optuna's NSGA-II: maximise decode tok/s (at batch 1, or with N
 sequences at once: `speed`), minimise perplexity and
-accelerator bytes, under an optional accelerator budget (a constraint, not a filter afterwards).
+accelerator bytes, under an optional accelerator budget (a constraint, not a filter afterwards)
+and an optional host budget (a constraint too: plans over it are never measured).
 
 The paper's one-dimensional sweep (random selection, quantized count stepping over the whole
 range, as many experts on the accelerator as fit) is enqueued first, so the front can only improve
@@ -62,10 +63,12 @@ def check_search_speed(speed: str, batch_sizes, *, screened: bool) -> None:
 class Search:
     def __init__(self, profiler: Profiler, out: Path, *, gpu_budget: int | None = None,
                  known: list[Path] = (), selection_seed: int = 0, cost=None, margin: float = 0.15,
-                 speed: str = "decode_tok_s", remeasure: str | None = None):
+                 speed: str = "decode_tok_s", remeasure: str | None = None, host_budget: int | None = None):
         check_search_speed(speed, profiler.settings.batch_sizes, screened=cost is not None)
         self.speed = speed  # the throughput objective: batch 1, or N sequences at once
         self.profiler, self.out, self.budget = profiler, Path(out), gpu_budget
+        self.host_budget = host_budget
+        self.over_host_budget = 0
         self.selection_seed = selection_seed
         self.cost, self.margin = cost, margin  # a profiler.costmodel.CostModel screens candidates
         self.screened_out = 0
@@ -112,6 +115,13 @@ class Search:
     def objective(self, trial: optuna.Trial):
         knobs = self.knobs(trial)
         plan = self.profiler.plan(knobs)
+        if self.host_budget is not None:  # feasible when <= 0; a plan over it cannot even be applied
+            over = plan.host_bytes(self.profiler.engine.spec) - self.host_budget
+            trial.set_constraint("host_budget", float(over))
+            if over > 0:
+                trial.set_user_attr("over_host_budget", True)
+                self.over_host_budget += 1
+                raise optuna.TrialPruned(f"plan {plan.plan_id} needs {over} bytes more host memory than the budget")
         if plan.plan_id not in self.rows and trial.user_attrs.get("source") != "sweep":
             guess = self.screened(plan)
             if guess is not None:  # told to the sampler, never written as a measurement

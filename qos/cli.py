@@ -61,7 +61,7 @@ def _session(args):
     """Load the model under the engine (no plan applied yet)."""
     from placement.session import open_session
 
-    return open_session(_identity(args), args.device, data=args.data)
+    return open_session(_identity(args), args.device, data=args.data, host_budget=getattr(args, "host_budget", None))
 
 
 def _session_and_plan(args):
@@ -168,7 +168,7 @@ def cmd_search(args) -> dict:
         log.info("cost model: %s", cost.as_dict())
     search = Search(profiler, args.out, gpu_budget=args.gpu_budget, known=args.profile or [],
                     selection_seed=args.seed, cost=cost, margin=args.screen_margin, speed=args.speed,
-                    remeasure=args.remeasure)
+                    remeasure=args.remeasure, host_budget=args.host_budget)
     study = search.run(args.trials, seed=args.seed, storage=args.storage, study_name=args.study_name,
                        sweep_steps=args.sweep_steps, progress=not args.quiet)
     df = search.write_front(study)
@@ -190,7 +190,9 @@ def cmd_profile(args) -> dict:
     spec = profiler.engine.spec
     combos = parse_grid(args.grid, spec.num_layers * spec.num_experts)
     budget = {} if args.gpu_budget is None else {"gpu_budget": args.gpu_budget}
-    knob_sets = [Knobs(**{"seed": args.seed, **(budget if not {"gpu_budget", "gpu_experts"} & set(c) else {}), **c})
+    host = {} if args.host_budget is None else {"host_budget": args.host_budget}
+    knob_sets = [Knobs(**{"seed": args.seed, **(budget if not {"gpu_budget", "gpu_experts"} & set(c) else {}),
+                          **host, **c})
                  for c in combos]  # bad knobs fail before measuring
     return profile_grid(profiler, knob_sets, args.out, remeasure=args.remeasure, progress=lambda it: tqdm(
         it, desc=f"profiling {args.model}", unit="plan", disable=args.quiet))
@@ -442,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-budget", type=_bytes, metavar="BYTES",
                    help="accelerator bytes (e.g. 20GiB) for every plan of the grid that names neither "
                         "gpu_experts nor gpu_budget: its accelerator experts follow")
+    p.add_argument("--host-budget", type=_bytes, metavar="BYTES",
+                   help="host memory bytes (e.g. 64GiB) every plan's host-tier experts may hold: a plan of the "
+                        "grid over it is an error")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("search", parents=[common, measure], help="NSGA-II search for the Pareto front of plans (optuna)")
@@ -462,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
                    help="the throughput to maximise: decode_tok_s (batch 1), agg_tok_s_bN (N sequences in "
                         "aggregate) or seq_tok_s_bN, with N in --batch-sizes")
+    p.add_argument("--host-budget", type=_bytes, metavar="BYTES",
+                   help="host memory bytes (e.g. 64GiB) a plan's host-tier experts may hold: a constraint of the "
+                        "search (plans over it are not measured)")
     p.set_defaults(func=cmd_search)
 
     ray_common = argparse.ArgumentParser(add_help=False)

@@ -178,3 +178,13 @@ def test_a_tenant_s_measured_latency_is_checked_against_its_slo():
     assert latency_met(chat, good) is True
     assert latency_met(chat, {**good, "tpot_ms": {"p50": 20.0, "p95": 41.0}}) is False
     assert latency_met(parse_slos("tenants: [{name: x}]").tenant("x"), good) is None
+
+
+def test_plans_over_the_host_budget_are_never_chosen():
+    front = [Option("p16-host", decode_tok_s=8, ppl=10.0, gpu_bytes=20, host_bytes=70),
+             Option("q4-host", decode_tok_s=12, ppl=10.8, gpu_bytes=20, host_bytes=20)]
+    spec = parse_slos(GOOD)
+    assert choose(front, spec, {"batch"}, budget_bytes=100, base_ppl=10.0).plan_id == "p16-host"
+    assert choose(front, spec, {"batch"}, budget_bytes=100, base_ppl=10.0, host_budget=50).plan_id == "q4-host"
+    with pytest.raises(ValueError, match="no plan of the front fits the host budget of 10 bytes"):
+        choose(front, spec, {"batch"}, budget_bytes=100, base_ppl=10.0, host_budget=10)
