@@ -5,15 +5,26 @@ the plan) or `cpu`), on `mixtral-8x7b-shape`.
 
     python -m experiments.bench_decode --layers 4 --out experiments/results/bench_decode_h100.csv
     python -m experiments.bench_decode --layers 8 --no-accelerate --out experiments/results/bench_decode_h100.csv
+    python -m experiments.bench_decode --layers 32 --no-accelerate --out experiments/results/bench_decode_h200.csv
 
-32 Mixtral layers do not fit the H100 in bf16 (the all-GPU baseline) nor pinned in host memory
-beside the masters, so each run measures a few layers; rows of one CSV with two layer counts give
-each system's time per layer and per-token overhead, extrapolated to the full 32 layers
-(printed; linear in layers: every layer has the same shapes and routing statistics).
+The model's routed experts are never all in host memory: they are regenerated per expert from a
+seed on the GPU (`load_model(..., seeded_experts=True)`), and the engine pins only the host-tier
+experts of each plan. So the full 32 layers run on a host with 128 GB of RAM (the transformers
+all-GPU row gets its experts filled on the GPU, 93 GB on an H200, then dropped). The accelerate
+rows need a whole bf16 copy of the model in host memory: leave them out beyond a few layers
+(--no-accelerate). Rows of one CSV with two layer counts still give each system's time per layer
+and per-token overhead, extrapolated to 32 layers (printed) where 32 were not measured directly.
 
 The weights are random. Quantized variants are rounded to nearest in HQQ's packed format (its
 zero-point solver would take about 11 minutes for 256 full-size experts, and accuracy is not
-measured here): the same bytes and the same kernels as with HQQ's solver.
+measured here): the same bytes and the same kernels as with HQQ's solver. Variants are not kept
+(in memory or on disk: 38 GB at 32 layers); rounding to nearest on the GPU takes seconds.
+
+Host memory per row: `host_peak_gb`, the peak of RssAnon + RssShmem (anonymous plus pinned/shared
+memory of the process; file-backed page cache does not count) sampled every 20 ms while the plan
+is applied and decoded; `pinned_gb`, the bytes the engine pinned (the plan's host tier), and
+`host_gb`, what the plan keeps resident on the host (Plan.host_bytes, with dequantized matrices
+for `cpu` offload). The issue's target: host_peak_gb <= 1.1 x (host_gb + 8).
 
 Columns: decode tok/s (128 new tokens after a 64-token prompt, after an untimed warm-up run), GPU
 GB held by weights and slots (`gpu_gb`) and peak allocated (`peak_gb`), the fetch cache's hit rate,
@@ -29,6 +40,7 @@ import copy
 import functools
 import gc
 import random
+import threading
 import time
 import types
 from pathlib import Path
@@ -38,8 +50,9 @@ import torch
 
 from placement import hqq_backend
 from placement.engine import Engine
+from placement.masters import drop_experts, fill_experts
 from placement.models import load_model
-from catalog.knobs import Knobs
+from catalog.knobs import Knobs, parse_bytes
 from placement.plan import build_plan
 from experiments.baselines import timed_generate
 from placement.decode import Decoder
@@ -47,7 +60,41 @@ from placement.decode import Decoder
 GiB = 1 << 30
 # Round-to-nearest in HQQ's format (see the module docstring).
 FAST_QUANTIZER = types.SimpleNamespace(quantize=functools.partial(hqq_backend.quantize, optimize=False),
-                                       dequantize=hqq_backend.dequantize)
+                                       dequantize=hqq_backend.dequantize, cache_tag="hqq-rtn")
+
+
+def host_anon_bytes() -> int:
+    """RssAnon + RssShmem of this process: anonymous plus shared (pinned) memory, no page cache."""
+    total = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class PeakHostMemory:
+    """The peak of host_anon_bytes() within a `with` block, sampled every `every` seconds."""
+
+    def __init__(self, every: float = 0.02):
+        self.every, self.peak = every, 0
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, host_anon_bytes())
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.peak = host_anon_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, host_anon_bytes())
 
 
 def moe_qos_plans(total: int) -> list[tuple[str, Knobs, dict]]:
@@ -74,7 +121,7 @@ def moe_qos_plans(total: int) -> list[tuple[str, Knobs, dict]]:
 
 def bench_layers(layers: int, args) -> list[dict]:
     device = torch.device("cuda")
-    loaded = load_model("mixtral-8x7b-shape", layers=layers, dtype=torch.bfloat16, device=device)
+    loaded = load_model("mixtral-8x7b-shape", layers=layers, dtype=torch.bfloat16, device=device, seeded_experts=True)
     model = loaded.model
     prompt = random.Random(0).choices(range(model.config.vocab_size), k=args.prompt_tokens)
     rows = []
@@ -84,34 +131,50 @@ def bench_layers(layers: int, args) -> list[dict]:
              "gpu_gb": gpu_bytes / 1e9, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
              "new_tokens": new_tokens, **extra}
         rows.append(r)
-        print(f"  {system:52s} {tok_s:8.2f} tok/s  {r['gpu_gb']:6.2f} GB", flush=True)
+        host = f"  host peak {r['host_peak_gb']:6.2f} GB" if "host_peak_gb" in r else ""
+        print(f"  {system:52s} {tok_s:8.2f} tok/s  {r['gpu_gb']:6.2f} GB{host}", flush=True)
 
     print(f"{layers} layers of mixtral-8x7b-shape, bf16, {args.prompt_tokens}-token prompt", flush=True)
-    torch.cuda.reset_peak_memory_stats()
-    g = timed_generate(model, prompt, args.new_tokens, fixed_length=True)
-    row("transformers, bf16, all on GPU", g.decode_tok_s, torch.cuda.memory_allocated(), args.new_tokens)
+    blocks = [block for _, block in _moe_blocks(model)]
+    with PeakHostMemory() as peak:
+        fill_experts(blocks, loaded.masters, device)  # the stock model, every weight on the GPU
+        torch.cuda.reset_peak_memory_stats()
+        g = timed_generate(model, prompt, args.new_tokens, fixed_length=True)
+    row("transformers, bf16, all on GPU", g.decode_tok_s, torch.cuda.memory_allocated(), args.new_tokens,
+        host_peak_gb=peak.peak / 1e9)
     host_copy = copy.deepcopy(model).to("cpu") if args.accelerate else None
+    drop_experts(blocks)
+    gc.collect()
+    torch.cuda.empty_cache()
 
-    engine = Engine(model, quantizer=FAST_QUANTIZER)
+    with PeakHostMemory() as peak:
+        t = time.perf_counter()
+        engine = Engine(model, quantizer=FAST_QUANTIZER, masters=loaded.masters, variant_cache=False,
+                        keep_variants=False, host_budget=args.host_budget)
+    print(f"  engine built in {time.perf_counter() - t:.1f}s, host peak {peak.peak / 1e9:.2f} GB", flush=True)
     total = engine.spec.num_layers * engine.spec.num_experts
     decoder = Decoder(model, engine, max_seqs=1, max_len=args.prompt_tokens + args.new_tokens + 1)
     gpu_time = {}  # bits -> seconds per token with every expert on the GPU (fused kernels)
     budgets = {}
     for name, knobs, opts in moe_qos_plans(total):
+        if args.only and not any(o in name for o in args.only):
+            continue
         opts = dict(opts)
         new_tokens = opts.pop("new_tokens", args.new_tokens)
         plan = build_plan(engine.spec, knobs)
-        report = engine.apply(plan)
-        engine.configure(use_kernels=opts.get("use_kernels", True))
-        torch.cuda.reset_peak_memory_stats()
-        decoder.generate([prompt], new_tokens, fixed_length=True)  # warm-up: kernel choice, graph capture
-        t = time.perf_counter()
-        run = decoder.generate([prompt], new_tokens, fixed_length=True)
-        wall = time.perf_counter() - t
+        with PeakHostMemory() as peak:
+            report = engine.apply(plan)
+            engine.configure(use_kernels=opts.get("use_kernels", True))
+            torch.cuda.reset_peak_memory_stats()
+            decoder.generate([prompt], new_tokens, fixed_length=True)  # warm-up: kernel choice, graph capture
+            t = time.perf_counter()
+            run = decoder.generate([prompt], new_tokens, fixed_length=True)
+            wall = time.perf_counter() - t
         g, s = run.sequences[0], run.stats
         steps = new_tokens - 1
         lookups = s["fetch_hits"] + s["fetch_misses"]
         fetched = s["bytes_fetched"] / steps
+        mem = engine.memory()
         extra = {"plan_id": plan.plan_id, "quantized": plan.quantized, "bits": knobs.bits if plan.quantized else 16,
                  "gpu_experts": plan.gpu_experts, "offload": plan.offload if plan.host_experts else "",
                  "prefetch": plan.prefetch,
@@ -120,7 +183,10 @@ def bench_layers(layers: int, args) -> list[dict]:
                  "hit_rate": s["fetch_hits"] / lookups if lookups else None,
                  "prefetch_issued_per_token": s["prefetch_issued"] / steps,
                  "prefetch_accuracy": s["prefetch_hits"] / s["prefetch_issued"] if s["prefetch_issued"] else None,
-                 "fetched_gb_per_token": fetched / 1e9}
+                 "fetched_gb_per_token": fetched / 1e9,
+                 "host_peak_gb": peak.peak / 1e9, "pinned_gb": mem["host_pinned_bytes"] / 1e9,
+                 "host_gb": plan.host_bytes(engine.spec) / 1e9, "host_resident_gb": mem["host_bytes"] / 1e9,
+                 "host_target_gb": 1.1 * (plan.host_bytes(engine.spec) / 1e9 + 8)}
         bits = extra["bits"]
         if not plan.host_experts and not opts and plan.quantized in (0, total):
             gpu_time[bits] = 1 / g.decode_tok_s
@@ -129,7 +195,7 @@ def bench_layers(layers: int, args) -> list[dict]:
             extra.update(bound_tok_s=1 / bound_s, ratio_to_bound=g.decode_tok_s * bound_s)
         if plan.host_experts:
             budgets[name] = plan.gpu_bytes(engine.spec)
-        row(f"moe-qos: {name}", g.decode_tok_s, engine.memory()["gpu_bytes"], new_tokens, **extra)
+        row(f"moe-qos: {name}", g.decode_tok_s, mem["gpu_bytes"], new_tokens, **extra)
     del engine, decoder, model, loaded
     gc.collect()
     torch.cuda.empty_cache()
@@ -139,12 +205,20 @@ def bench_layers(layers: int, args) -> list[dict]:
     return rows
 
 
+def _moe_blocks(model):
+    from placement.adapters import adapter_for
+
+    return adapter_for(model.config).moe_blocks(model)
+
+
 def accelerate_rows(model, prompt, budgets: dict[str, int], args, row) -> None:
     """transformers + accelerate (`device_map="auto"` with `max_memory`) at the budgets of the
     moe-qos plans that keep experts on the host: what a user would pick today."""
     from accelerate import dispatch_model, infer_auto_device_map
 
     for name in ("16-bit, 1/4 on GPU, fetch", "4-bit, 1/4 on GPU, fetch"):
+        if name not in budgets:
+            continue
         budget = budgets[name]
         device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": 200 * GiB},
                                            no_split_module_classes=model._no_split_modules)
@@ -190,6 +264,8 @@ def main() -> None:
     p.add_argument("--accelerate-tokens", type=int, default=8, help="accelerate takes about a second per token")
     p.add_argument("--no-accelerate", dest="accelerate", action="store_false")
     p.add_argument("--pcie-gbps", type=float, default=54.6, help="measured pinned host-to-GPU bandwidth")
+    p.add_argument("--host-budget", type=parse_bytes, help="the engine's host budget, e.g. 100GiB (default: none)")
+    p.add_argument("--only", action="append", help="run only moe-qos rows whose name contains this (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="CSV; rows of other layer counts in it are kept")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -201,8 +277,9 @@ def main() -> None:
         rows = pd.concat([old[old["layers"] != args.layers], rows], ignore_index=True)
     rows, extrapolated = summarize(rows)
     rows.to_csv(args.out, index=False)
-    cols = ["layers", "system", "decode_tok_s", "gpu_gb", "ratio_to_accelerate", "ratio_to_bound", "hit_rate",
-            "prefetch_accuracy", "fetched_gb_per_token", "cuda_graph"]
+    cols = ["layers", "system", "decode_tok_s", "gpu_gb", "host_peak_gb", "pinned_gb", "host_gb", "host_target_gb",
+            "ratio_to_accelerate", "ratio_to_bound", "hit_rate", "prefetch_accuracy", "fetched_gb_per_token",
+            "cuda_graph"]
     with pd.option_context("display.width", 250, "display.max_colwidth", 60):
         print(rows[[c for c in cols if c in rows]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         if len(extrapolated):

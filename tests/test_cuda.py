@@ -22,7 +22,6 @@ def test_16bit_plans_match_transformers_on_cuda_and_bytes_match_the_allocator():
     with torch.no_grad():
         reference = model(tokens).logits
     engine = Engine(model)
-    assert all(b.is_pinned() for b in engine.masters.values())
     spec = engine.spec
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated() - engine.nonexpert_bytes - engine.routed.untyped_storage().nbytes()
@@ -31,6 +30,9 @@ def test_16bit_plans_match_transformers_on_cuda_and_bytes_match_the_allocator():
         engine.apply(plan)
         with torch.no_grad():
             torch.testing.assert_close(model(tokens).logits, reference)
+        # only the host tier is pinned, at its exact size (registered, not rounded up)
+        assert all(b.is_pinned() for b in engine.store.host.values())
+        assert engine.memory()["host_pinned_bytes"] == plan.host_packed_bytes(spec)
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated() - engine.routed.untyped_storage().nbytes() - base
         # the caching allocator rounds each block up to 512 bytes; our buffers are 64-byte aligned
@@ -73,3 +75,25 @@ def test_graph_decode_equals_eager_decode_at_every_batch_bucket_and_recaptures_a
     want = [g.ids for g in eager.generate(prompts[:4], 20, fixed_length=True).sequences]
     assert [g.ids for g in graphs.generate(prompts[:4], 20, fixed_length=True).sequences] == want
     assert {b for b, _ in graphs.graphs} == {4}  # recaptured for the new plan, on demand
+
+
+def test_seeded_experts_on_cuda_pin_only_the_host_tier_and_match_their_stock_model(tmp_path, monkeypatch):
+    from placement.masters import fill_experts
+
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    a = load_model("tiny-random", device="cuda", dtype=torch.float32, seeded_experts=True)
+    b = load_model("tiny-random", device="cuda", dtype=torch.float32, seeded_experts=True)
+    fill_experts([layer.mlp for layer in b.model.model.layers], b.masters, "cuda")
+    tokens = torch.randint(0, 512, (1, 16), device="cuda")
+    with torch.no_grad():
+        reference = b.model(tokens).logits
+    engine = Engine(a.model, fingerprint=a.fingerprint)
+    plan = build_plan(engine.spec, Knobs(quantized=8, bits=4, gpu_experts=6))
+    engine.apply(plan)
+    mem = engine.memory()
+    assert mem["host_pinned_bytes"] == mem["host_bytes"] == plan.host_bytes(engine.spec)
+    assert mem["host_store_bytes"] == mem["host_bytes"]  # no masters, no variants kept beside the host tier
+    engine.apply(build_plan(engine.spec, Knobs(gpu_experts=6)))
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(tokens).logits, reference)
+    assert engine.apply(plan).requantized == 0  # the variants came back from the disk cache
