@@ -150,6 +150,8 @@ class Measured:
     host_bytes: int
     ttft_s: tuple[float | None, float | None] = (None, None)  # p50, p95
     tpot_ms: tuple[float | None, float | None] = (None, None)  # p50, p95
+    # time per output token (ms, p50 and p95) at every batch size measured, batch 1 first
+    curve: tuple[tuple[int, float, float | None], ...] = ()
 
     @classmethod
     def from_record(cls, row: Mapping, speed: str = "decode_tok_s") -> Measured:
@@ -160,13 +162,20 @@ class Measured:
             return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
         ttft = (cell("ttft_s"), cell("ttft_p95_s") if cell("ttft_p95_s") is not None else cell("ttft_s"))
+        b1 = cell("tpot_p50_ms") or (1000 / float(row["decode_tok_s"]) if cell("decode_tok_s") else None)
+        curve = [(1, b1, cell("tpot_p95_ms"))] if b1 else []
+        for column in batch_columns(row.keys()):
+            n = batch_of(column)
+            if column.startswith("seq_tok_s_b") and n > 1 and cell(column):
+                curve.append((n, 1000 / cell(column), cell(f"tpot_p95_ms_b{n}")))
         if speed.startswith("seq_tok_s_b"):
             n = batch_of(speed)
             tpot = (1000 / float(row[speed]), cell(f"tpot_p95_ms_b{n}"))
         else:
             tpot = (cell("tpot_p50_ms"), cell("tpot_p95_ms"))
         return cls(ModelIdentity.from_row(row), knobs_from_row(row), str(row["plan_id"]),
-                   float(row[speed]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]), ttft, tpot)
+                   float(row[speed]), float(row["ppl"]), int(row["gpu_bytes"]), int(row["host_bytes"]), ttft, tpot,
+                   tuple(sorted(curve)))
 
 
 def check_speed(column: str, columns: Iterable[str] | None = None) -> int:

@@ -13,9 +13,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from catalog.feedback import Feedback
 from catalog.policy import Decision, Option, choose
 from catalog.rows import Measured
 from catalog.slo import SLOError, SLOSpec, load_slos
@@ -32,20 +33,35 @@ class World:
     plan_id: str | None  # the plan it serves now
     held_bytes: int  # accelerator bytes it holds
     active: frozenset[str]  # tenants with queued or running requests
+    # the load: sequences each active tenant has running or waiting, and the decoder's slots
+    load: tuple[tuple[str, int], ...] = ()
+    max_seqs: int = 1
+    # measured since the last tick under plan_id: decode steps (batch, seconds), and the median
+    # time to first token of requests answered lately
+    steps: tuple[tuple[int, float], ...] = ()
+    ttft_p50_s: float | None = None
+
+    def occupancy(self, without: frozenset[str] = frozenset()) -> int:
+        """Sequences a decode step will carry: those running or waiting, up to the slots."""
+        return max(1, min(self.max_seqs, sum(n for t, n in self.load if t not in without)))
 
 
 @dataclass(frozen=True)
 class Desired:
-    """The goal state: the plan to serve and why."""
+    """The goal state: the plan to serve, tenants whose new requests wait (admission control), why."""
 
     plan_id: str
     reason: str
     at: float
+    hold: frozenset[str] = frozenset()
 
 
 class Controller:
     def __init__(self, front: list[Measured], slos: str | Path | SLOSpec, *, hysteresis: float = 0.05,
-                 switch_bytes: Callable[[str], int] = lambda plan_id: 0):
+                 switch_bytes: Callable[[str], int] = lambda plan_id: 0, closed_loop: bool = True):
+        """closed_loop: predict plans' latency at the current load and correct the predictions with
+        what is measured (catalog.feedback), and hold back low-priority tenants' new requests when
+        that lets a higher priority meet its SLO; otherwise decide from the profile alone."""
         if not front:
             raise ValueError("the front has no measured plans")
         self.rejections: deque[dict] = deque(maxlen=KEPT)  # the latest; rejected_total counts them all
@@ -57,6 +73,9 @@ class Controller:
         self.base_ppl = min(quality)
         self.hysteresis = hysteresis
         self.switch_bytes = switch_bytes  # plan_id -> bytes a switch to it would move
+        self.closed_loop = closed_loop
+        self.feedback = Feedback(front)
+        self.evidence: str | None = None  # the latest measurement that corrected a prediction
         self.desired: Desired | None = None
         self.last_decision: Decision | None = None
         self.budget_bytes: int | None = None  # at the last tick: what its decision was made on
@@ -119,10 +138,49 @@ class Controller:
         # tenants the SLO file no longer names keep being served, with no SLO to meet
         named = {t.name for t in self.slos.tenants}
         active = frozenset(t for t in world.active if t in named)
-        decision = choose(self.options, self.slos, active, self.budget_bytes, world.plan_id,
-                          base_ppl=self.base_ppl, switch_bytes=self.switch_bytes, hysteresis=self.hysteresis)
+        now = time.time()
+        hold: frozenset[str] = frozenset()
+        if not self.closed_loop:
+            decision = self._choose(self.options, active, world.plan_id)
+        else:
+            if world.plan_id is not None:
+                self.evidence = self.feedback.observe(world.plan_id, list(world.steps), world.ttft_p50_s, now) \
+                    or self.evidence
+            decision = self._choose(self.feedback.options_at(self.options, world.occupancy(), now), active,
+                                    world.plan_id)
+            if not decision.all_met:
+                decision, hold = self._admission(decision, world, active, now)
+            if self.evidence and (decision.switch or hold):
+                decision = replace(decision, reason=f"{decision.reason}; measured: {self.evidence}")
         self.last_decision = decision
         self.ticks += 1
-        if self.desired is None or decision.plan_id != self.desired.plan_id:
-            self.desired = Desired(decision.plan_id, decision.reason, time.time())
+        if self.desired is None or decision.plan_id != self.desired.plan_id or hold != self.desired.hold:
+            self.desired = Desired(decision.plan_id, decision.reason, now, hold)
         return decision
+
+    def _choose(self, options: list[Option], active: frozenset[str], current: str | None) -> Decision:
+        return choose(options, self.slos, active, self.budget_bytes, current, base_ppl=self.base_ppl,
+                      switch_bytes=self.switch_bytes, hysteresis=self.hysteresis)
+
+    def _admission(self, decision: Decision, world: World, active: frozenset[str],
+                   now: float) -> tuple[Decision, frozenset[str]]:
+        """When no plan meets every active SLO at this load: hold back new requests of the lowest
+        priorities, one priority level at a time, while that lets more of the higher priorities
+        meet theirs (their running requests finish; waiting ones are admitted when the hold ends)."""
+        tenants = sorted((self.slos.tenant(n) for n in active), key=lambda t: t.priority)
+        levels = sorted({t.priority for t in tenants})
+        best, hold = decision, frozenset()
+        for level in levels[:-1]:  # never hold the highest priority
+            held = frozenset(t.name for t in tenants if t.priority <= level)
+            kept = active - held
+            trial = self._choose(self.feedback.options_at(self.options, world.occupancy(without=held), now), kept,
+                                 world.plan_id)
+            if sum(s.met for s in trial.tenants) > sum(s.met for s in best.tenants if s.tenant in kept):
+                best, hold = trial, held
+                if trial.all_met:
+                    break
+        if hold:
+            best = replace(best, reason=f"admission control: new requests of {', '.join(sorted(hold))} wait so "
+                                        f"{', '.join(sorted(s.tenant for s in best.tenants if s.met))} meet their "
+                                        f"SLOs; {best.reason}")
+        return best, hold

@@ -1,0 +1,98 @@
+"""The closed loop, without a model: latency predicted at the load from the profile's batched points,
+corrected by measured decode steps and TTFT at the same batch size, decaying back to the profile;
+the controller acting on it (a faster plan, or admission control), saying which measurement did."""
+
+import pytest
+
+from catalog.feedback import HALF_LIFE_S, Curve, Feedback
+from catalog.knobs import Knobs
+from catalog.rows import Measured, ModelIdentity
+from catalog.slo import parse_slos
+from runtime.controller import Controller, World
+
+
+def measured(plan_id, curve, ppl, gpu_bytes=100, ttft=0.05):
+    p50, p95 = curve[0][1], curve[0][2]
+    return Measured(ModelIdentity("m"), Knobs(quantized=0 if ppl == 10 else 8, bits=4, gpu_experts=8), plan_id,
+                    1000 / p50, ppl, gpu_bytes, 0, (ttft, ttft), (p50, p95), tuple(curve))
+
+
+# "slow": best quality, 10 ms per token alone and 40 at 8 sequences; "fast": worse quality, a third quicker
+SLOW = measured("slow", [(1, 10.0, 11.0), (8, 40.0, 44.0)], ppl=10.0)
+FAST = measured("fast", [(1, 6.0, 6.6), (8, 24.0, 26.4)], ppl=10.4)
+
+
+def test_a_curve_interpolates_the_measured_batches_and_extrapolates_the_last_slope():
+    curve = Curve(((1, 5.0, 6.0), (4, 8.0, 10.0), (16, 20.0, None)))
+    assert curve.at(1) == (5.0, 6.0) and curve.at(0.5) == (5.0, 6.0)
+    p50, p95 = curve.at(2.5)
+    assert p50 == pytest.approx(6.5) and p95 == pytest.approx(6.5 * (6 / 5 + 10 / 8) / 2)
+    assert curve.at(10)[0] == pytest.approx(14.0) and curve.at(10)[1] == pytest.approx(14.0 * 10 / 8)
+    assert curve.at(32)[0] == pytest.approx(36.0)  # 1 ms more per sequence, as from 4 to 16
+    assert Curve(((1, 5.0, None),)).at(8) == (5.0, None)
+
+
+def test_rows_carry_their_batched_points():
+    row = {"model": "m", "plan_id": "p", "quantized": 0, "bits": 16, "gpu_experts": 8, "decode_tok_s": 100.0,
+           "tpot_p50_ms": 10.0, "tpot_p95_ms": 12.0, "seq_tok_s_b4": 50.0, "tpot_p95_ms_b4": 25.0,
+           "agg_tok_s_b4": 200.0, "ppl": 5.0, "gpu_bytes": 1, "host_bytes": 0}
+    m = Measured.from_record(row)
+    assert m.curve == ((1, 10.0, 12.0), (4, 20.0, 25.0))
+    assert Measured.from_record(row, "seq_tok_s_b4").curve == m.curve  # whatever the speed column
+
+
+def test_measured_steps_correct_the_plan_served_and_the_correction_decays():
+    fb = Feedback([SLOW, FAST])
+    assert fb.observe("slow", [(8, 0.080)] * 3, None, now=0.0) is None  # too few steps to say anything
+    evidence = fb.observe("slow", [(8, 0.080)] * 10 + [(1, 0.010)] * 10, 0.10, now=0.0)
+    # at batch 8: twice the profile; at batch 1: as profiled; weighted evenly -> sqrt(2)
+    assert "80.0 ms per step at batch 8 vs 40.0 profiled" in evidence and "TTFT p50 0.1 s vs 0.05" in evidence
+    k_tpot, k_ttft = fb.factors("slow", now=0.0)
+    assert k_tpot == pytest.approx(1 + 0.4 * (2 ** 0.5 - 1)) and k_ttft == pytest.approx(1.4)
+    assert fb.factors("slow", now=HALF_LIFE_S)[0] == pytest.approx(1 + 0.4 * (2 ** 0.5 - 1) / 2)
+    assert fb.factors("fast", now=0.0) == (1.0, 1.0)  # never served: the profile's word
+    at8 = fb.option(fb_option(SLOW), batch=8, now=0.0)
+    assert at8.tpot_ms[0] == pytest.approx(40.0 * k_tpot) and at8.decode_tok_s == pytest.approx(1000 / (40 * k_tpot))
+    assert at8.ttft_s[0] == pytest.approx(0.05 * 1.4)
+
+
+def fb_option(m):
+    from catalog.policy import Option
+    return Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes, m.ttft_s, m.tpot_ms)
+
+
+SLOS = parse_slos("""
+tenants:
+  - {name: chat, max_tpot_ms: 30, p: 50, priority: 2}
+  - {name: bulk, priority: 1}
+prefer: quality
+""")
+
+
+def world(plan, load, steps=(), ttft=None):
+    return World(plan, 100, frozenset(t for t, n in load if n), tuple(load), 8, tuple(steps), ttft)
+
+
+def test_closed_loop_switches_when_the_load_breaks_a_latency_slo_and_open_loop_does_not():
+    opened, closed = (Controller([SLOW, FAST], SLOS, closed_loop=flag) for flag in (False, True))
+    quiet = world("slow", [("chat", 1)])
+    assert opened.tick(quiet, 1000).plan_id == closed.tick(quiet, 1000).plan_id == "slow"  # 10 ms: quality wins
+    busy = world("slow", [("chat", 4), ("bulk", 4)], steps=[(8, 0.040)] * 20)  # 40 ms a token at 8
+    assert opened.tick(busy, 1000).plan_id == "slow"  # the batch-1 profile says 10 ms: fine
+    decision = closed.tick(busy, 1000)
+    assert decision.plan_id == "fast" and decision.all_met  # 24 ms at 8 meets 30
+    assert "measured: plan slow: 40.0 ms per step at batch 8 vs 40.0 profiled" in decision.reason
+    assert closed.desired.plan_id == "fast" and not closed.desired.hold
+
+
+def test_a_slower_than_profiled_plan_is_corrected_and_then_admission_control_holds_the_lower_priority():
+    c = Controller([SLOW, FAST], SLOS)
+    # fast measured at twice its profile at batch 8 (48 ms; x1.4 after one tick): no plan meets chat's 30 ms with 8 running
+    decision = c.tick(world("fast", [("chat", 2), ("bulk", 6)], steps=[(8, 0.048)] * 20), 1000)
+    assert c.desired.hold == frozenset({"bulk"})
+    assert decision.reason.startswith("admission control: new requests of bulk wait so chat meet their SLOs")
+    assert "measured: plan fast: 48.0 ms per step at batch 8 vs 24.0 profiled" in decision.reason
+    assert decision.all_met  # with chat's 2 sequences alone
+    # chat leaves: nothing to protect, the hold ends
+    c.tick(world("fast", [("bulk", 6)]), 1000)
+    assert c.desired.hold == frozenset()
