@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
 from catalog.rows import read_front
 from catalog.slo import SLOError, SLOSpec, slos_from_mapping
 from placement.session import identity_for, open_session
-from runtime.controller import Controller, Desired
+from runtime.controller import KEPT, MAX_ERROR, Controller, Desired
 from runtime.executor import Executor
 from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
@@ -69,14 +70,16 @@ class Server:
         self.lock = self.executor.lock  # one lock: a tick never sees a half-applied plan
         self.metrics = metrics
         self.tick_s = tick_s
+        self.reconcile_errors: deque[dict] = deque(maxlen=KEPT)  # plans that failed to apply, the latest
+        self.reconcile_errors_total = 0
         self.set_free_memory(free_bytes)
         if start_plan in self.plans:
             self.executor.want(Desired(start_plan, "restored: the plan served before a restart", time.time()))
-            self._reconcile()
+            self._reconcile()  # (a failure is recorded; the controller's choice comes next)
         elif start_plan is not None:
             log.warning("start_plan %s is not a plan of the front; the controller chooses", start_plan)
-        self.tick()  # choose and apply the first plan before serving
-        self._reconcile()
+        self.tick()  # choose and apply the first plan before serving (a failure here fails the server)
+        self.executor.reconcile(self.controller.budget_bytes)
         self.serve_thread = threading.Thread(target=self.executor.serve_forever, args=(self._reconcile,),
                                              daemon=True, name="serve")
         self.serve_thread.start()
@@ -116,8 +119,19 @@ class Server:
     def _reconcile(self) -> None:
         """Move to the desired plan, recording the budget the decision was made on; run by the serving
         thread between two steps (or when idle), so the engine changes under no running step; no memory
-        reading on this per-step path."""
-        self.executor.reconcile(self.controller.budget_bytes)
+        reading on this per-step path. A plan that fails to apply is recorded (status:
+        reconcile_errors) and the server serves on with the plan it holds until the next tick asks
+        again: a failing switch neither fails every step nor keeps waiting requests from a slot."""
+        try:
+            self.executor.reconcile(self.controller.budget_bytes)
+        except Exception as err:
+            desired = self.executor.desired
+            log.exception("applying plan %s failed; serving on with the plan held", desired and desired.plan_id)
+            with self.lock:
+                self.reconcile_errors.append({"at": time.time(), "plan_id": desired and desired.plan_id,
+                                              "error": f"{type(err).__name__}: {err}"[:MAX_ERROR]})
+                self.reconcile_errors_total += 1
+                self.executor.want(None)  # settled until the next tick hands the desired plan again
 
     def _control(self) -> None:
         while self.executor.serving:
@@ -247,6 +261,7 @@ class Server:
                 "history": list(self.history), "reconfigurations": self.executor.reconfigurations,
                 "slo_source": str(c.slo_path) if c.slo_path else "user_config",
                 "slo_rejections": list(c.rejections), "slo_rejections_total": c.rejected_total,
+                "reconcile_errors": list(self.reconcile_errors), "reconcile_errors_total": self.reconcile_errors_total,
                 "memory": self.engine.memory() | {"kv_cache_bytes": self.executor.decoder.cache.nbytes()},
             }
 
