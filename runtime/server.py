@@ -53,10 +53,12 @@ class Server:
                  layers: int | None = None, dtype: str | None = None, device: str | None = None,
                  tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
                  hysteresis: float = 0.05, limits: Limits = Limits(), speed: str = "decode_tok_s",
-                 metrics=None, start_plan: str | None = None):
+                 metrics=None, start_plan: str | None = None, closed_loop: bool = True):
         """slos: a file, SLOs, or a live configuration (see slos_of); metrics: a runtime.metrics.Metrics
         to feed (None: none); start_plan: a plan_id to serve first (a restarted replica's plan), which
-        the controller then keeps unless it decides otherwise (an unknown one is ignored)."""
+        the controller then keeps unless it decides otherwise (an unknown one is ignored); closed_loop:
+        correct the profile with what is measured (else decide from the profile alone, see
+        runtime.controller)."""
         if isinstance(slos, dict):
             slos = slos_of(slos)
         rows = read_front(front, speed=speed)  # speed: the column SLO floors are checked against
@@ -64,7 +66,8 @@ class Server:
         self.session = open_session(identity, device, data=data)
         self.engine = self.session.engine
         self.plans = {m.plan_id: self.session.planner.rebuild(m.knobs, m.plan_id) for m in rows}
-        self.controller = Controller(rows, slos, hysteresis=hysteresis, switch_bytes=self._switch_bytes)
+        self.controller = Controller(rows, slos, hysteresis=hysteresis, switch_bytes=self._switch_bytes,
+                                     closed_loop=closed_loop)
         self.executor = Executor(self.session, self.plans, check_tenant=lambda name: self.slos.tenant(name),
                                  limits=limits, priority=self._priority)
         self.lock = self.executor.lock  # one lock: a tick never sees a half-applied plan
