@@ -144,6 +144,16 @@ def _awaitable(req) -> asyncio.Future:
     return fut
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (ASGI's http.disconnect, once the body is read); never
+    where the server cannot tell."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # (a receive channel that fails tells nothing about the client)
+        await asyncio.Event().wait()
+
+
 def _pieces(server, req) -> asyncio.Queue:
     """The request's text pieces pushed into an asyncio queue by a thread of its own (the server's
     stream blocks), then None, or the error that ended it."""
@@ -243,11 +253,17 @@ def make_app(get_server: Callable, *, model_name: Callable[[], str] | str,
                 "model": name()}
         if body.stream:
             return StreamingResponse(stream(srv, req, head, chat, body), media_type="text/event-stream")
+        done, gone = _awaitable(req), asyncio.ensure_future(_disconnected(request))
         try:
-            await _awaitable(req)
-        except asyncio.CancelledError:  # the client left: stop generating for it
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client left (Serve's proxy cancels): stop generating for it
             req.cancel()
             raise
+        finally:
+            gone.cancel()
+        if not done.done():  # the client left (a plain ASGI server says so): stop generating for it
+            req.cancel()
+            raise APIError(499, "the client closed the connection; the request was cancelled", kind="cancelled")
         if (err := req.exception(0)) is not None:
             raise APIError(500, f"the request failed: {err}", kind="server_error")
         result = req.result(0)
