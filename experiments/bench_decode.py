@@ -136,16 +136,18 @@ def bench_layers(layers: int, args) -> list[dict]:
 
     print(f"{layers} layers of mixtral-8x7b-shape, bf16, {args.prompt_tokens}-token prompt", flush=True)
     blocks = [block for _, block in _moe_blocks(model)]
-    with PeakHostMemory() as peak:
-        fill_experts(blocks, loaded.masters, device)  # the stock model, every weight on the GPU
-        torch.cuda.reset_peak_memory_stats()
-        g = timed_generate(model, prompt, args.new_tokens, fixed_length=True)
-    row("transformers, bf16, all on GPU", g.decode_tok_s, torch.cuda.memory_allocated(), args.new_tokens,
-        host_peak_gb=peak.peak / 1e9)
-    host_copy = copy.deepcopy(model).to("cpu") if args.accelerate else None
-    drop_experts(blocks)
-    gc.collect()
-    torch.cuda.empty_cache()
+    host_copy = None
+    if not args.only or any("transformers" in o for o in args.only) or args.accelerate:
+        with PeakHostMemory() as peak:
+            fill_experts(blocks, loaded.masters, device)  # the stock model, every weight on the GPU
+            torch.cuda.reset_peak_memory_stats()
+            g = timed_generate(model, prompt, args.new_tokens, fixed_length=True)
+        row("transformers, bf16, all on GPU", g.decode_tok_s, torch.cuda.memory_allocated(), args.new_tokens,
+            host_peak_gb=peak.peak / 1e9)
+        host_copy = copy.deepcopy(model).to("cpu") if args.accelerate else None
+        drop_experts(blocks)
+        gc.collect()
+        torch.cuda.empty_cache()
 
     with PeakHostMemory() as peak:
         t = time.perf_counter()
@@ -265,16 +267,20 @@ def main() -> None:
     p.add_argument("--no-accelerate", dest="accelerate", action="store_false")
     p.add_argument("--pcie-gbps", type=float, default=54.6, help="measured pinned host-to-GPU bandwidth")
     p.add_argument("--host-budget", type=parse_bytes, help="the engine's host budget, e.g. 100GiB (default: none)")
-    p.add_argument("--only", action="append", help="run only moe-qos rows whose name contains this (repeatable)")
+    p.add_argument("--only", action="append",
+                   help="run only the rows whose name contains this (repeatable; 'transformers' for the all-GPU "
+                        "baseline): split a 32-layer run over several commands; rows of --out not run now are kept")
     p.add_argument("--out", type=Path, required=True, help="CSV; rows of other layer counts in it are kept")
     args = p.parse_args()
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU")
 
     rows = pd.DataFrame(bench_layers(args.layers, args))
-    if args.out.exists():  # keep other layer counts, for the extrapolation
+    if args.out.exists():  # keep other layer counts (for the extrapolation) and rows not measured now (--only)
         old = pd.read_csv(args.out)
-        rows = pd.concat([old[old["layers"] != args.layers], rows], ignore_index=True)
+        measured = set(zip(rows["layers"], rows["system"]))
+        keep = [(l, sys_) not in measured for l, sys_ in zip(old["layers"], old["system"])]
+        rows = pd.concat([old[keep], rows], ignore_index=True)
     rows, extrapolated = summarize(rows)
     rows.to_csv(args.out, index=False)
     cols = ["layers", "system", "decode_tok_s", "gpu_gb", "host_peak_gb", "pinned_gb", "host_gb", "host_target_gb",
