@@ -8,7 +8,9 @@ served.
   runs as one CUDA graph replay per (B, L) bucket when the engine's plan is capturable (every expert
   in the fused kernels, no host sync); eagerly otherwise. Graphs are captured on first use (or all at
   once, `capture_all`) and again after a reconfiguration changes the engine's kernel layout.
-- Prefill writes one sequence's prompt (or a chunk of it) into its slot, eagerly.
+- Prefill writes one sequence's prompt (or a chunk of it) into its slot, eagerly; `prefill_many`
+  packs chunks of several sequences into one forward (one row of tokens, each attending only to its
+  own slot's positions), so a burst of prompts reads the experts once per forward, not per prompt.
 - Greedy or sampled decoding per sequence (`Sampling`: temperature, top-p, seed, stop tokens).
 
 Free slots in a decode batch compute garbage at the scratch position (the cache's last position,
@@ -20,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -84,6 +86,13 @@ class SlotCache:
         """Next forward: one sequence's tokens at positions start, start + 1, ... of `slot`."""
         self._target = ("prefill", slot, start, kv_len)
 
+    def for_packed(self, rows: torch.Tensor, pos: torch.Tensor, read_rows: torch.Tensor,
+                   read_pos: torch.Tensor) -> None:
+        """Next forward: one packed row of several sequences' tokens; token j is slot rows[j] at
+        position pos[j] ([N], on the device); attention reads slot read_rows[c] at position
+        read_pos[c] for every column c ([K]: each sequence's positions, one sequence after another)."""
+        self._target = ("packed", rows, pos, read_rows, read_pos)
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states [B, kv_heads, T, head_dim]
         if layer_idx not in self.k:
@@ -98,6 +107,12 @@ class SlotCache:
             v[rows, :, pos] = value_states[:, :, 0]
             B = rows.shape[0]
             return k[:B, :, :kv_len], v[:B, :, :kv_len]
+        if self._target[0] == "packed":
+            _, rows, pos, read_rows, read_pos = self._target
+            k[rows, :, pos] = key_states[0].transpose(0, 1)  # [N, heads, dim]
+            v[rows, :, pos] = value_states[0].transpose(0, 1)
+            # [K, heads, dim] -> [1, heads, K, dim]: every packed sequence's positions, side by side
+            return k[read_rows, :, read_pos].transpose(0, 1)[None], v[read_rows, :, read_pos].transpose(0, 1)[None]
         _, slot, start, kv_len = self._target
         T = key_states.shape[2]
         k[slot, :, start:start + T] = key_states[0]
@@ -186,6 +201,7 @@ class Decoder:
         self.pool = None
         self.reason: str | None = None  # why steps run eagerly, when they do
         self.mask_min = torch.finfo(engine.dtype).min
+        self.quantized_prefill_rows = KERNEL_MAX_TOKENS  # see prefill_chunk
         # transformers renamed the model's cache argument (past_key_values -> cache) in 5.2x
         params = inspect.signature(model.model.forward).parameters if hasattr(model, "model") else {}
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -207,29 +223,71 @@ class Decoder:
     def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
         """Write the keys and values of `ids` at positions start, start + 1, ... of `slot`; the
         logits after the last of them ([V], fp32)."""
-        end = start + len(ids)
-        if not ids or end > self.scratch:
-            raise ValueError(f"positions {start}..{end - 1} do not fit the cache ({self.scratch} positions)")
-        kv_len = _bucket(end, self.MIN_KV, self.max_len)
-        x = torch.tensor([ids], device=self.device)  # [1, T]
-        positions = torch.arange(start, end, device=self.device)
-        allowed = self.kv_range[None, :kv_len] <= positions[:, None]  # [T, L]
-        self.cache.for_prefill(slot, start, kv_len)
+        return self.prefill_many([(slot, ids, start)])[0]
+
+    def prefill_many(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """prefill() of several sequences in one forward: chunks are (slot, ids, start), one per
+        slot; the logits after each chunk's last token ([len(chunks), V], fp32). The chunks are
+        packed into one row of tokens (no padding: the experts see only real tokens), each attending
+        to its own slot's positions up to its own length bucket. Callers keep the rows of a forward
+        within prefill_chunk (the fused kernels' limit for quantized experts)."""
+        if not chunks:
+            raise ValueError("prefill_many needs at least one chunk")
+        if len({slot for slot, _, _ in chunks}) != len(chunks):
+            raise ValueError(f"a slot appears twice among {[slot for slot, _, _ in chunks]}")
+        for slot, ids, start in chunks:
+            end = start + len(ids)
+            if not ids or start < 0 or end > self.scratch:
+                raise ValueError(f"positions {start}..{end - 1} do not fit the cache ({self.scratch} positions)")
+            if not 0 <= slot < self.max_seqs:
+                raise ValueError(f"slot {slot} is not one of the {self.max_seqs} slots")
+        dev = self.device
+        if len(chunks) == 1:  # one sequence: its slot's cache as is
+            slot, ids, start = chunks[0]
+            end = start + len(ids)
+            kv_len = _bucket(end, self.MIN_KV, self.max_len)
+            x = torch.tensor([ids], device=dev)  # [1, T]
+            positions = torch.arange(start, end, device=dev)
+            allowed = self.kv_range[None, :kv_len] <= positions[:, None]  # [T, L]
+            self.cache.for_prefill(slot, start, kv_len)
+            with torch.no_grad():
+                logits = self._forward(x, positions[None], allowed[None, None])  # [1, 1, V]: the last position
+            return logits[0, -1:].float()
+        S = len(chunks)
+        lengths = [len(ids) for _, ids, _ in chunks]
+        spans = [_bucket(start + n, self.MIN_KV, self.max_len) for (_, _, start), n in zip(chunks, lengths)]
+        N, K = sum(lengths), sum(spans)
+        # one host-to-device copy: the tokens, then per chunk its slot, start, length and span
+        flat = [t for _, ids, _ in chunks for t in ids]
+        info = torch.tensor(flat + [slot for slot, _, _ in chunks] + [start for _, _, start in chunks]
+                            + lengths + spans, device=dev)
+        x, slots, starts, lens, span = info[:N], *info[N:].view(4, S)
+        seq = torch.arange(S, device=dev)
+        tok_seq = seq.repeat_interleave(lens, output_size=N)  # [N]: the chunk of each token
+        first_tok = lens.cumsum(0) - lens
+        pos = starts[tok_seq] + torch.arange(N, device=dev) - first_tok[tok_seq]  # [N]
+        col_seq = seq.repeat_interleave(span, output_size=K)  # [K]: the chunk of each attended column
+        col_pos = torch.arange(K, device=dev) - (span.cumsum(0) - span)[col_seq]  # [K]
+        allowed = (tok_seq[:, None] == col_seq[None, :]) & (col_pos[None, :] <= pos[:, None])  # [N, K]
+        self.cache.for_packed(slots[tok_seq], pos, slots[col_seq], col_pos)
+        last = first_tok + lens - 1  # each chunk's last token
         with torch.no_grad():
-            logits = self._forward(x, positions[None], allowed[None, None])  # [1, 1, V]: the last position
-        return logits[0, -1].float()
+            logits = self._forward(x[None], pos[None], allowed[None, None], keep=last)  # [1, S, V]
+        return logits[0].float()
 
     @property
     def prefill_chunk(self) -> int:
-        """Prompt tokens per prefill forward. Quantized experts on the accelerator run in the fused
-        kernels only up to the engine's kernel limit (beyond it they are dequantized whole, several
-        times slower), so their prompts are prefilled in chunks of that size; 16-bit experts are
-        fastest as whole matrix products."""
+        """Prompt tokens per prefill forward (all sequences packed in it together). Quantized
+        experts on the accelerator run in the fused kernels only up to the engine's kernel limit
+        (beyond it they are dequantized whole, several times slower for one prompt), so their
+        prompts are prefilled in chunks of that size (`quantized_prefill_rows`, which a benchmark
+        may raise); 16-bit experts are fastest as whole matrix products: no limit (every slot's
+        whole context), a scheduler's token budget bounds those forwards."""
         plan = self.engine.plan
         if plan is not None and self.engine.use_kernels and any(
                 s.bits < 16 and s.tier == "accel" for row in plan.states for s in row):
-            return KERNEL_MAX_TOKENS
-        return self.max_len
+            return self.quantized_prefill_rows
+        return self.max_len * self.max_seqs
 
     def prefill_all(self, slot: int, ids: list[int]) -> torch.Tensor:
         """prefill() of a whole prompt, in chunks of prefill_chunk; the logits after its last token."""
@@ -257,6 +315,17 @@ class Decoder:
         self.next_pos[slot] = self.scratch
 
     # --- sampling -----------------------------------------------------------------------------
+    def sample_many(self, slots: list[int], logits: torch.Tensor) -> list[int]:
+        """The next token of each open slot in `slots` from its row of logits [len(slots), V], with
+        one host sync for all."""
+        if not slots:
+            return []
+        nxt = logits.argmax(-1)
+        for i, s in enumerate(slots):
+            if not self.sampling[s][0].greedy:
+                nxt[i] = self.sample(s, logits[i])
+        return nxt.tolist()
+
     def sample(self, slot: int, logits: torch.Tensor) -> torch.Tensor:
         """The next token of open slot `slot` from its logits [V] (a 0-d tensor on the device)."""
         s, gen = self.sampling[slot]
@@ -270,12 +339,12 @@ class Decoder:
         return torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[0]
 
     # --- steps --------------------------------------------------------------------------------
-    def _forward(self, input_ids, position_ids, allowed):
+    def _forward(self, input_ids, position_ids, allowed, keep: int | torch.Tensor = 1):
         """The model on input_ids [B, T] at position_ids [B, T] attending where allowed [B, 1, T, L];
-        logits of the last position [B, 1, V]."""
+        logits of the last position [B, 1, V] (or of the positions `keep`, a 1-d index tensor)."""
         mask = torch.where(allowed, 0.0, self.mask_min).to(self.engine.dtype)  # additive: eager and sdpa
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                         cache_position=position_ids[0], use_cache=True, logits_to_keep=1,
+                         cache_position=position_ids[0], use_cache=True, logits_to_keep=keep,
                          **{self._cache_arg: self.cache})
         return out.logits
 
@@ -343,6 +412,25 @@ class Decoder:
             if self._graph_for(b, n) is None:
                 return 0
         return len(self.graphs) - before
+
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Before serving (needs the decoder idle): run a prefill of every size up to the fused
+        kernels' limit that picks its own kernel configuration, so no prompt chunk a scheduler cuts
+        to such a size waits for Triton to compile (seconds, once per process), then capture every
+        decode graph (capture_all). What it routes is not counted. The number of graphs captured."""
+        if self.sampling:
+            raise RuntimeError("the decoder is serving sequences; warm_up() needs it idle")
+        eng = self.engine
+        if self.device.type == "cuda" and eng.use_kernels and eng.plan is not None:
+            routed, stats = eng.routed.clone(), replace(eng.stats)
+            for n in sorted({*range(1, 17), 24, 32, 48, KERNEL_MAX_TOKENS}):
+                if n <= min(KERNEL_MAX_TOKENS, self.scratch):
+                    self.prefill(0, [0] * n)  # slot 0 is free: its next occupant overwrites this
+            self._sync()
+            eng.routed.copy_(routed)
+            eng.stats = stats
+        return self.capture_all()
 
     def _ensure_logits(self) -> None:
         if self.logits is None:

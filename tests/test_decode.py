@@ -1,6 +1,6 @@
 """Decode paths: the batched slot decoder against transformers (every family, tier and precision),
-sequences joining and leaving, sampling, speculative prefetch, and the fused-kernel path of the
-engine (run on the CPU through Triton's interpreter)."""
+sequences joining and leaving, several slots prefilled in one forward, sampling, speculative
+prefetch, and the fused-kernel path of the engine (run on the CPU through Triton's interpreter)."""
 
 import pytest
 import torch
@@ -203,3 +203,69 @@ def test_mixed_tiers_use_kernels_for_accelerator_experts_and_the_loop_for_host_o
     assert run.sequences[0].ids == expected
     assert run.stats["kernel_layers"] == 5 * engine.spec.num_layers
     assert run.stats["fetch_hits"] + run.stats["fetch_misses"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_of_several_slots_in_one_forward_equals_prefilling_each_alone(fresh, family):
+    """prefill_many packs chunks of several sequences (any slots, any starts) into one forward:
+    the same logits, the same cache and the same greedy tokens as prefilling each by itself."""
+    model, _ = fresh(family)
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    alone, packed = (Decoder(model, engine, max_seqs=4, max_len=96) for _ in range(2))
+    slots = [3, 0, 2, 1]  # packed in another order than the slots
+    expected = torch.stack([alone.prefill(i, p) for i, p in enumerate(PROMPTS)])
+    cut = [len(p) // 2 for p in PROMPTS]  # halves: the second chunks start mid-prompt (one starts at 0)
+    first = packed.prefill_many([(s, p[:c], 0) for s, p, c in zip(slots, PROMPTS, cut) if c])
+    assert first.shape == (3, expected.shape[1])
+    rest = packed.prefill_many([(s, p[c:], c) for s, p, c in zip(slots, PROMPTS, cut)])
+    torch.testing.assert_close(rest, expected, rtol=1e-4, atol=1e-5)
+    for layer in alone.cache.k:
+        for i, (s, p) in enumerate(zip(slots, PROMPTS)):
+            torch.testing.assert_close(packed.cache.k[layer][s, :, :len(p)], alone.cache.k[layer][i, :, :len(p)])
+            torch.testing.assert_close(packed.cache.v[layer][s, :, :len(p)], alone.cache.v[layer][i, :, :len(p)])
+    # decoding on from the packed prefill: the tokens of each sequence alone
+    got = {}
+    for s, p, logits in zip(slots, PROMPTS, rest):
+        packed.open(s)
+        got[s] = [int(packed.sample(s, logits))]
+        packed.feed(s, got[s][0], len(p))
+    for _ in range(7):
+        for s, tok in packed.step().items():
+            got[s].append(tok)
+    assert [got[s] for s in slots] == [hf_greedy(model, p, 8) for p in PROMPTS]
+    for bad, match in [([(0, [1], 0), (0, [2], 1)], "appears twice"), ([(0, [], 0), (1, [2], 0)], "do not fit"),
+                       ([(0, [1] * 96, 0), (1, [2], 0)], "do not fit"), ([], "at least one")]:
+        with pytest.raises(ValueError, match=match):
+            packed.prefill_many(bad)
+
+
+def test_first_tokens_of_several_slots_are_sampled_with_one_sync_as_each_alone(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    logits = torch.randn(3, 512, generator=torch.Generator().manual_seed(0))
+    kinds = [Sampling(), Sampling(temperature=1.5, seed=3), Sampling(temperature=0.8, top_p=0.9, seed=4)]
+    together, alone = (Decoder(model, engine, max_seqs=3, max_len=32) for _ in range(2))
+    for dec in (together, alone):
+        for s, kind in enumerate(kinds):
+            dec.open(s, kind)
+    assert together.sample_many([0, 1, 2], logits) == [int(alone.sample(s, logits[s])) for s in range(3)]
+    assert together.sample_many([], logits[:0]) == []
+    assert together.sample_many([0], logits[:1]) == [int(logits[0].argmax())]
+
+
+def test_quantized_prefill_forwards_stay_within_the_fused_kernels_limit(fresh):
+    from placement.engine import KERNEL_MAX_TOKENS
+
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=False)
+    decoder = Decoder(model, engine, max_seqs=4, max_len=64)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    assert decoder.prefill_chunk == 64 * 4  # 16-bit: any forward the scheduler's budget allows
+    engine.apply(build_plan(engine.spec, Knobs(quantized=16, bits=4)))
+    assert decoder.prefill_chunk == 64 * 4  # quantized, but no fused kernels: dequantized whole anyway
+    engine.kernel_tables.enabled = True  # (as on a GPU; nothing runs here)
+    assert decoder.prefill_chunk == KERNEL_MAX_TOKENS
+    decoder.quantized_prefill_rows = 512
+    assert decoder.prefill_chunk == 512
