@@ -3,9 +3,10 @@ continuous batching, and applies the desired plan between two decode steps (or w
 
 One thread (`serve_forever`) runs the loop: reconcile the plan, admit waiting requests into free
 decoder slots (tenants by priority with weighted fairness, FIFO within a tenant), prefill them in
-chunks within a per-step token budget, then one decode step for every running sequence. Requests
-join and leave between steps; a reconfiguration only swaps experts, whose state the KV cache does
-not depend on, so running sequences carry on under the new plan.
+chunks within a per-step token budget (the chunks of several prompts packed into one forward), then
+one decode step for every running sequence. Requests join and leave between steps; a
+reconfiguration only swaps experts, whose state the KV cache does not depend on, so running
+sequences carry on under the new plan.
 
 A request accepted is always answered: with its tokens, with its error, or, once cancelled or when
 the server stops, with what it had. Limits are checked at submit with errors that name them.
@@ -19,6 +20,8 @@ import threading
 import time
 from collections import deque
 
+import torch
+
 from placement.decode import Decoder, Sampling, eos_ids
 from placement.plan import Plan
 from placement.session import Session
@@ -28,6 +31,52 @@ from runtime.window import Window
 
 log = logging.getLogger(__name__)
 HISTORY = 500  # reconfigurations kept for status (all are counted)
+
+
+class IncrementalText:
+    """A token sequence's text as it grows, decoding only the tokens since the last whole character
+    each time (what a token adds is the text of the tokens from an earlier offset on, less the text
+    of those before it: tokenizers that drop a leading space or merge bytes agree with a whole
+    decode), so the work per token does not grow with the text."""
+
+    def __init__(self, tokenizer, patience: int | None = None):
+        self.tokenizer = tokenizer
+        self.patience = patience  # tokens without a whole new character before moving on anyway
+        self.prefix = self.read = 0  # tokens [prefix, read) decode to the end of the text so far
+
+    def add(self, tokens: list[int]) -> str:
+        """The text that `tokens` (the whole sequence so far) adds since the last call: whole
+        characters only, "" while a character is incomplete (partial UTF-8, skipped ids), unless
+        that has lasted `patience` tokens."""
+        decode = self.tokenizer.decode
+        before = decode(tokens[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = decode(tokens[self.prefix:])
+        if (len(text) <= len(before) or text.endswith("\ufffd")) and (
+                self.patience is None or len(tokens) - self.prefix < self.patience):
+            return ""
+        self.prefix, self.read = self.read, len(tokens)
+        return text[len(before):]
+
+
+class StopText:
+    """Finds stop strings in a request's text as its tokens come, incrementally: a stop string of
+    any length is found, and the work per token does not grow with the text."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.text = IncrementalText(tokenizer, patience=16)
+        self.stops = stops
+        self.keep = max(map(len, stops)) - 1  # characters a stop string can reach back from new text
+        self.tail = ""  # the last `keep` characters checked
+
+    def hit(self, tokens: list[int]) -> bool:
+        """Whether the text of `tokens` (all of the request's, one more than the last call) now
+        holds a stop string."""
+        new = self.text.add(tokens)
+        if not new:
+            return False
+        window = self.tail + new
+        self.tail = window[-self.keep:] if self.keep else ""
+        return any(s in window for s in self.stops)
 
 
 class Request:
@@ -51,6 +100,7 @@ class Request:
         self._result: dict | None = None
         self._error: BaseException | None = None
         self._callbacks: list = []
+        self._stop_text: StopText | None = None  # made by the executor at the first token, with stop strings
 
     # --- the client's side ----------------------------------------------------------------------
     def result(self, timeout: float | None = None) -> dict:
@@ -135,6 +185,11 @@ class Executor:
         self.steps = 0
         self._ids = 0
         self._tok_lock = threading.Lock()  # the tokenizer is called from client threads
+        self._plan_memo: tuple = (None, None)  # (plan, its plan_id): a plan_id hashes the whole plan
+        self._noted_plan = None  # the plan _note_plan last saw
+        # where the serving loop's time goes (busy iterations only; see loop_counters)
+        self.counters = {"iterations": 0, "busy_s": 0.0, "prefill_forwards": 0, "prefill_tokens": 0,
+                         "prefill_s": 0.0, "decode_steps": 0, "decode_tokens": 0, "decode_s": 0.0}
 
     # --- state the controller reads -------------------------------------------------------------
     def held_bytes(self) -> int:
@@ -142,8 +197,24 @@ class Executor:
 
     def world(self) -> World:
         with self.lock:
-            plan = self.engine.plan
-            return World(plan.plan_id if plan else None, self.held_bytes(), frozenset(self.active_tenants()))
+            return World(self._plan_id(self.engine.plan), self.held_bytes(), frozenset(self.active_tenants()))
+
+    def _plan_id(self, plan: Plan | None) -> str | None:
+        """plan.plan_id, hashed once per plan served (plans are immutable; the hash is not cheap)."""
+        if plan is None:
+            return None
+        if self._plan_memo[0] is not plan:
+            self._plan_memo = (plan, plan.plan_id)
+        return self._plan_memo[1]
+
+    def loop_counters(self) -> dict:
+        """Where the serving loop's busy time went, since it started: prefill forwards (with the
+        first tokens' sampling), decode steps (the forward and its sampling) and the rest, host
+        work (scheduling, bookkeeping, answering requests, reconciling)."""
+        with self.lock:
+            c = dict(self.counters)
+        c["host_s"] = c["busy_s"] - c["prefill_s"] - c["decode_s"]
+        return c
 
     def active_tenants(self) -> set[str]:
         with self.lock:
@@ -152,13 +223,15 @@ class Executor:
     def delivered(self, kind: str, name: str) -> dict:
         """What requests of a tenant (kind "tenant") or served by a plan ("plan") got lately:
         TTFT, time per output token and decode speed percentiles, tokens delivered per second."""
-        with self.lock:
+        with self.lock:  # (a copy: the summary's sorting is done without holding up the serving loop)
             window = self.windows.get((kind, name))
-            return window.summary() if window else {"requests": 0}
+            window = window.copy() if window else None
+        return window.summary() if window else {"requests": 0}
 
     def delivered_by_plan(self) -> dict[str, dict]:
         with self.lock:
-            return {name: w.summary() for (kind, name), w in self.windows.items() if kind == "plan"}
+            windows = {name: w.copy() for (kind, name), w in self.windows.items() if kind == "plan"}
+        return {name: w.summary() for name, w in windows.items()}
 
     def measured_tok_s(self, tenant: str) -> float | None:
         """Median decode speed of the tenant's recent requests."""
@@ -185,8 +258,7 @@ class Executor:
 
     def settled(self) -> bool:
         with self.lock:
-            plan = self.engine.plan
-            return self.desired is None or (plan is not None and plan.plan_id == self.desired.plan_id)
+            return self.desired is None or self._plan_id(self.engine.plan) == self.desired.plan_id
 
     def reconcile(self, budget_bytes: int | None = None) -> None:
         """Apply the desired plan if it is not the one served (between two decode steps)."""
@@ -194,7 +266,7 @@ class Executor:
             if self.settled():
                 return
             desired = self.desired
-            before = self.engine.plan.plan_id if self.engine.plan is not None else None
+            before = self._plan_id(self.engine.plan)
             report = self.engine.apply(self.plans[desired.plan_id])
             self.reconfigurations += 1
             self.history.append({"at": time.time(), "from": before, "to": desired.plan_id, "reason": desired.reason,
@@ -253,16 +325,18 @@ class Executor:
     # --- the loop ------------------------------------------------------------------------------
     def serve_forever(self, between_steps) -> None:
         """Serve until stopped; `between_steps()` runs before every step (where the plan may change).
-        The first plan's decode graphs are captured before the first request is served."""
+        Before the first request is served, the first plan's kernels are compiled at every prefill
+        size and its decode graphs captured (Decoder.warm_up)."""
         try:
             between_steps()
             t = time.perf_counter()
-            if n := self.decoder.capture_all():
+            if n := self.decoder.warm_up():
                 log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t)
-        except Exception:  # serving eagerly (or capturing lazily) still works
-            log.exception("capturing decode graphs failed")
+        except Exception:  # serving eagerly (or compiling and capturing lazily) still works
+            log.exception("warming up (compiling kernels, capturing decode graphs) failed")
         while self.serving:
             try:
+                start = time.perf_counter()
                 between_steps()
                 with self.lock:
                     self._note_plan()
@@ -274,6 +348,9 @@ class Executor:
                         continue
                 self._prefill_chunks()
                 self._decode_step()
+                with self.lock:
+                    self.counters["iterations"] += 1
+                    self.counters["busy_s"] += time.perf_counter() - start
             except Exception as err:  # answer what was running with the error; keep serving
                 log.exception("serving step failed")
                 with self.lock:
@@ -282,11 +359,16 @@ class Executor:
         self._answer_all("the server stopped")
 
     def _note_plan(self) -> None:
+        """Running requests record a plan they are served by when it changes (admission records
+        the plan of the moment)."""
         plan = self.engine.plan
-        if plan is not None:
-            for r in self.running.values():
-                if not r.plan_ids or r.plan_ids[-1] != plan.plan_id:
-                    r.plan_ids.append(plan.plan_id)
+        if plan is None or plan is self._noted_plan:
+            return
+        self._noted_plan = plan
+        plan_id = self._plan_id(plan)
+        for r in self.running.values():
+            if not r.plan_ids or r.plan_ids[-1] != plan_id:
+                r.plan_ids.append(plan_id)
 
     def _pick_tenant(self) -> str | None:
         """The waiting tenant furthest behind its fair share (tokens admitted over its weight,
@@ -312,44 +394,138 @@ class Executor:
             req.slot = slot
             self.running[slot] = req
             if self.engine.plan is not None:
-                req.plan_ids.append(self.engine.plan.plan_id)
+                req.plan_ids.append(self._plan_id(self.engine.plan))
 
     def _prefill_chunks(self) -> None:
         """Prefill waiting prompts, oldest first, within this step's token budget (what the decode
-        step leaves of max_batched_tokens): a long prompt is prefilled over several steps."""
+        step leaves of max_batched_tokens): a long prompt is prefilled over several steps. The
+        chunks are packed into forwards of up to prefill_chunk rows, several prompts each, since a
+        forward reads every expert once however many prompts it carries; requests that arrive
+        meanwhile are admitted and prefilled while budget is left, so a burst gets its first
+        tokens before the next decode step."""
         with self.lock:
-            prefilling = sorted((r for r in self.running.values() if r.first_token_at is None), key=lambda r: r.id)
             budget = self.limits.max_batched_tokens - len(self.decoder.decoding)
-        chunk = self.decoder.prefill_chunk
-        for req in prefilling:
-            try:
-                while budget > 0 and req.prefilled < len(req.prompt_ids):
-                    n = min(budget, chunk, len(req.prompt_ids) - req.prefilled)
-                    logits = self.decoder.prefill(req.slot, req.prompt_ids[req.prefilled:req.prefilled + n],
-                                                  req.prefilled)
-                    req.prefilled += n
-                    budget -= n
-                if req.prefilled == len(req.prompt_ids):
-                    first = int(self.decoder.sample(req.slot, logits))
-                    req.first_token_at = time.time()
-                    with self.lock:
-                        if not self._take(req, first):
-                            self.decoder.feed(req.slot, first, len(req.prompt_ids))
-            except Exception as err:  # this request fails alone
+        rows = self.decoder.prefill_chunk
+        while budget > 0:
+            with self.lock:
+                self._admit()
+                prefilling = sorted((r for r in self.running.values()
+                                     if r.first_token_at is None and r.prefilled < len(r.prompt_ids)),
+                                    key=lambda r: r.id)
+            chunks = []  # (request, start, end): this round's share of the budget, oldest first
+            for req in prefilling:
+                if budget <= 0:
+                    break
+                n = min(budget, len(req.prompt_ids) - req.prefilled)
+                chunks.append((req, req.prefilled, req.prefilled + n))
+                budget -= n
+            if not chunks:
+                return
+            pack, room = [], rows  # a chunk that overflows a forward goes on in the next one
+            for req, start, end in chunks:
+                while start < end:
+                    n = min(room, end - start)
+                    pack.append((req, start, start + n))
+                    start, room = start + n, room - n
+                    if room == 0:
+                        self._prefill_pack(pack)
+                        pack, room = [], rows
+            if pack:
+                self._prefill_pack(pack)
+
+    def _prefill_pack(self, pack: list[tuple[Request, int, int]]) -> None:
+        """One prefill forward of the chunks (request, start, end) of `pack`; the requests whose
+        prompts it completes get their first tokens (one host sync for all of them). When a packed
+        forward fails, its chunks are prefilled one by one, so a request fails alone."""
+        dec = self.decoder
+        t = time.perf_counter()
+        with self.lock:  # (a request that failed in an earlier forward of this step is gone)
+            pack = [c for c in pack if self.running.get(c[0].slot) is c[0]]
+        if not pack:
+            return
+
+        def forward(items):
+            return dec.prefill_many([(r.slot, r.prompt_ids[a:b], a) for r, a, b in items])
+
+        try:
+            done = list(zip(pack, forward(pack)))
+            forwards = 1
+        except Exception as err:
+            if len(pack) == 1:
                 log.exception("prefill failed")
                 with self.lock:
-                    self._end(req.slot, error=err)
-            if budget <= 0:
+                    self._end(pack[0][0].slot, error=err)
                 return
+            log.exception("a prefill of %d packed prompts failed; prefilling them one by one", len(pack))
+            done, forwards = [], 1 + len(pack)
+            for item in pack:
+                try:
+                    done.append((item, forward([item])[0]))
+                except Exception as one:  # this request fails alone
+                    log.exception("prefill failed")
+                    with self.lock:
+                        self._end(item[0].slot, error=one)
+        for (req, _, end), _ in done:
+            req.prefilled = end
+        firsts = [(req, row) for (req, _, end), row in done if end == len(req.prompt_ids)]
+        tokens = self._first_tokens(firsts)
+        now = time.time()
+        with self.lock:
+            for (req, _), tok in zip(firsts, tokens):
+                if tok is None:
+                    continue
+                req.first_token_at = now
+                try:
+                    if not self._take(req, tok):
+                        dec.feed(req.slot, tok, len(req.prompt_ids))
+                except Exception as err:  # this request fails alone
+                    log.exception("taking the first token failed")
+                    if self.running.get(req.slot) is req:
+                        self._end(req.slot, error=err)
+            c = self.counters
+            c["prefill_forwards"] += forwards
+            c["prefill_tokens"] += sum(b - a for (_, a, b), _ in done)
+            c["prefill_s"] += time.perf_counter() - t
+
+    def _first_tokens(self, firsts: list[tuple[Request, torch.Tensor]]) -> list[int | None]:
+        """The first token of each (request, its logits [V]), one host sync for all; None for a
+        request whose sampling failed (it ends with the error, alone)."""
+        if not firsts:
+            return []
+        try:
+            return self.decoder.sample_many([r.slot for r, _ in firsts], torch.stack([row for _, row in firsts]))
+        except Exception as err:
+            if len(firsts) == 1:
+                log.exception("sampling the first token failed")
+                with self.lock:
+                    self._end(firsts[0][0].slot, error=err)
+                return [None]
+            log.exception("sampling %d first tokens failed; sampling them one by one", len(firsts))
+        out = []
+        for req, row in firsts:
+            try:
+                out.append(int(self.decoder.sample(req.slot, row)))
+            except Exception as err:
+                log.exception("sampling the first token failed")
+                with self.lock:
+                    self._end(req.slot, error=err)
+                out.append(None)
+        return out
 
     def _decode_step(self) -> None:
         if not self.decoder.decoding:
             return
+        t = time.perf_counter()
         new = self.decoder.step()
+        took = time.perf_counter() - t
         self.steps += 1
         with self.lock:
             for slot, tok in new.items():
                 self._take(self.running[slot], tok)
+            c = self.counters
+            c["decode_steps"] += 1
+            c["decode_tokens"] += len(new)
+            c["decode_s"] += took
 
     def _take(self, req: Request, tok: int) -> bool:
         """Give `req` its next token; end it if that was its last. Whether it ended."""
@@ -365,8 +541,9 @@ class Executor:
         return reason is not None
 
     def _hits_stop(self, req: Request) -> bool:
-        tail = self.tokenizer.decode(req.tokens[-8:])  # a stop string ends within the last few tokens
-        return any(s in tail for s in req.stop)
+        if req._stop_text is None:
+            req._stop_text = StopText(self.tokenizer, req.stop)
+        return req._stop_text.hit(req.tokens)
 
     def _drop_cancelled(self) -> None:
         """End cancelled requests and those past their deadline, running or waiting."""

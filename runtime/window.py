@@ -25,6 +25,12 @@ class Window:
         self.samples.append((time.time() if at is None else at, result.get("ttft_s"), result.get("tpot_ms"),
                              result.get("decode_tok_s"), result.get("new_tokens") or 0))
 
+    def copy(self) -> Window:
+        """The same samples in a new window (so a summary can be computed without the owner's lock)."""
+        other = Window(self.seconds, self.samples.maxlen)
+        other.samples.extend(self.samples)
+        return other
+
     def summary(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
         recent = [s for s in self.samples if now - s[0] <= self.seconds]

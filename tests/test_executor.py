@@ -1,5 +1,6 @@
 """The executor's scheduler on a real (tiny) model without Ray: continuous batching equals running
-each request alone, across joins, leaves and a reconfiguration mid-batch; cancellation, limits,
+each request alone, across joins, leaves and a reconfiguration mid-batch, and for a burst prefilled
+in packed forwards; a failing prefill fails its request alone; stop strings; cancellation, limits,
 priority under a flood, streaming order, and stopping with nothing left unanswered."""
 
 import threading
@@ -9,10 +10,11 @@ import pytest
 
 from catalog.knobs import Knobs
 from catalog.rows import ModelIdentity
-from placement.decode import Decoder
+from placement.decode import Decoder, Sampling
+from placement.models import REFERENCE_DIR, ByteTokenizer, HFTokenizer
 from placement.session import open_session
 from runtime.controller import Desired
-from runtime.executor import Executor
+from runtime.executor import Executor, IncrementalText, StopText
 from runtime.limits import Limits, Rejected
 
 PROMPTS = ["the cat sat on the mat", "a b c d e f g h i j k l m n o p", "hello", "moe experts are routed",
@@ -32,13 +34,13 @@ def plans(session):
     return {a.plan_id: a, b.plan_id: b}
 
 
-def alone(session, plans, prompt: str, n: int) -> list[int]:
-    """The request decoded by itself, greedily, to n tokens (no early stop: the tiny model's
-    end-of-sequence is outside its vocabulary)."""
+def alone(session, plans, prompt: str, n: int, sampling: Sampling = Sampling()) -> list[int]:
+    """The request decoded by itself, greedily unless told, to n tokens (no early stop: the tiny
+    model's end-of-sequence is outside its vocabulary)."""
     session.apply(next(iter(plans.values())))
     ids = session.tokenizer.encode(prompt)
     dec = Decoder(session.model, session.engine, max_seqs=1, max_len=len(ids) + n + 1)
-    return dec.generate([ids], n, fixed_length=True).sequences[0].ids
+    return dec.generate([ids], n, sampling=sampling, fixed_length=True).sequences[0].ids
 
 
 class Running:
@@ -192,3 +194,85 @@ def test_what_each_tenant_and_plan_got_is_measured_online(session, plans):
     assert b["tpot_ms"]["p95"] == max(r["tpot_ms"] for r in done[2:]) and b["delivered_tok_s"] > 0
     assert {k: v["requests"] for k, v in by_plan.items()} == {first: 3, second: 1}
     assert ex.delivered("tenant", "nobody") == {"requests": 0}
+
+
+def test_a_burst_is_prefilled_in_packed_forwards_and_each_request_decodes_as_alone(session, plans, monkeypatch):
+    """Requests submitted together are prefilled several prompts per forward (within the step's
+    token budget and prefill_chunk rows, a chunk that overflows a forward going on in the next)
+    and decode as each alone would, greedy or seeded."""
+    n = 7
+    kinds = [Sampling() if i % 2 else Sampling(temperature=1.3, seed=i) for i in range(len(PROMPTS))]
+    expected = [alone(session, plans, p, n, k) for p, k in zip(PROMPTS, kinds)]
+    monkeypatch.setattr(Decoder, "prefill_chunk", property(lambda self: 8))  # rows per forward, as the kernels' limit
+    runner = Running(session, plans, start=False, max_seqs=len(PROMPTS), max_batched_tokens=40)
+    forwards = []
+    with runner as ex:
+        real = ex.decoder.prefill_many
+        ex.decoder.prefill_many = lambda chunks: forwards.append([len(ids) for _, ids, _ in chunks]) or real(chunks)
+        reqs = [ex.submit("a", p, n, temperature=k.temperature, seed=k.seed) for p, k in zip(PROMPTS, kinds)]
+        runner.start()
+        results = [r.result(timeout=60) for r in reqs]
+        counters = ex.loop_counters()
+    assert [r.tokens for r in reqs] == expected
+    assert all(r["finish_reason"] == "length" and r["ttft_s"] > 0 for r in results)
+    prompt_tokens = sum(r["prompt_tokens"] for r in results)
+    assert sum(map(sum, forwards)) == counters["prefill_tokens"] == prompt_tokens
+    assert all(sum(f) <= 8 for f in forwards) and max(map(len, forwards)) > 1, forwards
+    # one prompt per forward would take 20 of them (each prompt in chunks of 8)
+    assert len(forwards) == counters["prefill_forwards"] < sum(-(-r["prompt_tokens"] // 8) for r in results)
+    assert counters["decode_tokens"] == len(PROMPTS) * (n - 1) and counters["decode_steps"] == ex.steps
+    assert counters["busy_s"] >= counters["prefill_s"] + counters["decode_s"] and counters["host_s"] >= 0
+
+
+def test_a_failing_packed_prefill_fails_only_the_request_that_fails_alone(session, plans):
+    expected = [alone(session, plans, p, 4) for p in PROMPTS[:3]]
+    runner = Running(session, plans, start=False, max_seqs=4)
+    with runner as ex:
+        real = ex.decoder.prefill_many
+
+        def prefill_many(chunks):
+            if any(ord("~") in ids for _, ids, _ in chunks):
+                raise RuntimeError("boom")
+            return real(chunks)
+
+        ex.decoder.prefill_many = prefill_many
+        reqs = [ex.submit("a", p, 4) for p in [PROMPTS[0], "~~~", *PROMPTS[1:3]]]
+        runner.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            reqs[1].result(timeout=60)
+        assert [r.result(timeout=60)["new_tokens"] for r in reqs[::2] + reqs[3:]] == [4, 4, 4]
+        assert ex.submit("b", "~~~", 3).exception(timeout=60) is not None  # still fails alone, and alone
+        assert ex.submit("b", PROMPTS[0], 4).result(timeout=60)["new_tokens"] == 4
+    assert [r.tokens for r in (reqs[0], reqs[2], reqs[3])] == expected
+
+
+def test_a_stop_string_ends_a_request_before_it(session, plans):
+    full = alone(session, plans, PROMPTS[0], 40)
+    text = session.tokenizer.decode(full)
+    stop = next(run for run in text.split("\ufffd") if len(run) >= 2)  # whole characters only
+    with Running(session, plans, max_seqs=2) as ex:
+        done = ex.submit("a", PROMPTS[0], 40, stop=["never there", stop]).result(timeout=60)
+    assert done["finish_reason"] == "stop" and done["text"] == text[:text.index(stop)]
+    assert 0 < done["new_tokens"] < 40
+
+
+@pytest.mark.parametrize("which", ["bytes", "hf"])
+def test_stop_strings_of_any_length_are_found_incrementally_where_they_end(which):
+    if which == "bytes":
+        tok = ByteTokenizer(512)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(REFERENCE_DIR))
+    text = "Naïve café ✓ — the stop string may be a long one, spanning many tokens; then more text follows."
+    ids = tok.encode(text)
+    stream, pieces = IncrementalText(tok), []
+    for i in range(1, len(ids) + 1):
+        pieces.append(stream.add(ids[:i]))
+    assert "".join(pieces) == tok.decode(ids)  # whole characters only, each once
+    stop = "a long one, spanning many tokens"
+    check = StopText(tok, ("not in it", stop))
+    hits = [i for i in range(1, len(ids) + 1) if check.hit(ids[:i])]
+    first = next(i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i]))
+    assert hits == [first]  # found at the token that completes it, whatever its length in tokens
+    assert len(tok.encode(stop)) > 8
