@@ -8,7 +8,9 @@ the rest fetched from host memory):
 - `decoder, batch 1` and `decoder, batch N`: `Decoder.generate`, what `qos generate` and
   `qos profile` run (per-step sampling and bookkeeping included);
 - `server, one at a time`: requests sent one after another through the executor;
-- `server, N at once`: N requests submitted together;
+- `server, N at once`: N requests submitted together (with the serving loop's breakdown: prefill
+  forwards and their seconds, decode steps and theirs, the rest host work; `--clients stream`: each
+  client a thread streaming its text as `Server.pieces` does);
 - `server, Poisson R/s`: a stream of requests at several rates (multiples of the plan's measured
   capacity), prompts cut from WikiText-2, reporting throughput, TTFT and time per output token.
 Before the engine takes the model over, stock transformers `generate` runs at batch 1 and at
@@ -16,7 +18,12 @@ Before the engine takes the model over, stock transformers `generate` runs at ba
 prompts: identical ones would all route to the same two experts per layer and flatter batching.
 
     python -m experiments.bench_serve --layers 16 --out experiments/results/bench_serve_h200.csv
-    python -m experiments.bench_serve --model tiny-random --device cpu --new-tokens 16 --out /tmp/b.csv
+    python -m experiments.bench_serve --model tiny-random --device cpu --layers 4 --max-prompt 128 \
+        --new-tokens 32 --plans 0 --no-transformers --threads 1 --out /tmp/b.csv
+
+`throughput_tok_s` of the decoder rows counts decode steps only (prefill excluded), of the server
+rows every token over the wall time from submit to the last answer; `e2e_tok_s` is the latter for
+both (the decoder's from the start of `generate`, prefill included).
 
 Random weights (mixtral-8x7b-shape); quantized experts are rounded to nearest in HQQ's format, as
 in bench_decode.py (the same bytes and kernels as HQQ's solver gives).
@@ -31,6 +38,7 @@ import random
 import statistics
 import threading
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +57,7 @@ from placement.planner import Planner
 from placement.session import Session
 from runtime.executor import Executor
 from runtime.limits import Limits
+from runtime.server import Server
 
 TENANT = "bench"
 
@@ -74,19 +83,33 @@ def plans(total: int) -> list[tuple[str, Knobs]]:
     ]
 
 
-def serve(executor: Executor, prompts: list[str], arrivals: list[float], new_tokens: int) -> dict:
-    """Submit prompts[i] at arrivals[i] seconds from now; wait for every answer; what the clients saw."""
+def serve(executor: Executor, prompts: list[str], arrivals: list[float], new_tokens: int,
+          stream: bool = False) -> dict:
+    """Submit prompts[i] at arrivals[i] seconds from now; wait for every answer (`stream`: each
+    client a thread reading its text piece by piece, as the server's streaming call does); what the
+    clients saw."""
     start = time.perf_counter()
-    reqs = []
+    reqs, clients = [], []
+    owner = types.SimpleNamespace(session=executor.session)  # what Server.pieces reads
+
+    def read(req):
+        for _ in Server.pieces(owner, req):
+            pass
+
     for prompt, at in zip(prompts, arrivals):
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         reqs.append(executor.submit(TENANT, prompt, new_tokens))
+        if stream:
+            clients.append(threading.Thread(target=read, args=(reqs[-1],), daemon=True))
+            clients[-1].start()
     results = [r.result(timeout=3600) for r in reqs]
+    for c in clients:
+        c.join(60)
     wall = time.perf_counter() - start
     tokens = sum(r["new_tokens"] for r in results)
-    return {"requests": len(results), "throughput_tok_s": tokens / wall,
+    return {"requests": len(results), "throughput_tok_s": tokens / wall, "e2e_tok_s": tokens / wall,
             "per_seq_tok_s": statistics.median(r["decode_tok_s"] for r in results if r["decode_tok_s"]),
             "ttft_p50_s": percentile([r["ttft_s"] for r in results], 50),
             "ttft_p95_s": percentile([r["ttft_s"] for r in results], 95),
@@ -95,7 +118,17 @@ def serve(executor: Executor, prompts: list[str], arrivals: list[float], new_tok
             "wall_s": wall}
 
 
+def loop_delta(before: dict, after: dict) -> dict:
+    """The serving loop's breakdown between two Executor.loop_counters() readings."""
+    d = {k: after[k] - before[k] for k in after}
+    return {"prefill_forwards": d["prefill_forwards"], "prefill_tokens": d["prefill_tokens"],
+            "prefill_s": d["prefill_s"], "decode_steps": d["decode_steps"], "decode_s": d["decode_s"],
+            "loop_host_s": d["host_s"], "loop_busy_s": d["busy_s"]}
+
+
 def bench(args) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     loaded = load_model(args.model, layers=args.layers, dtype=getattr(torch, dtype), device=device)
@@ -116,7 +149,7 @@ def bench(args) -> list[dict]:
         print(f"  {plan:28s} {system:34s} x{concurrency:<3d} {shown}", flush=True)
 
     print(f"{args.model}, {layers} layers, {dtype}, {args.new_tokens} new tokens, on {device}", flush=True)
-    for b in (1, args.batch):  # stock transformers, before the engine takes the experts over
+    for b in (1, args.batch) if args.transformers else ():  # stock transformers, before the engine takes over
         g = timed_generate(model, batch_ids[:b], args.new_tokens, fixed_length=True)
         row("16-bit, all on GPU", "transformers generate", b, throughput_tok_s=g.decode_tok_s,
             per_seq_tok_s=g.decode_tok_s / b)
@@ -124,7 +157,8 @@ def bench(args) -> list[dict]:
     session = Session(ModelIdentity(args.model, args.layers, dtype), loaded, engine,
                       Planner(engine, args.model, lambda: []))
     total = engine.spec.num_layers * engine.spec.num_experts
-    for name, knobs in plans(total):
+    chosen = plans(total)
+    for name, knobs in [chosen[i] for i in args.plans] if args.plans else chosen:
         plan = session.plan(knobs)
         session.apply(plan)
         new = args.new_tokens if engine.plan.host_experts == 0 else max(16, args.new_tokens // args.host_divisor)
@@ -141,12 +175,16 @@ def bench(args) -> list[dict]:
                 per_seq_tok_s=1 / statistics.median(run.step_s),
                 tpot_p50_ms=percentile([1000 * s for s in run.step_s], 50),
                 tpot_p95_ms=percentile([1000 * s for s in run.step_s], 95),
-                ttft_p50_s=percentile([g.ttft_s for g in run.sequences], 50))
+                ttft_p50_s=percentile([g.ttft_s for g in run.sequences], 50),
+                ttft_p95_s=percentile([g.ttft_s for g in run.sequences], 95),
+                e2e_tok_s=sum(g.new_tokens for g in run.sequences) / max(g.total_s for g in run.sequences))
         del decoder
 
         executor = Executor(session, {plan.plan_id: plan}, limits=Limits(
             max_seqs=args.batch, max_batched_tokens=max(args.batch, args.max_batched_tokens),
             max_len=args.max_prompt + new + 2, max_queue=max(256, args.requests)))
+        if args.quantized_prefill_rows:
+            executor.decoder.quantized_prefill_rows = args.quantized_prefill_rows
         thread = threading.Thread(target=executor.serve_forever, args=(lambda: None,), daemon=True)
         thread.start()
         try:
@@ -156,8 +194,9 @@ def bench(args) -> list[dict]:
                 per_seq_tok_s=statistics.median(o["per_seq_tok_s"] for o in one),
                 ttft_p50_s=statistics.median(o["ttft_p50_s"] for o in one),
                 tpot_p50_ms=statistics.median(o["tpot_p50_ms"] for o in one))
-            burst = serve(executor, texts[:args.batch], [0] * args.batch, new)
-            row(name, "server, N at once", args.batch, **burst)
+            before = executor.loop_counters()
+            burst = serve(executor, texts[:args.batch], [0] * args.batch, new, stream=args.clients == "stream")
+            row(name, "server, N at once", args.batch, **burst, **loop_delta(before, executor.loop_counters()))
             capacity = burst["throughput_tok_s"] / new  # requests per second the plan sustains
             n = args.requests if engine.plan.host_experts == 0 else max(args.batch, args.requests // args.host_divisor)
             for frac in args.rates:
@@ -179,9 +218,10 @@ def summarize(df: pd.DataFrame, batch: int) -> pd.DataFrame:
     for plan, rows in df.groupby("plan", sort=False):
         def get(system, conc, col="throughput_tok_s"):
             hit = rows[(rows["system"] == system) & (rows["concurrency"] == conc)]
-            return float(hit[col].iloc[0]) if len(hit) else float("nan")
+            return float(hit[col].iloc[0]) if len(hit) and col in hit else float("nan")
 
         ref1 = get("engine, back to back", 1)
+        decoder_n, server_n = get("decoder, batch N", batch), get("server, N at once", batch)
         out.append({
             "plan": plan,
             "engine_b1_tok_s": ref1,
@@ -191,6 +231,13 @@ def summarize(df: pd.DataFrame, batch: int) -> pd.DataFrame:
             f"server_b{batch}_over_b1": get("server, N at once", batch) / get("server, one at a time", 1),
             f"decoder_b{batch}_over_transformers_b{batch}": get("decoder, batch N", batch)
             / get("transformers generate", batch) if plan.startswith("16-bit, all") else float("nan"),
+            # the targets of the burst: server over decoder at batch N (throughput as each row counts it,
+            # end to end for both, and time to first token at p50)
+            f"server_over_decoder_b{batch}": server_n / decoder_n,
+            f"server_over_decoder_b{batch}_e2e": get("server, N at once", batch, "e2e_tok_s")
+            / get("decoder, batch N", batch, "e2e_tok_s"),
+            f"server_over_decoder_b{batch}_ttft_p50": get("server, N at once", batch, "ttft_p50_s")
+            / get("decoder, batch N", batch, "ttft_p50_s"),
         })
     return pd.DataFrame(out)
 
@@ -209,6 +256,16 @@ def main() -> None:
     p.add_argument("--min-prompt", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--plans", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="which plans, by index: 0 16-bit, 1 4-bit, 2 4-bit with 1/4 on the GPU (default: all)")
+    p.add_argument("--no-transformers", dest="transformers", action="store_false",
+                   help="skip the stock transformers baseline")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own)")
+    p.add_argument("--clients", choices=["wait", "stream"], default="wait",
+                   help="burst clients wait for their answers, or stream them in threads (default: %(default)s)")
+    p.add_argument("--quantized-prefill-rows", type=int, default=0,
+                   help="rows per prefill forward of quantized plans in the server (default: the fused "
+                        "kernels' limit; larger ones dequantize experts whole for the forward)")
     p.add_argument("--host-divisor", type=int, default=4,
                    help="host plans are slow: new tokens and requests divided by this (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True)
@@ -218,8 +275,9 @@ def main() -> None:
     rows.to_csv(args.out, index=False)
     summary = summarize(rows, args.batch)
     summary.to_csv(args.out.with_name(args.out.stem + "_summary.csv"), index=False)
-    cols = ["plan", "system", "concurrency", "rate_rps", "throughput_tok_s", "per_seq_tok_s", "ttft_p50_s",
-            "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms"]
+    cols = ["plan", "system", "concurrency", "rate_rps", "throughput_tok_s", "e2e_tok_s", "per_seq_tok_s",
+            "ttft_p50_s", "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "prefill_forwards", "prefill_s",
+            "decode_steps", "decode_s", "loop_host_s"]
     with pd.option_context("display.width", 250, "display.max_colwidth", 40):
         print(rows[[c for c in cols if c in rows]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print("\ntargets (ratios):")
