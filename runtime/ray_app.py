@@ -10,6 +10,14 @@ Replicas report their status every tick to a small named actor (the registry), w
 reads every replica's, and from which each replica picks up a simulated free-memory value set by
 the operator (`qos status --free-memory`).
 
+Self-healing: a replica that dies is replaced by Serve (its health check notices within
+HEALTH_CHECK_S), and the replacement takes the dead one's rank. The registry keeps each rank's
+desired state (the plan it served, where its SLOs came from, its simulated free memory), so the new
+replica starts on the plan the old one served, with the SLOs Serve hands it again (the user_config).
+Clients whose requests were in flight get a clear error to retry: `ReplicaLost` through handles,
+and over HTTP a 503 with Retry-After (a middleware in Serve's proxy, `proxy_middlewares`), or an
+error event ending the stream.
+
     applications:
       - name: moe-qos
         import_path: runtime.ray_app:build
@@ -24,6 +32,7 @@ the operator (`qos status --free-memory`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -44,6 +53,9 @@ NAMESPACE = "moe-qos"
 DEFAULT_APP = "moe-qos"
 DEPLOYMENT = "QosServer"
 STALE_S = 15.0  # a replica that has not reported for this long is gone
+HEALTH_CHECK_S = 2.0  # how often Serve checks a replica (a dead one is replaced after the next check)
+RETRY_AFTER_S = 1  # what clients of a replica that died are told to wait before retrying
+PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Serve reads it in each HTTP proxy
 ARGS = {"front", "model", "layers", "device", "tick_s", "free_memory", "data", "limits", "speed",
         "served_model_name", "anonymous_tenant", "slos", "slo_file", "num_replicas", "num_gpus"}
 
@@ -52,26 +64,60 @@ def _registry_name(app: str) -> str:
     return f"{app}-replicas"
 
 
+class ReplicaLost(ValueError):
+    """The replica serving a request died before answering it (Serve replaces it): retry."""
+
+
+def _rank(context) -> int | None:
+    """A replica's rank in its deployment (Serve's ReplicaRank, or an int in older Rays)."""
+    rank = getattr(context, "rank", None)
+    return getattr(rank, "rank", rank)
+
+
 @ray.remote(num_cpus=0)
 class Registry:
-    """Each replica's latest status (it reports every tick), and the simulated free memory set for
-    all replicas or one, which replicas pick up when they report."""
+    """Each replica's latest status (it reports every tick); the simulated free memory set for all
+    replicas or one, which replicas pick up when they report; and each rank's desired state (the
+    plan it serves, its SLO source), which a replica replacing a dead one of the same rank restores.
+    A replica's settings are kept by rank, so they outlive the replica."""
 
     def __init__(self):
         self.beats: dict[str, tuple[float, dict]] = {}
-        self.free: dict[str, tuple[int, int | None]] = {}  # replica or "*" -> (version, bytes)
+        self.free: dict[int | str, tuple[int, int | None]] = {}  # rank (or replica) or "*" -> (version, bytes)
+        self.ranks: dict[str, int] = {}  # replica -> its rank, as it last said
+        self.desired: dict[int, dict] = {}  # rank -> the state its replica serves
         self.version = 0
+
+    def _free_of(self, key) -> tuple[int, int | None] | None:
+        given = [v for v in (self.free.get(key), self.free.get("*")) if v is not None]
+        return max(given, default=None)
+
+    def restore(self, replica: str, rank: int | None) -> dict:
+        """A replica starting: what its rank served before (None: nothing) and its free memory."""
+        if rank is None:
+            return {"desired": None, "free": self._free_of(replica)}
+        for gone in [r for r, k in self.ranks.items() if k == rank and r != replica]:  # the one it replaces
+            self.ranks.pop(gone)
+            self.beats.pop(gone, None)
+        self.ranks[replica] = rank
+        return {"desired": self.desired.get(rank), "free": self._free_of(rank)}
 
     def beat(self, replica: str, status: dict) -> tuple[int, int | None] | None:
         self.beats[replica] = (time.time(), status)
-        given = [v for v in (self.free.get(replica), self.free.get("*")) if v is not None]
-        return max(given, default=None)
+        rank = status.get("rank")
+        if rank is None:
+            return self._free_of(replica)
+        self.ranks[replica] = rank
+        if status.get("plan_id") is not None:
+            self.desired[rank] = {"plan_id": status["plan_id"], "slo_source": status.get("slo_source"),
+                                  "replica": replica, "at": time.time()}
+        return self._free_of(rank)
 
     def set_free_memory(self, free_bytes: int | None, replica: str | None = None) -> int:
         self.version += 1
         if replica is None:
             self.free.clear()
-        self.free[replica or "*"] = (self.version, free_bytes)
+        self.free[self.ranks.get(replica, replica) if replica else "*"] = (self.version, free_bytes)
         return self.version
 
     def statuses(self, max_age_s: float) -> list[dict]:
@@ -80,6 +126,7 @@ class Registry:
 
     def forget(self, replica: str) -> None:
         self.beats.pop(replica, None)
+        self.ranks.pop(replica, None)
 
 
 def _one_line(err: BaseException) -> str:
@@ -88,7 +135,7 @@ def _one_line(err: BaseException) -> str:
     return re.sub(r"^[\w.]+(Error|Exception|Rejected): ", "", text.splitlines()[-1]) if text else type(err).__name__
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=1024, health_check_period_s=10,
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=1024, health_check_period_s=HEALTH_CHECK_S,
                   graceful_shutdown_timeout_s=60)
 @serve.ingress()
 class QosServer:
@@ -107,6 +154,7 @@ class QosServer:
         self.model_name = served_model_name
         self.server = None
         self.applied = 0  # the registry's free-memory version applied
+        self.restored = None  # the desired state of this replica's rank before it started
         self.registry = Registry.options(name=_registry_name(self.app_name), namespace=NAMESPACE, lifetime="detached",
                                          get_if_exists=True).remote()
 
@@ -131,8 +179,20 @@ class QosServer:
         from runtime.server import Server
 
         metrics = Metrics(serve_metrics.Counter, serve_metrics.Gauge, serve_metrics.Histogram)
-        self.server = Server(self.args["front"], config, limits=Limits(**self.limits), metrics=metrics, **{
-            k: v for k, v in self.args.items() if k != "front"})
+        args = {k: v for k, v in self.args.items() if k != "front"}
+        try:  # what this rank served before: a replica replacing one that died carries on from it
+            restored = ray.get(self.registry.restore.remote(self.replica, _rank(serve.get_replica_context())),
+                               timeout=30)
+        except Exception:
+            log.warning("the registry did not answer; starting afresh", exc_info=True)
+            restored = {"desired": None, "free": None}
+        if restored["free"] is not None:
+            self.applied, args["free_bytes"] = restored["free"]
+        self.restored = restored["desired"]
+        if self.restored is not None:
+            log.info("restoring rank state %s", self.restored)
+        self.server = Server(self.args["front"], config, limits=Limits(**self.limits), metrics=metrics,
+                             start_plan=self.restored and self.restored["plan_id"], **args)
         self.model_name = self.model_name or self.server.session.identity.model
         threading.Thread(target=self._report, daemon=True, name="report").start()
 
@@ -159,7 +219,8 @@ class QosServer:
         if self.server is None:
             raise ValueError("the replica is starting (no SLOs configured yet)")
         return self.server.status() | {"replica": self.replica, "app": self.app_name,
-                                       "free_memory_version": self.applied}
+                                       "rank": _rank(serve.get_replica_context()),
+                                       "free_memory_version": self.applied, "restored": self.restored}
 
     async def generate(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling) -> dict:
         from runtime.http_api import _awaitable
@@ -210,6 +271,57 @@ def build(args: dict):
     return QosServer.options(**options).bind(args.pop("front"), **args)
 
 
+# --- Serve's HTTP proxy: a replica that died is a 503 to retry ----------------------------------------
+class ReplicaLostMiddleware:
+    """ASGI middleware for Serve's HTTP proxy. When the replica serving a request dies, the proxy
+    ends the request without an answer (the client sees a bare 500, or a stream cut short); this
+    answers instead with a 503 in OpenAI's error format and a Retry-After header, or ends a
+    server-sent event stream with an error event. Any request that ends unanswered is answered so."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = {"started": False, "ended": False, "events": False}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                seen["started"] = True
+                seen["events"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                     for k, v in message.get("headers", ()))
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                seen["ended"] = True
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if seen["ended"] or (seen["started"] and not seen["events"]):
+            return  # answered; or a plain body cut short, which nothing can mend
+        error = {"error": {"message": "the replica serving this request stopped before answering (Serve "
+                                      "replaces one that died); retry", "type": "unavailable", "param": None,
+                           "code": None}}
+        body = json.dumps(error).encode()
+        try:
+            if seen["started"]:  # a stream: an error event ends it, as the HTTP API ends a failed one
+                await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": False})
+            else:
+                await send({"type": "http.response.start", "status": 503, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(RETRY_AFTER_S).encode())]})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+        except Exception:  # the client is gone too
+            pass
+
+
+def proxy_middlewares() -> list:
+    """What Serve's HTTP proxies wrap their app in (named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH,
+    which write_config puts in the Serve controller's environment)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaLostMiddleware)]
+
+
 # --- writing and deploying a Serve config ---------------------------------------------------------
 def write_config(path: str | Path, *, front: str, slos: str, watch_slos: bool = False, app: str = DEFAULT_APP,
                  replicas: int = 1, max_replicas: int | None = None, num_gpus: float = 0, host: str = "127.0.0.1",
@@ -228,6 +340,9 @@ def write_config(path: str | Path, *, front: str, slos: str, watch_slos: bool = 
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
+        # Serve's HTTP proxies (started by the controller, with its environment) answer a request whose
+        # replica died with a 503 to retry (proxy_middlewares)
+        "controller_options": {"runtime_env": {"env_vars": {PROXY_CALLBACK: f"{__name__}:proxy_middlewares"}}},
         "applications": [{
             "name": app, "route_prefix": "/", "import_path": "runtime.ray_app:build", "args": app_args,
             "deployments": [{"name": DEPLOYMENT, "num_replicas": replicas, "user_config": user_config,
@@ -260,7 +375,7 @@ def deploy(path: str | Path, *, wait_s: float = 900.0) -> list[str]:
     except Exception as err:
         raise ValueError(f"{path}: not a Serve config: {_one_line(err)}") from None
     client = serve_api.serve_start(http_options=config.http_options.model_dump(),
-                                   proxy_location=config.proxy_location)
+                                   proxy_location=config.proxy_location, controller_options=config.controller_options)
     client.deploy_apps(config, _blocking=False)
     names = [a.name for a in config.applications]
     deadline = time.time() + wait_s
@@ -319,10 +434,18 @@ def handle(app: str = DEFAULT_APP):
         raise ValueError(f"no moe-qos application named {app!r} is running: start one with `qos serve`") from None
 
 
+def _lost(err: BaseException) -> ReplicaLost:
+    return ReplicaLost(f"the replica serving this request died before answering ({type(err).__name__}); Serve "
+                       f"replaces it: retry")
+
+
 def result(response, timeout_s: float | None = None):
-    """A handle call's value; a ValueError the server raised comes back as one line."""
+    """A handle call's value; a ValueError the server raised comes back as one line, a replica that
+    died before answering as ReplicaLost (retry)."""
     try:
         return response.result(timeout_s=timeout_s)
+    except ray.exceptions.RayActorError as err:
+        raise _lost(err) from None
     except ray.exceptions.RayTaskError as err:
         cause = err.as_instanceof_cause()
         raise (ValueError(_one_line(cause.__cause__ or cause)) if isinstance(cause, ValueError) else cause) from None
@@ -340,6 +463,8 @@ def stream(app_handle, tenant: str, prompt: str, max_new_tokens: int = 32, **sam
     """The request's text piece by piece as the server makes it."""
     try:
         yield from app_handle.options(stream=True).stream.remote(tenant, prompt, max_new_tokens, **sampling)
+    except ray.exceptions.RayActorError as err:
+        raise _lost(err) from None
     except ray.exceptions.RayTaskError as err:
         cause = err.as_instanceof_cause()
         raise (ValueError(_one_line(cause)) if isinstance(cause, ValueError) else cause) from None
