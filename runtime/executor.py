@@ -183,6 +183,10 @@ class Executor:
         self.reconfigurations = 0  # all of them
         self.serving = True
         self.steps = 0
+        # measured since the controller last looked (world()): (plan_id, batch, seconds) per decode
+        # step, (plan_id, seconds) per first token
+        self.measured_steps: deque[tuple[str | None, int, float]] = deque(maxlen=10_000)
+        self.measured_ttfts: deque[tuple[str | None, float]] = deque(maxlen=10_000)
         self._ids = 0
         self._tok_lock = threading.Lock()  # the tokenizer is called from client threads
         self._plan_memo: tuple = (None, None)  # (plan, its plan_id): a plan_id hashes the whole plan
@@ -196,8 +200,22 @@ class Executor:
         return self.engine.memory()["gpu_bytes"] if self.engine.plan is not None else 0
 
     def world(self) -> World:
+        """The state the controller decides on, with what was measured since the last call under the
+        plan served now: its decode steps (batch, seconds) and the median time to first token."""
         with self.lock:
-            return World(self._plan_id(self.engine.plan), self.held_bytes(), frozenset(self.active_tenants()))
+            plan_id = self._plan_id(self.engine.plan)
+            load: dict[str, int] = {}
+            for r in self.running.values():
+                load[r.tenant] = load.get(r.tenant, 0) + 1
+            for t, q in self.waiting.items():
+                if q:
+                    load[t] = load.get(t, 0) + len(q)
+            steps = tuple((b, s) for p, b, s in self.measured_steps if p == plan_id)
+            ttfts = sorted(v for p, v in self.measured_ttfts if p == plan_id)
+            self.measured_steps.clear()
+            self.measured_ttfts.clear()
+            return World(plan_id, self.held_bytes(), frozenset(load), tuple(sorted(load.items())),
+                         self.limits.max_seqs, steps, ttfts[len(ttfts) // 2] if ttfts else None)
 
     def _plan_id(self, plan: Plan | None) -> str | None:
         """plan.plan_id, hashed once per plan served (plans are immutable; the hash is not cheap)."""
@@ -375,6 +393,10 @@ class Executor:
         2^priority: a priority-2 tenant gets twice a priority-1's), the higher priority on a tie.
         A flood raises only the flooding tenant's share, so it cannot starve another."""
         candidates = [t for t, q in self.waiting.items() if q]
+        # admission control: tenants the controller holds back wait (it lifts the hold once the
+        # tenants it protects are idle)
+        if self.desired is not None and self.desired.hold:
+            candidates = [t for t in candidates if t not in self.desired.hold]
         if not candidates:
             return None
         return min(candidates, key=lambda t: (self.served_share.get(t, 0.0), -self.priority(t)))
@@ -475,6 +497,7 @@ class Executor:
                 if tok is None:
                     continue
                 req.first_token_at = now
+                self.measured_ttfts.append((self._plan_id(self.engine.plan), now - req.accepted_at))
                 try:
                     if not self._take(req, tok):
                         dec.feed(req.slot, tok, len(req.prompt_ids))
@@ -520,6 +543,7 @@ class Executor:
         took = time.perf_counter() - t
         self.steps += 1
         with self.lock:
+            self.measured_steps.append((self._plan_id(self.engine.plan), len(new), took))
             for slot, tok in new.items():
                 self._take(self.running[slot], tok)
             c = self.counters

@@ -96,3 +96,31 @@ def test_a_slower_than_profiled_plan_is_corrected_and_then_admission_control_hol
     # chat leaves: nothing to protect, the hold ends
     c.tick(world("fast", [("bulk", 6)]), 1000)
     assert c.desired.hold == frozenset()
+
+
+def test_the_executor_reports_load_and_measured_steps_and_holds_back_whom_the_controller_says():
+    import time
+
+    from catalog.knobs import Knobs
+    from placement.session import open_session
+    from runtime.controller import Desired
+    from tests.test_executor import Running
+
+    session = open_session(ModelIdentity("tiny-random"), "cpu")
+    plan = session.plan(Knobs())
+    with Running(session, {plan.plan_id: plan}, max_seqs=4) as ex:
+        held = [ex.submit("bulk", "a b c", 6) for _ in range(3)]
+        [r.result(timeout=60) for r in held]
+        world = ex.world()
+        assert world.plan_id == plan.plan_id and world.max_seqs == 4 and world.ttft_p50_s > 0
+        assert sum(b for b, _ in world.steps) >= 3 * 5 and all(s > 0 for _, s in world.steps)
+        assert ex.world().steps == ()  # each measurement is handed over once
+
+        ex.want(Desired(plan.plan_id, "test", time.time(), hold=frozenset({"bulk"})))
+        bulk = ex.submit("bulk", "a b c", 4)
+        chat = ex.submit("chat", "x y z", 4)
+        assert chat.result(timeout=60)["new_tokens"] == 4
+        time.sleep(0.2)
+        assert not bulk.done() and dict(ex.world().load) == {"bulk": 1}  # waits while held
+        ex.want(Desired(plan.plan_id, "test", time.time()))  # the hold ends
+        assert bulk.result(timeout=60)["new_tokens"] == 4
