@@ -255,6 +255,10 @@ class Server:
                 "model": self.session.identity.describe(),
                 "plan_id": plan.plan_id if plan else None, "plan": plan.summary(self.engine.spec) if plan else None,
                 "desired_plan_id": c.desired.plan_id if c.desired else None,
+                # closed loop: tenants whose new requests wait (admission control), the latest
+                # measurement that corrected the profile's predictions
+                "held_back": sorted(c.desired.hold) if c.desired else [], "closed_loop": c.closed_loop,
+                "measured": c.evidence,
                 "free_bytes": free, "budget_bytes": self.budget(free),
                 "reserve_bytes": c.slos.reserve_bytes, "prefer": c.slos.prefer, "tenants": tenants,
                 "queued": self.executor.queued(), "waiting": self.executor.queue_depth(),
