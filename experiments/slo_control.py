@@ -49,12 +49,14 @@ def build_front(args, work: Path) -> Path:
     return out
 
 
-def slos_for(front: Path, tpot_factor: float, ttft_factor: float) -> tuple[dict, float, float]:
-    """Limits set from the plan a quality preference serves when nobody is busy (the best perplexity):
-    it meets them alone, and with a full decoder its profiled batched time should not."""
+def slos_for(front: Path, tpot_factor: float, ttft_factor: float,
+             budget: int | None) -> tuple[dict, float, float]:
+    """Limits set from the plan a quality preference serves when nobody is busy (the best perplexity
+    that fits the budget): it meets them alone, and with a full decoder its profiled batched time
+    should not."""
     from catalog.rows import read_front
 
-    rows = read_front(front)
+    rows = [m for m in read_front(front) if budget is None or m.gpu_bytes <= budget]
     best = min(rows, key=lambda m: m.ppl)
     tpot_limit, ttft_limit = tpot_factor * best.curve[0][1], ttft_factor * best.ttft_s[0]
     if best.curve[-1][1] <= tpot_limit:
@@ -73,7 +75,7 @@ def run_mode(args, front: Path, slos: dict, closed: bool) -> tuple[list[dict], l
     from runtime.server import Server
 
     server = Server(str(front), {"slos": slos}, device=args.device, tick_s=args.tick_s, data=args.data,
-                    limits=Limits(max_seqs=args.max_seqs), closed_loop=closed)
+                    limits=Limits(max_seqs=args.max_seqs), closed_loop=closed, free_bytes=args.free_bytes)
     ppl = {o.plan_id: o.ppl for o in server.controller.options}
     base = min(ppl.values())
     requests, timeline, lock = [], [], threading.Lock()
@@ -199,12 +201,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--ttft-factor", type=float, default=4.0,
                    help="docs' limit: this x the best plan's time to first token")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per plan when profiling")
+    p.add_argument("--free-memory", default=None,
+                   help="simulated free accelerator memory in bytes, or 'auto': just too little for the largest "
+                        "plan, so the best quality that fits offloads experts (default: no simulation)")
     p.add_argument("--out-prefix", default="runs/slo_control")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="slo-control-"))
     front = Path(args.front) if args.front else build_front(args, work)
-    slos, tpot_limit, ttft_limit = slos_for(front, args.tpot_factor, args.ttft_factor)
+    args.free_bytes = None
+    if args.free_memory == "auto":
+        args.free_bytes = int(pd.read_csv(front)["gpu_bytes"].max()) - 1
+    elif args.free_memory is not None:
+        args.free_bytes = int(float(args.free_memory))
+    slos, tpot_limit, ttft_limit = slos_for(front, args.tpot_factor, args.ttft_factor, args.free_bytes)
     print(f"chat: time per output token p50 <= {tpot_limit:.2f} ms; docs: TTFT p50 <= {ttft_limit:.3f} s")
     summary, all_requests, all_timeline = [], [], []
     for mode, closed in (("open", False), ("closed", True)):
