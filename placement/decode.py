@@ -171,6 +171,9 @@ class Decoder:
     once through `engine`'s model. Not thread-safe: one thread drives it (the executor's)."""
 
     MIN_KV = 64  # smallest attention length bucket
+    # most (token, attended position) pairs of a packed prefill forward: its mask (and, with eager
+    # attention, its scores per head) is that big; one whole 4096-token prompt's worth
+    PACKED_MAX = 1 << 24
 
     def __init__(self, model, engine, *, max_seqs: int = 16, max_len: int = 2048, graphs: bool = True):
         if max_seqs < 1:
@@ -229,8 +232,10 @@ class Decoder:
         """prefill() of several sequences in one forward: chunks are (slot, ids, start), one per
         slot; the logits after each chunk's last token ([len(chunks), V], fp32). The chunks are
         packed into one row of tokens (no padding: the experts see only real tokens), each attending
-        to its own slot's positions up to its own length bucket. Callers keep the rows of a forward
-        within prefill_chunk (the fused kernels' limit for quantized experts)."""
+        to its own slot's positions up to its own length bucket; where that attention (tokens x
+        every chunk's positions) would pass PACKED_MAX, the chunks go in several forwards. Callers
+        keep the rows of a forward within prefill_chunk (the fused kernels' limit for quantized
+        experts)."""
         if not chunks:
             raise ValueError("prefill_many needs at least one chunk")
         if len({slot for slot, _, _ in chunks}) != len(chunks):
@@ -241,6 +246,19 @@ class Decoder:
                 raise ValueError(f"positions {start}..{end - 1} do not fit the cache ({self.scratch} positions)")
             if not 0 <= slot < self.max_seqs:
                 raise ValueError(f"slot {slot} is not one of the {self.max_seqs} slots")
+        groups, rows, cols = [[]], 0, 0
+        for chunk in chunks:
+            n, span = len(chunk[1]), _bucket(chunk[2] + len(chunk[1]), self.MIN_KV, self.max_len)
+            if groups[-1] and (rows + n) * (cols + span) > self.PACKED_MAX:
+                groups.append([])
+                rows = cols = 0
+            groups[-1].append(chunk)
+            rows, cols = rows + n, cols + span
+        with torch.no_grad():
+            return torch.cat([self._prefill_packed(g) for g in groups]) if len(groups) > 1 else self._prefill_packed(chunks)
+
+    def _prefill_packed(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """One forward of prefill_many's (checked) chunks: [len(chunks), V]."""
         dev = self.device
         if len(chunks) == 1:  # one sequence: its slot's cache as is
             slot, ids, start = chunks[0]
@@ -250,8 +268,7 @@ class Decoder:
             positions = torch.arange(start, end, device=dev)
             allowed = self.kv_range[None, :kv_len] <= positions[:, None]  # [T, L]
             self.cache.for_prefill(slot, start, kv_len)
-            with torch.no_grad():
-                logits = self._forward(x, positions[None], allowed[None, None])  # [1, 1, V]: the last position
+            logits = self._forward(x, positions[None], allowed[None, None])  # [1, 1, V]: the last position
             return logits[0, -1:].float()
         S = len(chunks)
         lengths = [len(ids) for _, ids, _ in chunks]
@@ -271,8 +288,7 @@ class Decoder:
         allowed = (tok_seq[:, None] == col_seq[None, :]) & (col_pos[None, :] <= pos[:, None])  # [N, K]
         self.cache.for_packed(slots[tok_seq], pos, slots[col_seq], col_pos)
         last = first_tok + lens - 1  # each chunk's last token
-        with torch.no_grad():
-            logits = self._forward(x[None], pos[None], allowed[None, None], keep=last)  # [1, S, V]
+        logits = self._forward(x[None], pos[None], allowed[None, None], keep=last)  # [1, S, V]
         return logits[0].float()
 
     @property

@@ -234,6 +234,10 @@ def test_prefill_of_several_slots_in_one_forward_equals_prefilling_each_alone(fr
         for s, tok in packed.step().items():
             got[s].append(tok)
     assert [got[s] for s in slots] == [hf_greedy(model, p, 8) for p in PROMPTS]
+    split = Decoder(model, engine, max_seqs=4, max_len=96)
+    split.PACKED_MAX = 80 * 64  # too small for all four at once: several forwards, the same logits
+    torch.testing.assert_close(split.prefill_many([(s, p, 0) for s, p in zip(slots, PROMPTS)]), expected,
+                               rtol=1e-4, atol=1e-5)
     for bad, match in [([(0, [1], 0), (0, [2], 1)], "appears twice"), ([(0, [], 0), (1, [2], 0)], "do not fit"),
                        ([(0, [1] * 96, 0), (1, [2], 0)], "do not fit"), ([], "at least one")]:
         with pytest.raises(ValueError, match=match):
