@@ -437,12 +437,15 @@ class Engine:
         """A ValueError (one line) if `plan`'s host tier does not fit the engine's host budget."""
         check_host_budget(plan, self.spec, self.host_budget)
 
-    def apply(self, plan: Plan, *, progress: bool | None = None) -> ApplyReport:
+    def apply(self, plan: Plan, *, progress: bool | None = None, stream_host: bool = False) -> ApplyReport:
         """Move to `plan`, touching only experts whose state differs; evict before loading. A plan
         whose host tier is over the host budget is refused before anything changes. `progress`:
-        a progress bar while placing experts (default: when many must be quantized, on a terminal)."""
+        a progress bar while placing experts (default: when many must be quantized, on a terminal).
+        `stream_host`: keep no host tier; host experts are made from their masters on each use
+        (slow: for measurements such as selection scores under a plan the host budget cannot hold)."""
         plan.check_fits(self.spec)
-        self.check_host_budget(plan)
+        if not stream_host:
+            self.check_host_budget(plan)
         start = time.perf_counter()
         if self.on_cuda:  # queued compute and copies may still read buffers this frees or overwrites
             torch.cuda.synchronize(self.accel)
@@ -472,7 +475,7 @@ class Engine:
             return group == gs and state.bits == bits and serving_path(state, plan.offload) == CPU
 
         self.store.keep_dequantized(still_on_cpu)  # before making new host buffers: peak host memory
-        host_keys = {(eid, s.bits, gs) for eid, s in plan.items() if s.tier == "host"}
+        host_keys = set() if stream_host else {(eid, s.bits, gs) for eid, s in plan.items() if s.tier == "host"}
         new_host = len(host_keys - self.store.host.keys())
         loads = [m for m in moves if m.loads_accel]
         to_quantize = sum(m.requantize for m in moves)

@@ -116,7 +116,8 @@ def scores_for(engine, name: str, knobs: Knobs, token_ids: list[int]):
     before = engine.plan
     placement = Knobs(gpu_experts=knobs.gpu_experts, gpu_budget=knobs.gpu_budget, offload=knobs.offload,
                       cache_slots=knobs.cache_slots, group_size=knobs.group_size)
-    engine.apply(build_plan(engine.spec, placement))
+    # under a host budget, host experts stream from their masters instead of being held at 16 bits
+    engine.apply(build_plan(engine.spec, placement), stream_host=getattr(engine, "host_budget", None) is not None)
     try:
         return selection_scores(engine, name, knobs.selection, knobs.score_bits, knobs.group_size, token_ids)
     finally:

@@ -38,6 +38,18 @@ def test_search_enqueues_the_sweep_respects_the_budget_marks_the_front_and_resum
     assert summary["trials"] == 9 and summary["sweep_trials"] == 3 and summary["search_trials"] == 6
 
 
+def test_search_never_measures_plans_over_the_host_budget(tmp_path, capsys):
+    out = tmp_path / "front.csv"
+    args = ["search", "--model", "tiny-random", "--out", str(out), "--max-windows", "1", "--seqlen", "32",
+            "--new-tokens", "3", "--repeats", "1", "--sweep-steps", "2", "--gpu-budget", "1.2MB",
+            "--host-budget", "600kB", "--trials", "3", "--quiet", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    df = pd.read_csv(out)
+    assert summary["trials"] == 6 and 0 < len(df) < 6  # the 16-bit sweep point (1.18 MB on the host) was not measured
+    assert (df["host_bytes"] <= 600_000).all() and 0 not in set(df["quantized"])
+
+
 @needs_data
 def test_search_can_maximise_batched_throughput_measured_by_the_profile(tmp_path, capsys):
     out = tmp_path / "front.csv"
