@@ -18,7 +18,7 @@ from catalog.rows import read_front
 from catalog.slo import SLOError, SLOSpec, slos_from_mapping
 from placement.session import identity_for, open_session
 from runtime.controller import KEPT, MAX_ERROR, Controller, Desired
-from runtime.executor import Executor
+from runtime.executor import Executor, IncrementalText
 from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
 
@@ -206,14 +206,13 @@ class Server:
 
     def pieces(self, req):
         """An accepted request's text as it is made, piece by piece; leaving early cancels it."""
-        tok, ids, shown = self.session.tokenizer, [], ""
+        text, ids, shown = IncrementalText(self.session.tokenizer), [], ""  # whole characters only
         try:
             for t in req.stream():
                 ids.append(t)
-                text = tok.decode(ids)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
-                    yield text[len(shown):]
-                    shown = text
+                if piece := text.add(ids):  # (decodes only the latest tokens, not the whole text)
+                    yield piece
+                    shown += piece
         finally:  # the consumer left early: stop generating for it
             req.cancel()
         text = req.result()["text"]  # the final text (a stop string cut off)
