@@ -154,6 +154,7 @@ class QosServer:
         self.model_name = served_model_name
         self.server = None
         self.applied = 0  # the registry's free-memory version applied
+        self.free_memory_changes = 0  # free-memory settings applied (live reconfigurations)
         self.restored = None  # the desired state of this replica's rank before it started
         self.registry = Registry.options(name=_registry_name(self.app_name), namespace=NAMESPACE, lifetime="detached",
                                          get_if_exists=True).remote()
@@ -206,6 +207,7 @@ class QosServer:
                     self.server.set_free_memory(given[1])
                     self.server.tick()
                     self.applied = given[0]
+                    self.free_memory_changes += 1
             except Exception:  # the registry may be gone for a moment (qos stop); keep serving
                 log.warning("reporting to the registry failed", exc_info=True)
             time.sleep(self.server.tick_s if self.server is not None else 1.0)
@@ -220,7 +222,8 @@ class QosServer:
             raise ValueError("the replica is starting (no SLOs configured yet)")
         return self.server.status() | {"replica": self.replica, "app": self.app_name,
                                        "rank": _rank(serve.get_replica_context()),
-                                       "free_memory_version": self.applied, "restored": self.restored}
+                                       "free_memory_version": self.applied,
+                                       "free_memory_changes": self.free_memory_changes, "restored": self.restored}
 
     async def generate(self, tenant: str, prompt: str, max_new_tokens: int = 32, **sampling) -> dict:
         from runtime.http_api import _awaitable
