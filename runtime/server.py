@@ -34,6 +34,14 @@ def latency_met(tenant, delivered: dict) -> bool | None:
     return all(checks) if checks else None
 
 
+def _error_line(err: Exception, where: str, limit: int = 280) -> str:
+    """An error as one line of at most `limit` characters (an SLOError names its source; another
+    error is said to come from `where`)."""
+    text = " ".join(str(err).split())
+    text = text if isinstance(err, SLOError) else f"{where}: {type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def slos_of(config: dict) -> str | SLOSpec:
     """The SLOs a live configuration (a Serve deployment's user_config) names: `slo_file: PATH`
     (re-read whenever it changes) or `slos: {tenants: ...}` inline."""
@@ -162,14 +170,18 @@ class Server:
 
     def reconfigure(self, config: dict) -> dict:
         """Live configuration (a Serve deployment's user_config, see slos_of): serve these SLOs from
-        now on and decide at once. Bad SLOs raise SLOError (recorded in status); the served ones stay."""
+        now on and decide at once. Bad SLOs raise SLOError, one line (recorded in status); the served
+        ones stay."""
         try:
             slos = slos_of(config)
-        except SLOError as err:
-            self.controller.reject(str(err))
-            raise
+        except Exception as err:  # SLOError, or what a hostile value provokes (an int too large for a float)
+            self.controller.reject(_error_line(err, "user_config"))
+            raise SLOError(_error_line(err, "user_config")) from None
         with self.lock:
-            self.controller.use_slos(slos)
+            try:
+                self.controller.use_slos(slos)  # (a file it refuses, it records)
+            except Exception as err:
+                raise SLOError(_error_line(err, str(slos))) from None
         decision = self.tick()
         with self.executor.wake:
             self.executor.wake.notify()
