@@ -273,6 +273,32 @@ def test_a_client_that_disconnects_cancels_its_request(web, stream):
     wait_for(lambda: s.executor.queued() == 0, what="the executor emptied")
 
 
+@needs_data
+def test_a_tenant_key_reaches_no_control_call(web):
+    """Free memory, reconfiguration and stopping are not on the HTTP API; /qos/status only reads."""
+    from runtime.http_api import make_app
+
+    routes = sorted((r.path, tuple(sorted(r.methods))) for r in make_app(lambda: None, model_name="m").routes
+                    if getattr(r, "methods", None))
+    assert routes == [("/health", ("GET",)), ("/qos/status", ("GET",)), ("/v1/chat/completions", ("POST",)),
+                      ("/v1/completions", ("POST",)), ("/v1/models", ("GET",))]
+    port, s, _ = web
+    before = s.status()
+    for method, path in [("POST", "/qos/status"), ("PUT", "/qos/status"), ("DELETE", "/qos/status"),
+                         ("PATCH", "/qos/status"), ("POST", "/qos/free_memory"), ("POST", "/qos/stop"),
+                         ("POST", "/qos/reload"), ("POST", "/qos/reconfigure"), ("POST", "/reconfigure"),
+                         ("GET", "/docs"), ("GET", "/openapi.json"), ("DELETE", "/v1/models")]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path, json.dumps({"free_bytes": 1, "slos": {"tenants": [{"name": "x"}]}}),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEYS['interactive']}"})
+        assert conn.getresponse().status in (404, 405), (method, path)
+        conn.close()
+    after = s.status()
+    assert (after["free_bytes"], after["plan_id"], after["slo_rejections_total"]) == \
+        (before["free_bytes"], before["plan_id"], before["slo_rejections_total"])
+    assert [t["name"] for t in after["tenants"]] == ["interactive", "batch"] and s.healthy()
+
+
 # --- over Ray: a replica killed mid-load -----------------------------------------------------------
 def http_post(url: str, body: dict, key: str = KEYS["batch"], timeout: float = 120) -> tuple:
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST", headers={
