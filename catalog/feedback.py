@@ -5,8 +5,11 @@ A profile times decoding at batch 1 and, with `--batch-sizes`, at larger batches
 and p95 time per output token at N running). `Curve` interpolates those points to the occupancy
 the server has now (running plus waiting sequences, up to its slot count). The server measures each
 decode step (its batch and its time) and each request's time to first token; `Feedback` keeps, per
-plan, the ratio of measured to predicted at the same batch size, smoothed, and decays it back to 1
-when the plan is no longer measured (the profile's word counts again). `options_at` hands the
+plan, the ratio of measured to predicted time per token at the same batch size, smoothed, and
+decays it back to 1 when the plan is no longer measured (the profile's word counts again). Time to
+first token under load is mostly waiting (for a slot, for other prompts' prefill), which any plan
+would pay: its measured-over-profiled ratio is one factor for every plan, not a mark against the
+plan that happened to be served. `options_at` hands the
 policy those corrected predictions, and names the measurement behind each correction.
 
 Pure: no tensors, no Ray; the controller feeds it.
@@ -58,21 +61,20 @@ class Curve:
 
 @dataclass
 class Correction:
-    tpot: float = 1.0  # measured / predicted time per output token
-    ttft: float = 1.0  # measured / profiled time to first token
+    factor: float = 1.0  # measured / predicted
     at: float = 0.0  # when last measured
     evidence: str = ""  # the measurement, in words
 
-    def decayed(self, now: float) -> tuple[float, float]:
-        keep = 0.5 ** (max(now - self.at, 0.0) / HALF_LIFE_S)
-        return 1 + (self.tpot - 1) * keep, 1 + (self.ttft - 1) * keep
+    def decayed(self, now: float) -> float:
+        return 1 + (self.factor - 1) * 0.5 ** (max(now - self.at, 0.0) / HALF_LIFE_S)
 
 
 class Feedback:
     def __init__(self, front: Iterable[Measured]):
         self.rows = {m.plan_id: m for m in front}
         self.curves = {pid: Curve.of(m) for pid, m in self.rows.items()}
-        self.corrections: dict[str, Correction] = {}
+        self.corrections: dict[str, Correction] = {}  # per plan: time per output token
+        self.ttft = Correction()  # every plan: time to first token
 
     def observe(self, plan_id: str, steps: list[tuple[int, float]], ttft_p50_s: float | None, now: float) -> str | None:
         """A tick's measurements of the plan served: its decode steps (batch, seconds) and the median
@@ -91,26 +93,24 @@ class Feedback:
             ratios.append((len(times), measured / predicted))
             said.append(f"{measured:.1f} ms per step at batch {batch} vs {predicted:.1f} profiled")
         c = self.corrections.setdefault(plan_id, Correction())
-        tpot, ttft = c.decayed(now)
-        seen = False
+        tpot, ttft = c.decayed(now), self.ttft.decayed(now)
         if ratios:
             ratio = math.exp(sum(n * math.log(r) for n, r in ratios) / sum(n for n, _ in ratios))
-            tpot = (1 - ALPHA) * tpot + ALPHA * ratio
-            seen = True
+            c.factor, c.at = (1 - ALPHA) * tpot + ALPHA * ratio, now
         profiled = self.rows[plan_id].ttft_s[0]
         if ttft_p50_s is not None and profiled:
-            ttft = (1 - ALPHA) * ttft + ALPHA * ttft_p50_s / profiled
+            self.ttft.factor, self.ttft.at = (1 - ALPHA) * ttft + ALPHA * ttft_p50_s / profiled, now
             said.append(f"TTFT p50 {ttft_p50_s:.3g} s vs {profiled:.3g} profiled")
-            seen = True
-        if not seen:
+        if not said:
             return None
-        c.tpot, c.ttft, c.at = tpot, ttft, now
-        c.evidence = f"plan {plan_id}: " + "; ".join(said) + f" (x{tpot:.2f} time per token, x{ttft:.2f} TTFT)"
+        c.evidence = (f"plan {plan_id}: " + "; ".join(said) +
+                      f" (x{c.decayed(now):.2f} its time per token, x{self.ttft.decayed(now):.2f} every plan's TTFT)")
         return c.evidence
 
     def factors(self, plan_id: str, now: float) -> tuple[float, float]:
+        """(time per output token, time to first token) multipliers for the plan now."""
         c = self.corrections.get(plan_id)
-        return (1.0, 1.0) if c is None else c.decayed(now)
+        return (1.0 if c is None else c.decayed(now)), self.ttft.decayed(now)
 
     def option(self, base: Option, batch: float, now: float) -> Option:
         """`base` as predicted at `batch` sequences, corrected by what was measured."""

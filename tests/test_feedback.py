@@ -50,7 +50,9 @@ def test_measured_steps_correct_the_plan_served_and_the_correction_decays():
     k_tpot, k_ttft = fb.factors("slow", now=0.0)
     assert k_tpot == pytest.approx(1 + 0.4 * (2 ** 0.5 - 1)) and k_ttft == pytest.approx(1.4)
     assert fb.factors("slow", now=HALF_LIFE_S)[0] == pytest.approx(1 + 0.4 * (2 ** 0.5 - 1) / 2)
-    assert fb.factors("fast", now=0.0) == (1.0, 1.0)  # never served: the profile's word
+    # never served: its time per token is the profile's word; the wait for a first token is the load's,
+    # which any plan pays
+    assert fb.factors("fast", now=0.0) == (1.0, pytest.approx(1.4))
     at8 = fb.option(fb_option(SLOW), batch=8, now=0.0)
     assert at8.tpot_ms[0] == pytest.approx(40.0 * k_tpot) and at8.decode_tok_s == pytest.approx(1000 / (40 * k_tpot))
     assert at8.ttft_s[0] == pytest.approx(0.05 * 1.4)
@@ -124,3 +126,13 @@ def test_the_executor_reports_load_and_measured_steps_and_holds_back_whom_the_co
         assert not bulk.done() and dict(ex.world().load) == {"bulk": 1}  # waits while held
         ex.want(Desired(plan.plan_id, "test", time.time()))  # the hold ends
         assert bulk.result(timeout=60)["new_tokens"] == 4
+
+
+def test_waiting_for_a_first_token_under_load_does_not_chase_the_load_onto_an_unmeasured_plan():
+    # (found on the H200: the served plan's TTFT, 260x its profile from queueing behind a flood,
+    # marked that plan alone, and the controller moved to a slower plan nobody had measured)
+    slos = parse_slos("tenants:\n  - {name: docs, max_ttft_s: 0.5, p: 50, priority: 1}\nprefer: quality")
+    c = Controller([SLOW, FAST], slos)
+    decision = c.tick(world("slow", [("docs", 8)], ttft=5.0), 1000)
+    assert decision.plan_id == "slow" and not decision.switch  # both plans would wait as long
+    assert "x40.60 every plan's TTFT" in c.evidence
