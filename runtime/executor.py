@@ -26,7 +26,7 @@ from placement.decode import Decoder, Sampling, eos_ids
 from placement.plan import Plan
 from placement.session import Session
 from runtime.controller import Desired, World
-from runtime.limits import Limits, Rejected
+from runtime.limits import Limits, QueueFull, Rejected, Stopping
 from runtime.window import Window
 
 log = logging.getLogger(__name__)
@@ -327,9 +327,9 @@ class Executor:
                            f"for fewer tokens")
         with self.lock:
             if not self.serving:
-                raise Rejected("the server is stopping; no new requests are accepted")
+                raise Stopping("the server is stopping; no new requests are accepted")
             if self.queue_depth() >= lim.max_queue:
-                raise Rejected(f"queue full: {lim.max_queue} requests are waiting; retry later")
+                raise QueueFull(f"queue full: {lim.max_queue} requests are waiting; retry later")
             self._ids += 1
             req = Request(self._ids, tenant, prompt, ids, max_new_tokens, sampling, stops, timeout_s)
             if not self.waiting.get(tenant) and tenant not in {r.tenant for r in self.running.values()}:

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.slo import SLOError
-from runtime.limits import Rejected
+from runtime.limits import QueueFull, Rejected, Stopping
 
 log = logging.getLogger(__name__)
 UNSUPPORTED = "is not supported by this server"
@@ -41,7 +41,9 @@ class APIError(Exception):
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+    retry = {"Retry-After": "1"} if status in (429, 503) else None  # a full queue or a stop: try again
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status,
+                        headers=retry)
 
 
 # --- request bodies (unknown fields are ignored, as OpenAI's clients send some we do not use) ---------
@@ -232,11 +234,12 @@ def make_app(get_server: Callable, *, model_name: Callable[[], str] | str,
         body.check()
         try:
             return srv.submit(tenant, prompt, max_tokens or 16, **body.sampling())
+        except QueueFull as err:
+            raise APIError(429, str(err), kind="rate_limit_error") from None
+        except Stopping as err:
+            raise APIError(503, str(err), kind="unavailable") from None
         except Rejected as err:
-            text = str(err)
-            status = 429 if text.startswith("queue full") else 503 if "stopping" in text else 400
-            raise APIError(status, text, kind="rate_limit_error" if status == 429 else "invalid_request_error") \
-                from None
+            raise APIError(400, str(err)) from None
         except SLOError as err:  # the tenant left the SLO file since its key was checked
             raise APIError(401, str(err), kind="authentication_error") from None
 

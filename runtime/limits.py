@@ -10,6 +10,14 @@ class Rejected(ValueError):
     """A request refused at submit (queue full, too long, bad parameters, stopping)."""
 
 
+class QueueFull(Rejected):
+    """Refused for now: the queue is full (HTTP 429; retry later)."""
+
+
+class Stopping(Rejected):
+    """Refused: the server is stopping (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """The scheduler's knobs."""

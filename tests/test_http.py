@@ -168,6 +168,38 @@ def test_bad_bodies_keys_and_models_get_clear_errors(api):
 
 
 @needs_data
+def test_a_full_queue_is_a_429_with_retry_after(front):
+    from runtime.limits import Limits
+
+    server = Server(str(front), {"slos": slos()}, device="cpu", tick_s=3600, limits=Limits(max_seqs=1, max_queue=1))
+    web = uvicorn.Server(uvicorn.Config(make_app(lambda: server, model_name="tiny-random"), host="127.0.0.1",
+                                       port=0, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        while not web.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{web.servers[0].sockets[0].getsockname()[1]}"
+        busy = [server.submit("batch", "the market", 200)]  # decoding in the one slot
+        while server.executor.running_count() < 1:
+            time.sleep(0.01)
+        busy.append(server.submit("batch", "the market", 200))  # the one place in the queue
+        req = urllib.request.Request(url + "/v1/completions", method="POST", headers={
+            "Authorization": f"Bearer {KEYS['batch']}", "Content-Type": "application/json"},
+            data=json.dumps({"model": "tiny-random", "prompt": "hi", "max_tokens": 2}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 429 and err.value.headers["Retry-After"] == "1"
+        assert json.loads(err.value.read())["error"]["type"] == "rate_limit_error"
+        for r in busy:
+            r.cancel()
+    finally:
+        web.should_exit = True
+        thread.join(10)
+        server.stop()
+
+
+@needs_data
 def test_health_status_and_metrics(api):
     url, server = api
     with urllib.request.urlopen(url + "/health", timeout=30) as r:
