@@ -162,7 +162,8 @@ def bench_layers(layers: int, args) -> list[dict]:
         if args.only and not any(o in name for o in args.only):
             continue
         opts = dict(opts)
-        new_tokens = opts.pop("new_tokens", args.new_tokens)
+        new_tokens = min(opts.pop("new_tokens", args.new_tokens), args.new_tokens)  # (a slow row's cap; the cache
+        # is sized for --new-tokens)
         plan = build_plan(engine.spec, knobs)
         with PeakHostMemory() as peak:
             report = engine.apply(plan)
