@@ -14,6 +14,7 @@ one is a 400 whose error names the field, in OpenAI's error format. A request ac
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -174,7 +175,6 @@ def _pieces(server, req) -> asyncio.Queue:
 
 
 def _sse(obj) -> str:
-    import json
     return f"data: {json.dumps(obj)}\n\n"
 
 
