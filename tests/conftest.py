@@ -32,6 +32,16 @@ def fresh(tiny_models):
     return make
 
 
+def profile_tiny(path, grid: str):
+    """A quick profile of tiny-random over `grid` at `path` (one short perplexity window, 3 tokens
+    timed once): fronts for the serving tests."""
+    from qos.cli import main
+
+    assert main(["profile", "--model", "tiny-random", "--grid", grid, "--out", str(path), "--max-windows", "1",
+                 "--seqlen", "32", "--new-tokens", "3", "--repeats", "1", "--quiet"]) == 0
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokens():
     g = torch.Generator().manual_seed(1)

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over a real Server (tiny-random, CPU), served by uvicorn on a loopback
 port and called with the official `openai` client and with raw HTTP, as users do; no Ray."""
 
+import contextlib
 import json
 import threading
 import time
@@ -9,10 +10,10 @@ import urllib.request
 
 import pytest
 
-from qos.cli import main
 from runtime.http_api import make_app
 from runtime.metrics import METRICS, Metrics
 from runtime.server import Server
+from tests.conftest import profile_tiny
 from tests.test_profiler import needs_data
 
 openai = pytest.importorskip("openai")
@@ -59,30 +60,35 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory):
-    path = tmp_path_factory.mktemp("front") / "front.csv"
-    assert main(["profile", "--model", "tiny-random", "--grid", "quantized=0,16;bits=4;gpu_experts=16",
-                 "--out", str(path), "--max-windows", "1", "--seqlen", "32", "--new-tokens", "3",
-                 "--repeats", "1", "--quiet"]) == 0
-    return path
+    return profile_tiny(tmp_path_factory.mktemp("front") / "front.csv", "quantized=0,16;bits=4;gpu_experts=16")
+
+
+@contextlib.contextmanager
+def http_server(app):
+    """`app` served by uvicorn on a free loopback port, in a thread; its base URL."""
+    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not web.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{web.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        web.should_exit = True
+        thread.join(10)
 
 
 @pytest.fixture(scope="module")
 def api(front):
     metrics = Metrics(Recorded, Recorded, Recorded)
     server = Server(str(front), {"slos": slos()}, device="cpu", tick_s=0.2, metrics=metrics)
-    app = make_app(lambda: server, model_name="tiny-random")
-    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if web.started:
-            break
-        time.sleep(0.05)
-    port = web.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", server
-    web.should_exit = True
-    thread.join(10)
-    server.stop()
+    try:
+        with http_server(make_app(lambda: server, model_name="tiny-random")) as url:
+            yield url, server
+    finally:
+        server.stop()
 
 
 def client(url, tenant="batch"):
@@ -172,30 +178,22 @@ def test_a_full_queue_is_a_429_with_retry_after(front):
     from runtime.limits import Limits
 
     server = Server(str(front), {"slos": slos()}, device="cpu", tick_s=3600, limits=Limits(max_seqs=1, max_queue=1))
-    web = uvicorn.Server(uvicorn.Config(make_app(lambda: server, model_name="tiny-random"), host="127.0.0.1",
-                                       port=0, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
     try:
-        while not web.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{web.servers[0].sockets[0].getsockname()[1]}"
-        busy = [server.submit("batch", "the market", 200)]  # decoding in the one slot
-        while server.executor.running_count() < 1:
-            time.sleep(0.01)
-        busy.append(server.submit("batch", "the market", 200))  # the one place in the queue
-        req = urllib.request.Request(url + "/v1/completions", method="POST", headers={
-            "Authorization": f"Bearer {KEYS['batch']}", "Content-Type": "application/json"},
-            data=json.dumps({"model": "tiny-random", "prompt": "hi", "max_tokens": 2}).encode())
-        with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(req, timeout=30)
-        assert err.value.code == 429 and err.value.headers["Retry-After"] == "1"
-        assert json.loads(err.value.read())["error"]["type"] == "rate_limit_error"
-        for r in busy:
-            r.cancel()
+        with http_server(make_app(lambda: server, model_name="tiny-random")) as url:
+            busy = [server.submit("batch", "the market", 200)]  # decoding in the one slot
+            while server.executor.running_count() < 1:
+                time.sleep(0.01)
+            busy.append(server.submit("batch", "the market", 200))  # the one place in the queue
+            req = urllib.request.Request(url + "/v1/completions", method="POST", headers={
+                "Authorization": f"Bearer {KEYS['batch']}", "Content-Type": "application/json"},
+                data=json.dumps({"model": "tiny-random", "prompt": "hi", "max_tokens": 2}).encode())
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=30)
+            assert err.value.code == 429 and err.value.headers["Retry-After"] == "1"
+            assert json.loads(err.value.read())["error"]["type"] == "rate_limit_error"
+            for r in busy:
+                r.cancel()
     finally:
-        web.should_exit = True
-        thread.join(10)
         server.stop()
 
 

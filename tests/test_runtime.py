@@ -7,8 +7,8 @@ import time
 import pandas as pd
 import pytest
 
-from qos.cli import main
 from runtime.server import Server
+from tests.conftest import profile_tiny
 from tests.test_profiler import needs_data
 
 SLOS = """
@@ -26,11 +26,7 @@ prefer: {prefer}
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory):
-    path = tmp_path_factory.mktemp("front") / "front.csv"
-    assert main(["profile", "--model", "tiny-random", "--grid", "quantized=0,8,16;bits=4;gpu_experts=0,8,16",
-                 "--out", str(path), "--max-windows", "1", "--seqlen", "32", "--new-tokens", "3",
-                 "--repeats", "1", "--quiet"]) == 0
-    return path
+    return profile_tiny(tmp_path_factory.mktemp("front") / "front.csv", "quantized=0,8,16;bits=4;gpu_experts=0,8,16")
 
 
 @needs_data
