@@ -44,7 +44,9 @@ MIN_KEY_CHARS, MAX_KEY_CHARS, MAX_KEYS = 16, 256, 100  # per API key; keys per t
 # when printed whole.
 _repr = reprlib.Repr()  # (keyword arguments only from Python 3.12)
 _repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 40, 40, 4, 4
+_repr.maxlong = 40  # (a 400-digit number is shown shortened too)
 _short = _repr.repr
+MAX_NAME_CHARS = 100
 
 
 class SLOError(ValueError):
@@ -65,18 +67,19 @@ class TenantSLO:
     def __post_init__(self):
         if not self.name:
             raise SLOError("tenant name must not be empty")
+        who = _short(self.name)  # errors quote values shortened: one short line whatever the file holds
         if self.min_decode_tok_s is not None and self.min_decode_tok_s <= 0:
-            raise SLOError(f"{self.name}: min_decode_tok_s must be > 0, got {self.min_decode_tok_s}")
+            raise SLOError(f"{who}: min_decode_tok_s must be > 0, got {_short(self.min_decode_tok_s)}")
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
-            raise SLOError(f"{self.name}: max_ppl_increase must be >= 0, got {self.max_ppl_increase}")
+            raise SLOError(f"{who}: max_ppl_increase must be >= 0, got {_short(self.max_ppl_increase)}")
         for key in ("max_ttft_s", "max_tpot_ms"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
-                raise SLOError(f"{self.name}: {key} must be > 0, got {getattr(self, key)}")
+                raise SLOError(f"{who}: {key} must be > 0, got {_short(getattr(self, key))}")
         if self.p not in PERCENTILES:
-            raise SLOError(f"{self.name}: p must be one of {', '.join(map(str, PERCENTILES))} (the percentiles a "
-                           f"profile records), got {self.p}")
+            raise SLOError(f"{who}: p must be one of {', '.join(map(str, PERCENTILES))} (the percentiles a "
+                           f"profile records), got {_short(self.p)}")
         if not 0 <= self.priority <= MAX_PRIORITY:
-            raise SLOError(f"{self.name}: priority must be from 0 to {MAX_PRIORITY}, got {self.priority}")
+            raise SLOError(f"{who}: priority must be from 0 to {MAX_PRIORITY}, got {_short(self.priority)}")
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,16 @@ class SLOSpec:
 
 
 def _number(where: str, value, *, integer: bool = False):
+    """The value as an int (integer) or a float, or an SLOError naming the key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         kind = "an integer" if integer else "a number"
         raise SLOError(f"{where}: must be {kind}, got {_short(value)}")
+    if integer:
+        return value
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float's range
+        raise SLOError(f"{where}: must be a finite number, got {_short(value)}") from None
     if not math.isfinite(value):  # NaN would pass every comparison and switch the SLO off
         raise SLOError(f"{where}: must be a finite number, got {value}")
     return value
@@ -143,10 +153,10 @@ def parse_slos(text: str, source: str = "SLO file") -> SLOSpec:
         raise SLOError(f"{source}: {len(text)} characters; an SLO file may have at most {MAX_FILE_BYTES}")
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SLOError(f"{source}: not valid YAML: {str(err)[:300]}") from None
     except RecursionError:
         raise SLOError(f"{source}: nested too deeply to be an SLO file") from None
+    except Exception as err:  # YAMLError, or a value YAML cannot build (a timestamp like 2001-13-45)
+        raise SLOError(f"{source}: not valid YAML: {' '.join(str(err).split())[:200]}") from None
     return slos_from_mapping(doc, source)
 
 
@@ -169,15 +179,16 @@ def slos_from_mapping(doc, source: str = "SLOs") -> SLOSpec:
             raise SLOError(f"{where}: must be a mapping, got {_short(t)}")
         _unknown(where, t, TENANT_KEYS)
         name = t.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise SLOError(f"{where}.name: must be a non-empty string, got {_short(name)}")
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise SLOError(f"{where}.name: must be a non-empty string of at most {MAX_NAME_CHARS} printable "
+                           f"characters, got {_short(name)}")
         if name in seen:
             raise SLOError(f"{where}.name: duplicate tenant name {_short(name)}")
         seen.add(name)
         kwargs = {"name": name}
         for key in ("min_decode_tok_s", "max_ppl_increase", "max_ttft_s", "max_tpot_ms"):
             if t.get(key) is not None:
-                kwargs[key] = float(_number(f"{where}.{key}", t[key]))
+                kwargs[key] = _number(f"{where}.{key}", t[key])
         for key in ("p", "priority"):
             if key in t:
                 kwargs[key] = _number(f"{where}.{key}", t[key], integer=True)
@@ -191,7 +202,7 @@ def slos_from_mapping(doc, source: str = "SLOs") -> SLOSpec:
     if not isinstance(gpu, dict):
         raise SLOError(f"{source}: gpu: must be a mapping, got {_short(gpu)}")
     _unknown(f"{source}: gpu", gpu, GPU_KEYS)
-    reserve = float(_number(f"{source}: gpu.reserve_gib", gpu.get("reserve_gib", 0)))
+    reserve = _number(f"{source}: gpu.reserve_gib", gpu.get("reserve_gib", 0))
     if not 0 <= reserve <= MAX_RESERVE_GIB:
         raise SLOError(f"{source}: gpu.reserve_gib: must be from 0 to {MAX_RESERVE_GIB}, got {reserve:g}")
     prefer = doc.get("prefer", "quality")

@@ -150,12 +150,6 @@ def slo_files():
     return KNOWN + [hostile_slo_file(rng, case) for case in range(CASES)]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "catalog/slo.py bugs: parse_slos lets OverflowError (an integer too large for a float: min_decode_tok_s, "
-    "priority, reserve_gib) and ValueError (a timestamp like 2001-13-45) escape instead of SLOError; YAML's errors "
-    "are quoted over 4-8 lines; errors quote a tenant's name and a bad number whole (a 200k-character name gives a "
-    "200k-character error, a newline in the name splits it). Server.reconfigure makes them one line; "
-    "load_slos/write_config do not"))
 def test_the_slo_parser_takes_any_file_with_a_one_line_error(slo_files):
     bad = []
     for i, text in enumerate(slo_files):
