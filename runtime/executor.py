@@ -183,6 +183,7 @@ class Executor:
         self.reconfigurations = 0  # all of them
         self.serving = True
         self.steps = 0
+        self.hook_failures = 0  # serve_forever's between_steps() raised
         # measured since the controller last looked (world()): (plan_id, batch, seconds) per decode
         # step, (plan_id, seconds) per first token
         self.measured_steps: deque[tuple[str | None, int, float]] = deque(maxlen=10_000)
@@ -355,7 +356,12 @@ class Executor:
         while self.serving:
             try:
                 start = time.perf_counter()
-                between_steps()
+                try:
+                    between_steps()
+                except Exception:  # (a failing reconfiguration) serving goes on with the plan held
+                    self.hook_failures += 1
+                    if self.hook_failures & (self.hook_failures - 1) == 0:  # logged at 1, 2, 4, 8, ... failures
+                        log.exception("the between-steps hook failed (%d times); serving on", self.hook_failures)
                 with self.lock:
                     self._note_plan()
                     self._drop_cancelled()

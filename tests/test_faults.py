@@ -154,10 +154,6 @@ def test_a_reconfiguration_that_raises_is_recorded_and_requests_are_still_resolv
     assert s.generate("batch", "hello", 3)["new_tokens"] == 3 and s.healthy()
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason=(
-    "executor bug: when serve_forever's between_steps hook raises at every step, waiting requests are neither "
-    "admitted nor answered until stop (only running ones are failed); Server._reconcile no longer raises, so a "
-    "Server is not affected"))
 def test_the_executor_answers_waiting_requests_while_its_between_steps_hook_keeps_failing():
     from catalog.knobs import Knobs
     from catalog.rows import ModelIdentity
