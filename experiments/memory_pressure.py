@@ -25,7 +25,8 @@ the built-in models are random: their perplexity means nothing, but the policy o
 On the CPU (--simulate) both tiers are the same memory, so measured decode speed does not depend
 on placement (it is noise); the simulated front therefore ranks plans by accelerator bytes
 (`decode_tok_s` := accelerator MiB, the measured value kept as `decode_tok_s_measured`), as a GPU
-ranks them when host experts cost PCIe traffic.
+ranks them when host experts cost PCIe traffic, and the controller runs open loop (measured step
+times cannot correct a speed that is not one).
 
 Outputs: {prefix}_timeline.csv, {prefix}_reconfig.csv, {prefix}_cotenant.csv, {prefix}_profile.csv
 (when profiled here), {prefix}_timeline.png, and a summary on stdout.
@@ -437,8 +438,10 @@ def main(argv: list[str] | None = None) -> dict:
     sim_total = largest + reserve_guess + 2 * margin if args.simulate else None
     oom_log = OOMCount()
     logging.getLogger("runtime").addHandler(oom_log)
+    # simulated: the front's speeds are accelerator MiB, not times, so nothing measured can correct
+    # them; the controller decides from the front alone (open loop)
     server = Server(str(front), str(slos), model=args.model, layers=args.layers, device=args.device,
-                    tick_s=args.tick_s, free_bytes=sim_total, data=args.data)
+                    tick_s=args.tick_s, free_bytes=sim_total, data=args.data, closed_loop=not args.simulate)
     try:
         reserve = server.slos.reserve_bytes
         if margin >= reserve:
