@@ -96,7 +96,11 @@ def expert_layout(
 
 def pack(layout: Layout, tensors: dict[str, torch.Tensor], *, pin: bool = False) -> torch.Tensor:
     """Copy `tensors` (named as the layout's fields) into one new host buffer."""
-    buf = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+    return pack_into(layout, tensors, torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=pin))
+
+
+def pack_into(layout: Layout, tensors: dict[str, torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
+    """Copy `tensors` (named as the layout's fields) into `buf` (uint8, layout.nbytes, any device)."""
     views = layout.views(buf)
     for f in layout.fields:
         src = tensors[f.name]

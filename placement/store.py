@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from placement.experts import expert_weights, tensor_bytes
-from placement.packed import Layout, expert_layout
+from placement.packed import Layout, expert_layout, pack_into
 from placement.plan import ExpertId
 from placement.spec import ModelSpec
 
@@ -64,16 +64,6 @@ class HostBuffers:
 
     def pinned_bytes(self) -> int:
         return sum(self._registered.values())
-
-
-def pack_into(layout: Layout, tensors: dict[str, torch.Tensor], buf: torch.Tensor) -> torch.Tensor:
-    """Copy `tensors` (named as the layout's fields) into `buf` (uint8, layout.nbytes, any device)."""
-    views = layout.views(buf)
-    for f in layout.fields:
-        src = tensors[f.name]
-        assert tuple(src.shape) == f.shape and src.dtype == f.dtype, (f, src.shape, src.dtype)
-        views[f.name].copy_(src)
-    return buf
 
 
 class MasterBuffers(Mapping):
