@@ -304,7 +304,7 @@ def cmd_serve(args) -> dict:
             model=args.model, layers=args.layers, device=None if args.device == "auto" else args.device,
             tick_s=args.tick, free_memory=args.free_memory, data=args.data, speed=args.speed,
             limits=dataclasses.asdict(limits), anonymous_tenant=args.anonymous_tenant,
-            served_model_name=args.served_model_name)
+            served_model_name=args.served_model_name, host_budget=args.host_budget)
     if os.environ.get("RAY_AUTH_MODE") == "disabled":
         print("qos serve: warning: Ray token auth is off (RAY_AUTH_MODE=disabled): any process that reaches "
               "this cluster can call the server and run code on it", file=sys.stderr)
@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tick", type=float, default=1.0, help="seconds between controller ticks")
     p.add_argument("--free-memory", type=_bytes, metavar="BYTES",
                    help="start with this much free accelerator memory, simulated (e.g. 30MB; CPU machines, tests)")
+    p.add_argument("--host-budget", type=_bytes, metavar="BYTES",
+                   help="host memory bytes (e.g. 64GiB) each replica's host-tier experts may hold: the server "
+                        "never chooses a plan of the front over it, and fails to start if none fits")
     p.add_argument("--data", help="data folder, for calibration text of scored selections")
     p.add_argument("--speed", default="decode_tok_s", metavar="COLUMN",
                    help="the front's column that tenants' min_decode_tok_s is checked against: decode_tok_s "

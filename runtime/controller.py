@@ -58,16 +58,20 @@ class Desired:
 
 class Controller:
     def __init__(self, front: list[Measured], slos: str | Path | SLOSpec, *, hysteresis: float = 0.05,
-                 switch_bytes: Callable[[str], int] = lambda plan_id: 0, closed_loop: bool = True):
+                 switch_bytes: Callable[[str], int] = lambda plan_id: 0, closed_loop: bool = True,
+                 host_budget: int | None = None):
         """closed_loop: predict plans' latency at the current load and correct the predictions with
         what is measured (catalog.feedback), and hold back low-priority tenants' new requests when
-        that lets a higher priority meet its SLO; otherwise decide from the profile alone."""
+        that lets a higher priority meet its SLO; otherwise decide from the profile alone.
+        host_budget: plans whose host_bytes exceed it are never chosen."""
         if not front:
             raise ValueError("the front has no measured plans")
         self.rejections: deque[dict] = deque(maxlen=KEPT)  # the latest; rejected_total counts them all
         self.rejected_total = 0
         self.use_slos(slos)
-        self.options = [Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes, m.ttft_s, m.tpot_ms) for m in front]
+        self.options = [Option(m.plan_id, m.decode_tok_s, m.ppl, m.gpu_bytes, m.ttft_s, m.tpot_ms, m.host_bytes)
+                        for m in front]
+        self.host_budget = host_budget
         # the quality reference: the best 16-bit plan's perplexity (any plan's, if none is 16-bit)
         quality = [m.ppl for m in front if m.knobs.quantized == 0] or [min(m.ppl for m in front)]
         self.base_ppl = min(quality)
@@ -160,7 +164,7 @@ class Controller:
 
     def _choose(self, options: list[Option], active: frozenset[str], current: str | None) -> Decision:
         return choose(options, self.slos, active, self.budget_bytes, current, base_ppl=self.base_ppl,
-                      switch_bytes=self.switch_bytes, hysteresis=self.hysteresis)
+                      switch_bytes=self.switch_bytes, hysteresis=self.hysteresis, host_budget=self.host_budget)
 
     def _admission(self, decision: Decision, world: World, active: frozenset[str],
                    now: float) -> tuple[Decision, frozenset[str]]:

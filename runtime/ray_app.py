@@ -57,7 +57,7 @@ HEALTH_CHECK_S = 2.0  # how often Serve checks a replica (a dead one is replaced
 RETRY_AFTER_S = 1  # what clients of a replica that died are told to wait before retrying
 PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # Serve reads it in each HTTP proxy
 ARGS = {"front", "model", "layers", "device", "tick_s", "free_memory", "data", "limits", "speed",
-        "served_model_name", "anonymous_tenant", "slos", "slo_file", "num_replicas", "num_gpus"}
+        "served_model_name", "anonymous_tenant", "slos", "slo_file", "num_replicas", "num_gpus", "host_budget"}
 
 
 def _registry_name(app: str) -> str:
@@ -142,10 +142,11 @@ class QosServer:
     def __init__(self, front: str, *, model: str | None = None, layers: int | None = None,
                  device: str | None = None, tick_s: float = 1.0, free_memory: int | None = None,
                  data: str | None = None, limits: dict | None = None, speed: str = "decode_tok_s",
-                 served_model_name: str | None = None, anonymous_tenant: str | None = None):
+                 served_model_name: str | None = None, anonymous_tenant: str | None = None,
+                 host_budget: int | None = None):
         # the model loads at the first reconfigure(), which brings the SLOs (the user_config)
         self.args = dict(front=front, model=model, layers=layers, device=device, tick_s=tick_s,
-                         free_bytes=free_memory, data=data, speed=speed)
+                         free_bytes=free_memory, data=data, speed=speed, host_budget=host_budget)
         self.limits = limits or {}
         context = serve.get_replica_context()
         self.app_name = context.app_name or DEFAULT_APP

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from catalog.rows import read_front
@@ -61,21 +61,28 @@ class Server:
                  layers: int | None = None, dtype: str | None = None, device: str | None = None,
                  tick_s: float = 1.0, free_bytes: int | None = None, data: str | None = None,
                  hysteresis: float = 0.05, limits: Limits = Limits(), speed: str = "decode_tok_s",
-                 metrics=None, start_plan: str | None = None, closed_loop: bool = True):
+                 metrics=None, start_plan: str | None = None, closed_loop: bool = True,
+                 host_budget: int | None = None):
         """slos: a file, SLOs, or a live configuration (see slos_of); metrics: a runtime.metrics.Metrics
         to feed (None: none); start_plan: a plan_id to serve first (a restarted replica's plan), which
         the controller then keeps unless it decides otherwise (an unknown one is ignored); closed_loop:
         correct the profile with what is measured (else decide from the profile alone, see
-        runtime.controller)."""
+        runtime.controller); host_budget: bytes the plans' host tier may hold (the engine refuses a
+        plan over it, and the controller never chooses one)."""
         if isinstance(slos, dict):
             slos = slos_of(slos)
         rows = read_front(front, speed=speed)  # speed: the column SLO floors are checked against
         identity = identity_for(rows[0].identity, model=model, layers=layers, dtype=dtype, source=str(front))
-        self.session = open_session(identity, device, data=data)
+        self.session = open_session(identity, device, data=data, host_budget=host_budget)
         self.engine = self.session.engine
         self.plans = {m.plan_id: self.session.planner.rebuild(m.knobs, m.plan_id) for m in rows}
+        if host_budget is not None:  # judge plans by the bound the engine enforces, not the bytes measured
+            rows = [replace(m, host_bytes=self.plans[m.plan_id].host_bytes(self.engine.spec)) for m in rows]
+            if min(m.host_bytes for m in rows) > host_budget:
+                raise ValueError(f"no plan of {front} fits the host budget of {host_budget / 1e9:.4g} GB: the "
+                                 f"smallest host tier is {min(m.host_bytes for m in rows) / 1e9:.4g} GB")
         self.controller = Controller(rows, slos, hysteresis=hysteresis, switch_bytes=self._switch_bytes,
-                                     closed_loop=closed_loop)
+                                     closed_loop=closed_loop, host_budget=host_budget)
         self.executor = Executor(self.session, self.plans, check_tenant=lambda name: self.slos.tenant(name),
                                  limits=limits, priority=self._priority)
         self.lock = self.executor.lock  # one lock: a tick never sees a half-applied plan

@@ -230,3 +230,53 @@ def test_bad_checkpoints_are_one_line_errors(tiny_checkpoint, tmp_path, capsys):
         assert main(["generate", "--model", model, "--prompt", "hi", "--device", "cpu"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and "\n" not in err, err
+
+
+@pytest.fixture(scope="module")
+def host_front(tmp_path_factory):
+    from tests.conftest import profile_tiny
+    from tests.test_profiler import HAVE_DATA
+
+    if not HAVE_DATA:
+        pytest.skip("evaluation text not found (set QOS_DATA_DIR)")
+    # all-accelerator plans (no host tier) and all-host ones (16 experts on the host)
+    return profile_tiny(tmp_path_factory.mktemp("front") / "front.csv", "quantized=0,16;bits=4;gpu_experts=0,16")
+
+
+def test_a_server_under_a_host_budget_never_chooses_a_plan_over_it(host_front, tmp_path, monkeypatch):
+    """Squeezed so that only the all-host plans fit the accelerator, a server without a host budget
+    moves to one of them; under a host budget below every host plan it keeps to plans that hold no
+    host tier, and its engine refuses a host plan outright."""
+    import pandas as pd
+
+    from runtime.server import Server
+
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    slos = tmp_path / "slos.yaml"
+    slos.write_text("tenants: [{name: a, max_ppl_increase: 0.5}]\nprefer: quality\n")
+    df = pd.read_csv(host_front)
+    host_plans = set(df.loc[df["host_bytes"] > 0, "plan_id"])
+    budget = int(df.loc[df["host_bytes"] > 0, "host_bytes"].min()) - 1
+    squeeze = int(df.loc[df["host_bytes"] > 0, "gpu_bytes"].max())  # room for the host plans only
+
+    chosen = {}
+    for host_budget in (None, budget):
+        server = Server(str(host_front), str(slos), device="cpu", tick_s=3600, host_budget=host_budget)
+        try:
+            server.set_free_memory(squeeze - server.held_bytes())
+            server.tick()
+            server.executor.reconcile(server.controller.budget_bytes)
+            chosen[host_budget] = server.engine.plan.plan_id
+            assert server.engine.memory()["host_bytes"] <= (host_budget if host_budget is not None else 1 << 40)
+            if host_budget is not None:
+                with pytest.raises(ValueError, match="over the host budget"):
+                    server.engine.apply(server.plans[sorted(host_plans)[0]])
+        finally:
+            server.stop()
+    assert chosen[None] in host_plans  # the squeeze alone picks a host plan ...
+    assert chosen[budget] not in host_plans  # ... which the host budget rules out
+
+    only_host = tmp_path / "host-plans.csv"
+    df[df["host_bytes"] > 0].to_csv(only_host, index=False)
+    with pytest.raises(ValueError, match=r"no plan of .*host-plans.csv fits the host budget of .* GB: the smallest"):
+        Server(str(only_host), str(slos), device="cpu", tick_s=3600, host_budget=budget)

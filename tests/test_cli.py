@@ -108,3 +108,38 @@ def test_text_output_reads_in_units(capsys):
     assert _human("memory", {"gpu_bytes": 1_545_536, "hit_rate": None}) == "gpu_bytes=1.546 MB, hit_rate=None"
     code, out, _ = run(capsys, "plan", "--model", "tiny-random", "--gpu-experts", "8")
     assert code == 0 and "gpu_bytes: 1.546 MB" in out and "host_bytes: 786.4 kB" in out
+
+
+def test_serve_host_budget_reaches_the_deployment_config(tmp_path, monkeypatch, capsys):
+    """`qos serve --host-budget 64GiB` writes the byte count into the Serve application's args, which
+    the deployment (and so the Server in each replica) takes; the cluster itself is faked."""
+    import inspect
+
+    import pandas as pd
+    import yaml
+
+    from catalog.knobs import Knobs, knob_cells
+    from catalog.rows import ModelIdentity
+    from runtime import ray_app
+
+    front = tmp_path / "front.csv"
+    pd.DataFrame([{**ModelIdentity("tiny-random").cells(), "plan_id": "p1", "precision_id": "x",
+                   **knob_cells(Knobs()), "decode_tok_s": 10.0, "ppl_wikitext2": 5.0, "gpu_bytes": 100,
+                   "host_bytes": 0}]).to_csv(front, index=False)
+    slos = tmp_path / "slos.yaml"
+    slos.write_text("tenants: [{name: a}]\n")
+    monkeypatch.setattr(ray_app, "connect", lambda address=None: None)
+    monkeypatch.setattr(ray_app, "cluster_gpus", lambda: 0)
+    monkeypatch.setattr(ray_app, "deploy", lambda path, wait_s: ["moe-qos"])
+    monkeypatch.setattr(ray_app, "statuses", lambda app: [{"plan_id": "p1", "model": "tiny-random"}])
+    config = tmp_path / "serve.yaml"
+    base = ["serve", "--front", str(front), "--slos", str(slos), "--config", str(config), "--json"]
+    code, out, err = run(capsys, *base, "--host-budget", "64GiB")
+    assert code == 0, err
+    args = yaml.safe_load(config.read_text())["applications"][0]["args"]
+    assert args["host_budget"] == 64 * 2**30
+    assert "host_budget" in inspect.signature(ray_app.QosServer.func_or_class).parameters
+    ray_app.build(args)  # an arg the application accepts
+    assert run(capsys, *base)[0] == 0 and "host_budget" not in yaml.safe_load(config.read_text())["applications"][0]["args"]
+    code, _, err = run(capsys, *base, "--host-budget", "lots")
+    assert code == 2 and "not a byte count: 'lots'" in err
