@@ -1,23 +1,32 @@
 """A co-tenant takes accelerator memory while the server decodes: the server must shrink its plan
 before anything runs out of memory, and grow back once the memory is freed. Each reconfiguration's
-seconds are set against its bytes moved over the measured pinned host->device bandwidth.
+seconds are set against its bytes moved over the measured pinned host->device bandwidth. The run
+fails (exit 1, one line saying what did not happen) unless the server shrank at least once, grew
+back to a plan at least as large as the one it started on, answered every request and never ran
+out of memory.
 
-    # H100: a second process allocates GPU memory (the front is profiled here first, ~ minutes)
-    python -m experiments.memory_pressure --model mixtral-8x7b-shape --layers 4 \\
-        --out-prefix experiments/results/memory_pressure_h100
+    # GPU: a second process allocates GPU memory (the front is profiled here first, ~ minutes)
+    python -m experiments.memory_pressure --model mixtral-8x7b-shape --layers 2 \\
+        --out-prefix experiments/results/memory_pressure_h200
     # CPU: the co-tenant is simulated through Server.set_free_memory (tiny-random, < 1 minute)
     python -m experiments.memory_pressure --simulate
 
-The server (runtime.server.Server, in this process) serves one tenant whose perplexity bound lets
-every plan through and prefers throughput, so it holds as much accelerator memory as it may and
-must give some back under pressure. A client thread keeps two short generations in flight.
+The server (runtime.server.Server, in this process) serves one tenant that keeps its experts at 16
+bits (`max_ppl_increase: 0`) and, among the plans that do, prefers throughput: it starts on the
+16-bit plan with every expert on the accelerator, the front's largest, whichever plan is fastest on
+the GPU at hand (on an H200 the all-4-bit plan is the fastest: a tenant preferring throughput alone
+started there, and a squeeze with a fixed 1 GiB margin never went below it: 0 shrinks, 0 grows).
+A client thread keeps two short generations in flight.
 
-The co-tenant only ever allocates what is free less a safety margin (`--margin-gib`): pressure comes
-from the server's reserve (`--reserve-gib` > margin), which the co-tenant eats into and the server
-restores by shrinking. Its schedule: first the slack (what the server's plan leaves beyond its
-reserve and the margin: no pressure yet), then `--steps` equal squeezes of the server's budget from
-below its plan down to the smallest plan plus the margin, each waiting until the server has made
-room, a hold, then the same steps back and a full release.
+The co-tenant only ever allocates what is free less a safety margin: pressure comes from the
+server's reserve (`--reserve-gib` > margin), which the co-tenant eats into and the server restores
+by shrinking. Its schedule is sized from the device and the front, so it is the same squeeze on an
+80 GB and a 141 GB GPU: first the slack (the device's free memory, measured, less what the server's
+plan, its reserve and the margin need: no pressure yet), then `--steps` equal squeezes of the
+server's budget from below the plan it serves down to the front's smallest plan plus the margin
+(the margin is at most a quarter of that span, so the plan served at the start never fits the last
+step), each waiting until the server has made room, a hold, then the same steps back and a full
+release. A server already on the front's smallest plan cannot be squeezed: the run stops there.
 
 Without --front the plans are profiled here (quantized 0/50/100% at 4 bits x 25/50/100% of the
 experts on the accelerator, fetch offload; few tokens, one short perplexity window). The weights of
@@ -28,8 +37,8 @@ on placement (it is noise); the simulated front therefore ranks plans by acceler
 ranks them when host experts cost PCIe traffic, and the controller runs open loop (measured step
 times cannot correct a speed that is not one).
 
-Outputs: {prefix}_timeline.csv, {prefix}_reconfig.csv, {prefix}_cotenant.csv, {prefix}_profile.csv
-(when profiled here), {prefix}_timeline.png, and a summary on stdout.
+Outputs: {prefix}_timeline.csv, {prefix}_reconfig.csv, {prefix}_cotenant.csv, {prefix}_summary.csv,
+{prefix}_profile.csv (when profiled here), {prefix}_timeline.png, and a summary on stdout.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ TENANT = "client"
 SLOS = """\
 tenants:
   - name: {tenant}
-    max_ppl_increase: 1000   # every plan is feasible: only memory decides
+    max_ppl_increase: 0      # 16-bit experts: the plan to start from is a large one, not the fastest
     priority: 1
 gpu:
   reserve_gib: {reserve_gib}
@@ -68,8 +77,9 @@ TIMELINE_COLUMNS = ["t", "cotenant_bytes", "server_bytes", "free_bytes", "capaci
                     "plan_gpu_bytes", "budget_bytes"]
 RECONFIG_COLUMNS = ["t_start", "t", "from_plan", "to_plan", "from_gpu_bytes", "to_gpu_bytes", "kind", "reason",
                     "experts_moved", "requantized", "bytes_to_accel", "seconds", "bound_s", "ratio",
-                    "budget_bytes"]
-COTENANT_COLUMNS = ["t", "event", "phase", "step", "target_bytes", "held_bytes", "waited", "reached", "step_s"]
+                    "budget_bytes", "from_knobs", "to_knobs"]
+COTENANT_COLUMNS = ["t", "event", "phase", "step", "target_bytes", "held_bytes", "waited", "reached", "step_s",
+                    "total_bytes"]
 
 
 # --- the co-tenant's schedule, for both the real and the simulated device ---------------------------
@@ -77,15 +87,43 @@ class SimOOM(Exception):
     """The simulated device had less free memory than an allocation asked for."""
 
 
+def squeeze_margin(start: int, smallest: int, reserve: int, margin: int | None = None) -> int:
+    """The co-tenant's margin (default: half the reserve, at most a quarter of the span from the
+    smallest plan to the plan served at the start), checked: below the reserve, and small enough that
+    the squeeze's last step, room for the smallest plan plus the margin, leaves none for that plan."""
+    if start <= smallest:
+        raise SystemExit(f"no squeeze can make the server shrink: the plan it serves ({start / MIB:.1f} MiB) is "
+                         f"already the front's smallest; choose SLOs that hold a larger plan")
+    margin = min(reserve // 2, (start - smallest) // 4) if margin is None else margin
+    if margin < 0:
+        raise SystemExit(f"the margin must be at least 0 bytes, got {margin}")
+    if margin >= reserve:
+        raise SystemExit(f"the margin ({margin} B) must be below the reserve ({reserve} B): "
+                         "pressure on the server comes from the co-tenant eating into its reserve")
+    if smallest + margin >= start:
+        raise SystemExit(f"the margin ({margin / MIB:.1f} MiB) must be below the span from the smallest plan "
+                         f"({smallest / MIB:.1f} MiB) to the plan served ({start / MIB:.1f} MiB), or no step squeezes it")
+    return margin
+
+
+def budgets(start: int, smallest: int, margin: int, steps: int) -> list[int]:
+    """The server's budget at each step up: the slack leaves it its plan plus the margin (no
+    pressure yet), then each step lowers it, from below its plan down to the smallest plan plus the
+    margin, so every step asks for a shrink. Independent of the device's size."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    top = smallest + margin
+    if top >= start:
+        raise ValueError(f"the smallest plan plus the margin ({top} B) leaves room for the plan served ({start} B)")
+    return [start + margin] + [start - (start - top) * k // steps for k in range(1, steps + 1)]
+
+
 def schedule(total: int, start: int, smallest: int, reserve: int, margin: int, steps: int) -> tuple[list, list]:
     """Co-tenant byte targets going up and coming down. `total`: memory the server and the co-tenant
-    share (free + the server's plan bytes); `start`: the server's plan bytes before any pressure.
-    The server's budget is total - co-tenant - reserve: the slack leaves it at its plan plus the
-    margin (no pressure yet), then each step lowers it, from below its plan down to the smallest
-    plan plus the margin, so every step asks for a shrink."""
-    top = min(smallest + margin, start)
-    budgets = [start + margin] + [start - (start - top) * k // steps for k in range(1, steps + 1)]
-    up = [max(0, total - reserve - b) for b in budgets]
+    share (free, as measured, + the server's plan bytes); `start`: the server's plan bytes before any
+    pressure. The server's budget is total - co-tenant - reserve (see budgets): the device's size
+    only changes the slack, the squeeze's steps are sized from the plans."""
+    up = [max(0, total - reserve - b) for b in budgets(start, smallest, margin, steps)]
     return up, list(reversed(up[:-1])) + [0]
 
 
@@ -164,7 +202,7 @@ def cotenant_process(server_bytes: int, smallest: int, reserve: int, margin: int
     total = dev.free() + server_bytes  # after this process's own CUDA context
     up, down = schedule(total, server_bytes, smallest, reserve, margin, steps)
     up, down = ([t - t % (2 * MIB) for t in ts] for ts in (up, down))  # what CudaDevice.grow can reach
-    report(event="schedule", held_bytes=0, target_bytes=max(up))
+    report(event="schedule", held_bytes=0, target_bytes=max(up), total_bytes=total)
     run_schedule(dev, up, down, margin=margin, report=report, **timings)
     report(event="exit", held_bytes=dev.held())
 
@@ -389,7 +427,8 @@ def parse_args(argv):
     p.add_argument("--settle-s", type=float, default=30.0, help="how long to wait for the server to grow back")
     p.add_argument("--reserve-gib", type=float, help="the SLO file's reserve (default: 2 on CUDA; "
                    "simulated: a quarter of the plans' byte span)")
-    p.add_argument("--margin-gib", type=float, help="co-tenant's safety margin, below the reserve (default: reserve / 2)")
+    p.add_argument("--margin-gib", type=float, help="co-tenant's safety margin, below the reserve (default: half the "
+                   "reserve, at most a quarter of the span from the smallest plan to the plan served)")
     p.add_argument("--chunk-mib", type=int, default=256, help="co-tenant allocation size")
     p.add_argument("--new-tokens", type=int, default=16, help="per client request")
     p.add_argument("--pcie-gbps", type=float, default=54.6, help="measured pinned host->device GB/s")
@@ -404,6 +443,8 @@ def parse_args(argv):
 
     args.model = args.model or ("tiny-random" if args.simulate else "mixtral-8x7b-shape")
     args.device = args.device or ("cpu" if args.simulate or not torch.cuda.is_available() else "cuda")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     if not args.simulate and args.device != "cuda":
         p.error("a real co-tenant needs CUDA: run on a GPU or pass --simulate")
     args.step_s = 4 * args.tick_s if args.step_s is None else args.step_s
@@ -413,6 +454,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the experiment; the summary it returns says what happened (`failures`: what did not)."""
     from runtime.server import Server
 
     args = parse_args(argv)
@@ -422,20 +464,18 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="memory-pressure-"))
 
     front = Path(args.front) if args.front else build_front(args, work)
-    rows = pd.read_csv(front)
+    rows = pd.read_csv(front, dtype={"plan_id": str})  # an all-digit plan_id stays a string
     if not args.front:
         rows.to_csv(f"{prefix}_profile.csv", index=False)
-    plan_bytes = dict(zip(rows["plan_id"].astype(str), rows["gpu_bytes"].astype(int)))
-    smallest, largest = min(plan_bytes.values()), max(plan_bytes.values())
+    plans = {str(r["plan_id"]): r for r in rows.to_dict(orient="records")}
+    smallest, largest = int(rows["gpu_bytes"].min()), int(rows["gpu_bytes"].max())
     if args.reserve_gib is None:
         args.reserve_gib = (largest - smallest) / 4 / GIB if args.simulate else 2.0
     slos = work / "slos.yaml"
     slos.write_text(SLOS.format(tenant=TENANT, reserve_gib=f"{args.reserve_gib:.12g}"))
 
-    # simulated: room for the largest plan, the reserve and twice the margin, so nothing presses at first
-    reserve_guess = int(args.reserve_gib * GIB)
-    margin = int((args.margin_gib if args.margin_gib is not None else args.reserve_gib / 2) * GIB)
-    sim_total = largest + reserve_guess + 2 * margin if args.simulate else None
+    # simulated: room for the largest plan and twice the reserve, so nothing presses at first
+    sim_total = largest + 2 * int(args.reserve_gib * GIB) if args.simulate else None
     oom_log = OOMCount()
     logging.getLogger("runtime").addHandler(oom_log)
     # simulated: the front's speeds are accelerator MiB, not times, so nothing measured can correct
@@ -443,24 +483,32 @@ def main(argv: list[str] | None = None) -> dict:
     server = Server(str(front), str(slos), model=args.model, layers=args.layers, device=args.device,
                     tick_s=args.tick_s, free_bytes=sim_total, data=args.data, closed_loop=not args.simulate)
     try:
+        # the plans the server may serve (a flagged row of the front is not one)
+        plan_bytes = {o.plan_id: o.gpu_bytes for o in server.controller.options}
+        smallest = min(plan_bytes.values())
         reserve = server.slos.reserve_bytes
-        if margin >= reserve:
-            raise SystemExit(f"the margin ({margin} B) must be below the reserve ({reserve} B): "
-                             "pressure on the server comes from the co-tenant eating into its reserve")
         quantized_now = prewarm(server)
         for p in PROMPTS[:2]:  # warm kernels and the allocator before measuring anything
             server.generate(TENANT, p, args.new_tokens)
         time.sleep(2 * args.tick_s)  # let the controller settle on its preferred plan
         plan0, held0 = server.engine.plan.plan_id, server.held_bytes()
         print(f"server: {args.model} on {args.device}, {len(plan_bytes)} plans "
-              f"({smallest / MIB:.1f}..{largest / MIB:.1f} MiB), {quantized_now} variants quantized up front; "
-              f"serving {plan0} ({held0 / MIB:.1f} MiB), reserve {reserve / MIB:.1f} MiB, margin {margin / MIB:.1f} MiB")
+              f"({smallest / MIB:.1f}..{max(plan_bytes.values()) / MIB:.1f} MiB), {quantized_now} variants quantized "
+              f"up front; serving {describe(plans, plan0)}, reserve {reserve / MIB:.1f} MiB")
+        margin = squeeze_margin(held0, smallest, reserve,
+                                None if args.margin_gib is None else int(args.margin_gib * GIB))
+        squeeze = budgets(held0, smallest, margin, args.steps)
+        print(f"co-tenant: margin {margin / MIB:.1f} MiB; it takes the slack (the server's budget: its plan plus the "
+              f"margin, {squeeze[0] / MIB:.1f} MiB), then lowers the budget in {args.steps} steps of "
+              f"{(held0 - squeeze[-1]) / args.steps / MIB:.1f} MiB down to {squeeze[-1] / MIB:.1f} MiB, and back")
 
         timings = dict(step_s=args.step_s, hold_s=args.hold_s, poll_s=0.02, timeout_s=args.step_timeout_s)
         if args.simulate:
             sim = SimDevice(server, sim_total)
             up, down = schedule(sim_total, held0, smallest, reserve, margin, args.steps)
             cotenant = SimCoTenant(sim, up, down, margin, timings)
+            cotenant.events.append({"t": time.time(), "event": "schedule", "held_bytes": 0, "target_bytes": max(up),
+                                    "total_bytes": sim_total})
         else:
             sim = None
             cotenant = CudaCoTenant(held0, smallest, reserve, margin, args.steps, timings, args.chunk_mib * MIB)
@@ -490,14 +538,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     timeline = pd.DataFrame(sampler.rows, columns=TIMELINE_COLUMNS)
     timeline["t"] -= t0
-    reconfig = reconfigurations(history, plan_bytes, t0, args.pcie_gbps)
+    reconfig = reconfigurations(history, plans, plan_bytes, t0, args.pcie_gbps)
     events = pd.DataFrame(cotenant.events, columns=COTENANT_COLUMNS)
     events["t"] -= t0
     timeline.to_csv(f"{prefix}_timeline.csv", index=False)
     reconfig.to_csv(f"{prefix}_reconfig.csv", index=False)
     events.to_csv(f"{prefix}_cotenant.csv", index=False)
-    summary = summarize(client, timeline, reconfig, events, oom_log.count, plan0, final_plan, plan_bytes)
-    summary["outputs"] = [f"{prefix}_{s}.csv" for s in ("timeline", "reconfig", "cotenant")]
+    summary = summarize(client, timeline, reconfig, events, oom_log.count, plan0, final_plan, plans, plan_bytes)
+    summary.update(margin_bytes=margin, budgets_bytes=squeeze)
+    summary["failures"] = failures(summary)
+    summary["outputs"] = [f"{prefix}_{s}.csv" for s in ("timeline", "reconfig", "cotenant", "summary")]
+    pd.DataFrame([{k: "; ".join(map(str, v)) if isinstance(v, list) else v for k, v in summary.items()
+                   if k != "outputs"}]).to_csv(f"{prefix}_summary.csv", index=False)
     if not args.no_plot:
         summary["outputs"].append(plot(timeline, reconfig, events, f"{prefix}_timeline.png",
                                        f"{args.model} on {args.device}{' (simulated co-tenant)' if args.simulate else ''}"))
@@ -505,7 +557,22 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def reconfigurations(history: list[dict], plan_bytes: dict, t0: float, pcie_gbps: float) -> pd.DataFrame:
+def knobs_text(plans: dict, plan_id: str) -> str:
+    """A plan's knobs in a few words: `q/E experts at b bits, g/E on the accelerator`."""
+    r = plans.get(plan_id)
+    if r is None:
+        return "not in the front"
+    n = int(r["experts_total"])
+    return f"{int(r['quantized'])}/{n} experts at {int(r['bits'])} bits, {int(r['gpu_experts'])}/{n} on the accelerator"
+
+
+def describe(plans: dict, plan_id: str) -> str:
+    """`plan_id (knobs, X MiB)`."""
+    size = f", {int(plans[plan_id]['gpu_bytes']) / MIB:.1f} MiB" if plan_id in plans else ""
+    return f"{plan_id} ({knobs_text(plans, plan_id)}{size})"
+
+
+def reconfigurations(history: list[dict], plans: dict, plan_bytes: dict, t0: float, pcie_gbps: float) -> pd.DataFrame:
     rows = []
     for h in history:
         before = plan_bytes.get(h["from"]) if h["from"] is not None else None
@@ -517,11 +584,13 @@ def reconfigurations(history: list[dict], plan_bytes: dict, t0: float, pcie_gbps
                      "to_plan": h["to"], "from_gpu_bytes": before, "to_gpu_bytes": after, "kind": kind,
                      "reason": h["reason"], "experts_moved": h["experts_moved"], "requantized": h["requantized"],
                      "bytes_to_accel": h["bytes_to_accel"], "seconds": h["seconds"], "bound_s": bound,
-                     "ratio": h["seconds"] / bound if bound else None, "budget_bytes": h["budget_bytes"]})
+                     "ratio": h["seconds"] / bound if bound else None, "budget_bytes": h["budget_bytes"],
+                     "from_knobs": knobs_text(plans, h["from"]) if h["from"] is not None else None,
+                     "to_knobs": knobs_text(plans, h["to"])})
     return pd.DataFrame(rows, columns=RECONFIG_COLUMNS)
 
 
-def summarize(client, timeline, reconfig, events, server_ooms, plan0, final_plan, plan_bytes) -> dict:
+def summarize(client, timeline, reconfig, events, server_ooms, plan0, final_plan, plans, plan_bytes) -> dict:
     answers = pd.DataFrame(client.answers)
     failed = int((answers["error"] != "").sum()) if len(answers) else 0
     during = reconfig[reconfig["t"] >= 0]
@@ -535,10 +604,15 @@ def summarize(client, timeline, reconfig, events, server_ooms, plan0, final_plan
                     for r in waited.itertuples())
     capacity = timeline.dropna(subset=["capacity_bytes"])
     over = int((capacity["server_bytes"] > capacity["capacity_bytes"]).sum())
+    # the smallest plan served under the squeeze (the plans the server went through, in order)
+    served = [plan0] + during["to_plan"].tolist()
+    lowest = min(served, key=lambda pid: plan_bytes[pid])
+    total = events.loc[events["event"] == "schedule", "total_bytes"]
     return {
         "requests_submitted": len(client.futures), "requests_answered": len(answers), "requests_failed": failed,
         "server_ooms": server_ooms + int(answers["oom"].sum() if len(answers) else 0),
         "cotenant_ooms": int((events["event"] == "oom").sum()),
+        "device_total_bytes": int(total.iloc[0]) if len(total) and pd.notna(total.iloc[0]) else None,
         "cotenant_up_steps": len(done), "cotenant_up_steps_reached": int(done["reached"].astype(bool).sum()),
         "cotenant_peak_bytes": int(timeline["cotenant_bytes"].max()) if len(timeline) else 0,
         "shrinks": len(shrinks), "grows": len(grows),
@@ -546,10 +620,35 @@ def summarize(client, timeline, reconfig, events, server_ooms, plan0, final_plan
         "shrank_before_cotenant_allocation": len(waited) > 0 and made_room == len(waited),
         "server_bytes_min": int(timeline["server_bytes"].min()) if len(timeline) else None,
         "samples_over_capacity": over if len(capacity) else None,
-        "initial_plan": plan0, "final_plan": final_plan,
+        "initial_plan": plan0, "smallest_plan_served": lowest, "final_plan": final_plan,
+        "plan_before": describe(plans, plan0), "plan_under_pressure": describe(plans, lowest),
+        "plan_after": describe(plans, final_plan),
+        "plans_served": " > ".join(f"{plan_bytes[pid] / MIB:.1f}" for pid in served) + " MiB",
         "grew_back": final_plan == plan0 or plan_bytes[final_plan] >= plan_bytes[plan0],
         "reconfig_ratio_median": float(during["ratio"].median()) if during["ratio"].notna().any() else None,
     }
+
+
+def failures(summary: dict) -> list[str]:
+    """What the run was meant to show and did not, one phrase each (empty: it showed all of it)."""
+    out = []
+    if summary["shrinks"] == 0:
+        out.append(f"no shrink: the server kept {summary['plan_before']} under the squeeze")
+    if summary["grows"] == 0 or not summary["grew_back"]:
+        out.append(f"no grow-back: the server ended on {summary['plan_after']}, having started on "
+                   f"{summary['plan_before']}")
+    missing = summary["cotenant_up_steps"] - summary["cotenant_up_steps_reached"]
+    if missing:
+        out.append(f"{missing} of {summary['cotenant_up_steps']} co-tenant steps never got their memory "
+                   "(the server did not make room in time)")
+    unanswered = summary["requests_submitted"] - summary["requests_answered"]
+    if unanswered:
+        out.append(f"{unanswered} of {summary['requests_submitted']} requests unanswered")
+    if summary["requests_failed"]:
+        out.append(f"{summary['requests_failed']} requests failed")
+    if summary["server_ooms"]:
+        out.append(f"{summary['server_ooms']} out-of-memory errors in the server")
+    return out
 
 
 def show(summary: dict, reconfig: pd.DataFrame) -> None:
@@ -558,10 +657,20 @@ def show(summary: dict, reconfig: pd.DataFrame) -> None:
     print(reconfig[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print("\nsummary")
     for key, value in summary.items():
-        if key != "outputs":
+        if key not in ("outputs", "failures"):
             print(f"  {key:<36} {value}")
     for path in summary.get("outputs", []):
         print(f"  wrote {path}")
+    print(f"\n{verdict(summary)}")
+
+
+def verdict(summary: dict) -> str:
+    """One line: what the run showed, or what it did not."""
+    if summary["failures"]:
+        return "memory_pressure FAILED: " + "; ".join(summary["failures"])
+    return (f"memory_pressure ok: {summary['shrinks']} shrinks and {summary['grows']} grows "
+            f"({summary['plans_served']}), {summary['requests_answered']} of {summary['requests_submitted']} "
+            "requests answered, no out-of-memory error")
 
 
 def plot(timeline, reconfig, events, path: str, title: str) -> str:
@@ -590,6 +699,6 @@ def plot(timeline, reconfig, events, path: str, title: str) -> str:
 
 if __name__ == "__main__":
     result = main()
-    ok = result["requests_failed"] == 0 and result["requests_answered"] == result["requests_submitted"] \
-        and result["server_ooms"] == 0
-    sys.exit(0 if ok else 1)
+    if result["failures"]:
+        print(verdict(result), file=sys.stderr)
+    sys.exit(1 if result["failures"] else 0)
