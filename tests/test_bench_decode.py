@@ -144,3 +144,29 @@ def test_main_refuses_bad_input(tmp_path, capsys):
             bench_decode.main([*argv, "--out", str(tmp_path / "x.csv")])
         assert words in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_window_counts_routing_inside_cuda_graphs_and_cuda_bandwidths():
+    """Graph replays run no Python: the routing counts must still come from the device."""
+    from placement.models import load_model
+
+    loaded = load_model("tiny-random", device="cuda", dtype=torch.float32)
+    model = loaded.model
+    engine = Engine(model, quantizer=bench_decode.FAST_QUANTIZER)
+    decoder = Decoder(model, engine, max_seqs=1, max_len=64)
+    prompt = list(range(5, 13))
+    for knobs, each in ((Knobs(), E16), (Knobs(quantized=16, bits=4), E4)):
+        plan = build_plan(engine.spec, knobs)
+        engine.apply(plan)
+        decoder.generate([prompt], 12, fixed_length=True)  # captures
+        window = DecodeWindow(engine)
+        decoder.generate([prompt], 12, fixed_length=True, between_steps=window)
+        assert decoder.reason is None and decoder.graphs  # the steps were graph replays
+        assert window.steps == 10 and [sum(row) for row in window.routed()] == [2 * 10, 2 * 10]
+        tb = plan_token_bytes(plan, engine, model, window, len(prompt))
+        assert (tb.experts, tb.fetched, tb.host) == (2 * 2 * each, 0, 0)
+    bw = measure("cuda", nbytes=64 * MiB, h2d_bytes=16 * MiB, repeats=3)
+    assert bw.device == torch.cuda.get_device_name() and bw.accel_read_gbps > bw.h2d_gbps > 0
+    assert bw.host_read_gbps > 0 and "pinned host-to-GPU copy" in bw.describe()
