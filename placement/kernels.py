@@ -33,7 +33,9 @@ Without CUDA the same kernels run in Triton's interpreter (slow; for tests).
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -189,14 +191,74 @@ def _silu_mul(g, u):
 
 
 @_jit
-def _qdot(q, x, xs, scale_ptr, zero_ptr, grp, rmask):
-    """Per row of q [BJ, NG, GS] (integers): sum over the chunk of (q - zero) * scale * x, with
-    x [NG, GS] and its group sums xs [NG]; grp [BJ, NG] indexes the rows' groups."""
+def _fcode(b, BITS: tl.constexpr, IDX: tl.constexpr):
+    """Code IDX (0: the high bits) of bytes b (int32, 8 // BITS codes each) as the fp32 1 + q / 2^BITS:
+    the code shifted to the top of the mantissa under the exponent of 1.0. Two integer operations,
+    where q.to(float32) is an int->float conversion, which an H200 issues at 16 per SM and clock
+    against 64 integer ones: that conversion was what bound the low-bit kernels (4- and 2-bit at the
+    same 0.058 ms per Mixtral expert, one conversion per weight). _qdot takes the 1 back out."""
+    SH: tl.constexpr = 8 - BITS * (IDX + 1)
+    SHL: tl.constexpr = 23 - BITS - SH
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+    return (((b << SHL) & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+def _asm_fcodes(bits: int) -> str:
+    """PTX for _fcode on 4 packed bytes ($last): every code of each byte as fp32 1 + q / 2^bits, code
+    by code (high bits first), byte by byte (low byte first, Triton's packing): a shift and a lop3
+    ((a & mask) | 1.0f) per code, so the compiler cannot turn it back into a conversion."""
+    per = 8 // bits
+    top = 23 - bits
+    mask = ((1 << bits) - 1) << top
+    lines, n = [], 0
+    for idx in range(per):
+        for byte in range(4):
+            shift = top - (8 * byte + 8 - bits * (idx + 1))
+            op = f"shl.b32 t, $X, {shift};" if shift >= 0 else f"shr.u32 t, $X, {-shift};"
+            lines.append(op)
+            lines.append(f"lop3.b32 ${n}, t, {mask:#x}, 0x3F800000, 0xEA;")
+            n += 1
+    return "{\n.reg .b32 t;\n" + "\n".join(lines).replace("$X", f"${n}") + "\n}"
+
+
+_FAST_CODES = True  # codes by inline PTX on the GPU (a switch for comparisons)
+_ASM_F8 = _constexpr(_asm_fcodes(8))
+_ASM_F4 = _constexpr(_asm_fcodes(4))
+_ASM_F2 = _constexpr(_asm_fcodes(2))
+
+
+@_jit
+def _fcodes(b, BITS: tl.constexpr, FAST: tl.constexpr):
+    """All codes of bytes b (uint8), high bits first, as fp32 1 + q / 2^BITS (see _fcode); FAST:
+    inline PTX on 4 bytes at a time (GPU only)."""
+    if FAST:
+        if BITS == 8:
+            return tl.inline_asm_elementwise(_ASM_F8, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
+        elif BITS == 4:
+            return tl.inline_asm_elementwise(_ASM_F4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_ASM_F2, "=r," * 16 + "r", [b], dtype=(tl.float32,) * 4,
+                                             is_pure=True, pack=4)
+    else:
+        b = b.to(tl.int32)
+        if BITS == 8:
+            return _fcode(b, 8, 0)
+        elif BITS == 4:
+            return _fcode(b, 4, 0), _fcode(b, 4, 1)
+        else:
+            return _fcode(b, 2, 0), _fcode(b, 2, 1), _fcode(b, 2, 2), _fcode(b, 2, 3)
+
+
+@_jit
+def _qdot(v, x, xs, scale_ptr, zero_ptr, grp, rmask, D: tl.constexpr):
+    """Per row of v [BJ, NG, GS] (codes q as 1 + q / D, see _fcode): sum over the chunk of
+    (q - zero) * scale * x, with x [NG, GS] and its group sums xs [NG]; grp [BJ, NG] indexes the rows'
+    groups. sum(q * x) = D * (sum(v * x) - sum(x)), so per group: s * (D * sum(v * x) - (D + z) * xs)."""
     s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
     z = tl.load(zero_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
-    # (the magic-number int->float trick measured 5-10% slower on an H100 than this conversion)
-    qx = _rsum(q.to(tl.float32) * x[None, :, :], 2)
-    return _rsum(s * (qx - z * xs[None, :]), 1)
+    vx = _rsum(v * x[None, :, :], 2)
+    return _rsum(s * (D * vx - (D + z) * xs[None, :]), 1)
 
 
 @_jit
@@ -204,7 +266,7 @@ def _gate_up_kernel(
     x_ptr, ptr_tab, tok_tab, h_ptr,
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
 ):
     s = tl.program_id(0)
     addr = tl.load(ptr_tab + s)
@@ -245,21 +307,22 @@ def _gate_up_kernel(
                 # group of row r, columns k0 + [0, BLOCK_K): r * H/GS + k0/GS + [0, NG)
                 grp = j[:, None] * (H // GS) + k0 // GS + tl.arange(0, NG)[None, :]
                 ROWG: tl.constexpr = H // GS  # groups per row
+                D: tl.constexpr = 1 << BITS
+                b = tl.load(wq + offs, mask=wmask, other=0)
                 if BITS == 8:  # one byte per weight; up rows start at row I
-                    bg = tl.load(wq + offs, mask=wmask, other=0).to(tl.int32)
-                    bu = tl.load(wq + I * H + offs, mask=wmask, other=0).to(tl.int32)
-                    g0 += _qdot(bg, x, xs, sc, zr, grp, rmask)
-                    u0 += _qdot(bu, x, xs, sc, zr, grp + I * ROWG, rmask)
+                    bu = tl.load(wq + I * H + offs, mask=wmask, other=0)
+                    g0 += _qdot(_fcodes(b, 8, FAST), x, xs, sc, zr, grp, rmask, D)
+                    u0 += _qdot(_fcodes(bu, 8, FAST), x, xs, sc, zr, grp + I * ROWG, rmask, D)
                 elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
-                    b = tl.load(wq + offs, mask=wmask, other=0).to(tl.int32)
-                    g0 += _qdot(b >> 4, x, xs, sc, zr, grp, rmask)
-                    u0 += _qdot(b & 15, x, xs, sc, zr, grp + I * ROWG, rmask)
+                    cg, cu = _fcodes(b, 4, FAST)
+                    g0 += _qdot(cg, x, xs, sc, zr, grp, rmask, D)
+                    u0 += _qdot(cu, x, xs, sc, zr, grp + I * ROWG, rmask, D)
                 else:  # 2-bit, byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
-                    b = tl.load(wq + offs, mask=wmask, other=0).to(tl.int32)
-                    g0 += _qdot(b >> 6, x, xs, sc, zr, grp, rmask)
-                    g1 += _qdot((b >> 4) & 3, x, xs, sc, zr, grp + HALF * ROWG, rmask)
-                    u0 += _qdot((b >> 2) & 3, x, xs, sc, zr, grp + I * ROWG, rmask)
-                    u1 += _qdot(b & 3, x, xs, sc, zr, grp + (I + HALF) * ROWG, rmask)
+                    c0, c1, c2, c3 = _fcodes(b, 2, FAST)
+                    g0 += _qdot(c0, x, xs, sc, zr, grp, rmask, D)
+                    g1 += _qdot(c1, x, xs, sc, zr, grp + HALF * ROWG, rmask, D)
+                    u0 += _qdot(c2, x, xs, sc, zr, grp + I * ROWG, rmask, D)
+                    u1 += _qdot(c3, x, xs, sc, zr, grp + (I + HALF) * ROWG, rmask, D)
         hrow = h_ptr + s * I
         tl.store(hrow + j, _silu_mul(g0, u0), mask=jm)
         if BITS == 2:
@@ -271,7 +334,7 @@ def _down_kernel(
     h_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
 ):
     s = tl.program_id(0)
     addr = tl.load(ptr_tab + s)
@@ -303,21 +366,24 @@ def _down_kernel(
                 wv = tl.load(w + offs, mask=wmask, other=0.0).to(tl.float32)
                 a0 += _rsum(_rsum(wv * hv[None, :, :], 2), 1)
             else:
-                b = tl.load(base + W_OFF + offs, mask=wmask, other=0).to(tl.int32)
+                b = tl.load(base + W_OFF + offs, mask=wmask, other=0)
                 sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
                 zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
                 hs = _rsum(hv, 1)
                 grp = j[:, None] * ROWG + k0 // GS + tl.arange(0, NG)[None, :]
+                D: tl.constexpr = 1 << BITS
                 if BITS == 8:
-                    a0 += _qdot(b, hv, hs, sc, zr, grp, rmask)
+                    a0 += _qdot(_fcodes(b, 8, FAST), hv, hs, sc, zr, grp, rmask, D)
                 elif BITS == 4:  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
-                    a0 += _qdot(b >> 4, hv, hs, sc, zr, grp, rmask)
-                    a1 += _qdot(b & 15, hv, hs, sc, zr, grp + R * ROWG, rmask)
+                    c0, c1 = _fcodes(b, 4, FAST)
+                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, D)
+                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, D)
                 else:  # 2-bit: rows r, r + H/4, r + H/2, r + 3H/4 from high bits to low
-                    a0 += _qdot(b >> 6, hv, hs, sc, zr, grp, rmask)
-                    a1 += _qdot((b >> 4) & 3, hv, hs, sc, zr, grp + R * ROWG, rmask)
-                    a2 += _qdot((b >> 2) & 3, hv, hs, sc, zr, grp + 2 * R * ROWG, rmask)
-                    a3 += _qdot(b & 3, hv, hs, sc, zr, grp + 3 * R * ROWG, rmask)
+                    c0, c1, c2, c3 = _fcodes(b, 2, FAST)
+                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, D)
+                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, D)
+                    a2 += _qdot(c2, hv, hs, sc, zr, grp + 2 * R * ROWG, rmask, D)
+                    a3 += _qdot(c3, hv, hs, sc, zr, grp + 3 * R * ROWG, rmask, D)
         orow = out_ptr + t * H + j
         tl.atomic_add(orow, weight * a0, mask=jm, sem="relaxed")
         if P >= 2:
@@ -398,7 +464,6 @@ _ASM_CODES2 = _constexpr("""{
     lop3.b32 $7, t1, 0x00030003, 0x43004300, 0xEA;
     }""")
 _MAGIC_OFF = 128.0  # what the fast codes carry on top of q
-_FAST_CODES = True  # (a switch for comparisons)
 
 
 @_jit
@@ -611,15 +676,34 @@ def _pow2_block(n: int, cap: int) -> int:
     return b
 
 
-# GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps), tuned on
-# an H100 for a Mixtral expert (H=4096, I=14336, gs=64) at batch 1. Few rows and long K chunks won:
-# many small programs keep HBM busy without spilling registers.
+# GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps) for a
+# Mixtral expert (H=4096, I=14336, gs=64) at batch 1. These defaults were tuned on an H100 with the
+# earlier int->float unpacking; GPUs swept by `python -m experiments.tune_kernels` have their own in
+# kernel_blocks.json (by device name), read once per device: no autotuning at start.
 _GPU_BLOCKS = {
     16: (8, 256, 8, 8, 512, 4),
     8: (8, 1024, 4, 8, 1024, 4),
     4: (16, 1024, 4, 16, 512, 4),
     2: (8, 1024, 4, 16, 512, 4),
 }
+TUNED_BLOCKS = Path(__file__).with_name("kernel_blocks.json")
+
+
+def tuned_blocks(device_name: str) -> dict[int, tuple[int, ...]]:
+    """The slot kernels' blocks for a GPU: kernel_blocks.json's entry for `device_name` over the
+    defaults (precisions it lacks keep theirs)."""
+    blocks = dict(_GPU_BLOCKS)
+    try:
+        entry = json.loads(TUNED_BLOCKS.read_text()).get(device_name, {})
+    except (OSError, ValueError):
+        entry = {}
+    blocks.update({int(bits): tuple(v) for bits, v in entry.items() if int(bits) in blocks and len(v) == 6})
+    return blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _device_blocks(index: int) -> dict[int, tuple[int, ...]]:
+    return tuned_blocks(torch.cuda.get_device_name(index))
 
 
 def _offsets(layout: Layout) -> list[tuple[int, int, int]]:
@@ -636,16 +720,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(layout: Layout, interpret: bool, sms: int = 132) -> dict:
-    """Block sizes: pure functions of the layout (and GPU), so the grid never depends on data.
-    Interpreter: big blocks, few programs (each one is Python overhead)."""
+def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None = None) -> dict:
+    """Block sizes: pure functions of the layout (and GPU: `blocks`, default _GPU_BLOCKS), so the grid
+    never depends on data. Interpreter: big blocks, few programs (each one is Python overhead)."""
     hidden, inter = _dims(layout)
     bits, gs = layout.bits, layout.group_size
     kmin = 1 if bits == 16 else gs  # a K chunk holds whole groups
     if interpret:
         return dict(gu_j=64, gu_k=max(_pow2_block(hidden, 1024), kmin), gu_warps=4,
                     dn_j=64, dn_k=max(_pow2_block(inter, 1024), kmin), dn_split=1, dn_warps=4)
-    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps = _GPU_BLOCKS[bits]
+    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps = (blocks or _GPU_BLOCKS)[bits]
     gu_k = max(_pow2_block(hidden, gu_cap), kmin)
     dn_k = max(_pow2_block(inter, dn_cap), kmin)
     # down has only H (or H/2, H/4 packed) rows: split K (atomic adds) up to 4 ways until there
@@ -682,7 +766,8 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     x, slot_ptrs = x.contiguous(), slot_ptrs.contiguous()
     slot_weights, slot_token = slot_weights.contiguous(), slot_token.contiguous()
     on_gpu = x.device.type == "cuda"
-    cfg = _config(layout, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
+    index = x.device.index or 0
+    cfg = _config(layout, not on_gpu, *((_sm_count(index), _device_blocks(index)) if on_gpu else ()))
     bits = layout.bits
     offs = _offsets(layout)
     if bits == 16:
@@ -690,18 +775,19 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     else:
         gs_gu = gs_dn = layout.group_size
     dtype = _TL_DTYPES[layout.dtype]
+    fast = on_gpu and bits < 16 and _FAST_CODES  # codes by inline PTX (_asm_fcodes)
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
     rows = I // 2 if bits == 2 else I
     _gate_up_kernel[(S, triton.cdiv(rows, cfg["gu_j"]))](
         x, slot_ptrs, slot_token, h, H=H, I=I, BITS=bits, GS=gs_gu, DTYPE=dtype,
         W_OFF=offs[0][0], S_OFF=offs[0][1], Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"],
-        **({"num_warps": cfg["gu_warps"]} if on_gpu else {}),
+        FAST=fast, **({"num_warps": cfg["gu_warps"]} if on_gpu else {}),
     )
     vals = 1 if bits >= 8 else 8 // bits
     _down_kernel[(S, triton.cdiv(H // vals, cfg["dn_j"]), cfg["dn_split"])](
         h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, BITS=bits, GS=gs_dn, DTYPE=dtype,
         W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"],
-        SPLIT_K=cfg["dn_split"], **({"num_warps": cfg["dn_warps"]} if on_gpu else {}),
+        SPLIT_K=cfg["dn_split"], FAST=fast, **({"num_warps": cfg["dn_warps"]} if on_gpu else {}),
     )
     return out
 

@@ -4,6 +4,7 @@ packed output, so a wrong reading of its bit packing fails here.
 Without CUDA the kernels run in Triton's CPU interpreter, asked for before triton is imported."""
 
 import os
+import random
 
 import torch
 
@@ -202,3 +203,36 @@ def test_grouped_mixtral_size_experts_on_cuda(bits):
     ref = reference(layout, buf, x)
     expected = torch.where((index[:, 1] == 2)[:, None], 0.5 * ref, ref)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def _run_ptx(asm: str, word: int) -> list[float]:
+    """Interpret the shl/shr/lop3 PTX that kernels._asm_fcodes writes, on one 32-bit input."""
+    import re
+    import struct
+
+    out, t = {}, 0
+    for line in (l.strip() for l in asm.split("\n")):
+        if m := re.fullmatch(r"(shl\.b32|shr\.u32) t, \$\d+, (\d+);", line):
+            n = int(m.group(2))
+            t = (word << n) & 0xFFFFFFFF if m.group(1) == "shl.b32" else word >> n
+        elif m := re.fullmatch(r"lop3\.b32 \$(\d+), t, (0x[0-9a-f]+), 0x3F800000, 0xEA;", line):
+            out[int(m.group(1))] = (t & int(m.group(2), 16)) | 0x3F800000  # LUT 0xEA: (a & b) | c
+        else:
+            assert line in ("{", "}", ".reg .b32 t;"), line
+    return [struct.unpack("<f", struct.pack("<I", out[i]))[0] for i in range(len(out))]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_ptx_codes_are_one_plus_code_over_levels(bits):
+    """The GPU's inline-PTX unpacking (never run on the CPU) gives, for every code of 4 packed bytes,
+    1 + q / 2^bits in the order the kernels unpack: codes from the high bits down, bytes low first."""
+    from placement.kernels import _asm_fcodes
+
+    rng = random.Random(bits)
+    per = 8 // bits
+    for _ in range(100):
+        data = [rng.randrange(256) for _ in range(4)]
+        got = _run_ptx(_asm_fcodes(bits), int.from_bytes(bytes(data), "little"))
+        want = [1 + ((data[b] >> (8 - bits * (i + 1))) & ((1 << bits) - 1)) / 2 ** bits
+                for i in range(per) for b in range(4)]
+        assert got == want

@@ -1,0 +1,129 @@
+"""Sweep the slot kernels' block sizes on this GPU, one Mixtral expert at batch 1, and keep the fastest
+per precision in placement/kernel_blocks.json under the GPU's name (read by placement.kernels at
+its first launch on that GPU: tuned once per GPU model, never at start).
+
+    python -m experiments.tune_kernels --out experiments/results/tune_kernels_h200.csv
+
+A coordinate search: gate_up's (rows, K chunk, warps) with down at its current blocks, then down's
+with the best gate_up. Every candidate is checked against the default blocks' output before it is
+timed (kernels.bench's CUDA-graph timer over copies of the expert that exceed the L2 cache). Prints
+each precision's table and the bandwidth of the winner; writes every timing to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import pandas as pd
+import torch
+
+from placement import kernels
+from placement.packed import expert_layout
+
+GATE_UP = list(itertools.product((8, 16, 32), (512, 1024, 2048), (4, 8)))
+DOWN = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))
+
+
+def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype=torch.bfloat16) -> list[dict]:
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    layout = expert_layout(hidden, inter, bits, dtype, group_size)
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
+    tables = [kernels.expert_table([kernels.random_expert(layout, dev, gen)]) for _ in range(copies)]
+    x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
+    ones = torch.ones(1, device=dev)
+    name = torch.cuda.get_device_name(dev)
+    default = kernels._GPU_BLOCKS[bits]
+    blocks = dict(kernels._GPU_BLOCKS)
+
+    # the launch reads _device_blocks(index): point it at the candidate
+    original = kernels._device_blocks
+    kernels._device_blocks = lambda index: blocks
+    try:
+        blocks[bits] = default
+        reference = kernels.moe_experts(x, tables[0], ones, layout)
+        rows = []
+
+        def timed(cfg, stage):
+            blocks[bits] = cfg
+            try:
+                out = kernels.moe_experts(x, tables[0], ones, layout)
+            except Exception as e:  # a block that does not compile (too many registers, shared memory)
+                rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=None, error=str(e)[:120]))
+                return None
+            err = ((out - reference).abs().max() / reference.abs().max()).item()
+            if err > 1e-3:
+                raise AssertionError(f"{bits}-bit blocks {cfg}: output differs from the default's by {err:.2e}")
+            it = iter(range(1 << 62))
+            out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
+            ms = kernels._time_ms(lambda: kernels.moe_experts(x, tables[next(it) % copies], ones, layout, out=out),
+                                  iters)
+            rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=ms,
+                             gbps=layout.nbytes / ms / 1e6, error=""))
+            return ms
+
+        best = default
+        best_ms = timed(default, "default")
+        for gu in GATE_UP:
+            cfg = gu + best[3:]
+            ms = timed(cfg, "gate_up")
+            if ms is not None and ms < best_ms:
+                best, best_ms = cfg, ms
+        for dn in DOWN:
+            cfg = best[:3] + dn
+            ms = timed(cfg, "down")
+            if ms is not None and ms < best_ms:
+                best, best_ms = cfg, ms
+        if bits < 16:  # the same blocks with codes by plain Triton ops, for comparison
+            kernels._FAST_CODES = False
+            try:
+                timed(best, "best, no PTX codes")
+            finally:
+                kernels._FAST_CODES = True
+        rows.append(dict(gpu=name, bits=bits, stage="best", blocks=list(best), ms=best_ms,
+                         gbps=layout.nbytes / best_ms / 1e6, error=""))
+        return rows
+    finally:
+        kernels._device_blocks = original
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.tune_kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bits", default="4,2,8,16", help="precisions to sweep (default 4,2,8,16)")
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--out", help="CSV of every timing")
+    parser.add_argument("--json", default=str(kernels.TUNED_BLOCKS), help="where the winners go (merged)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_kernels sweeps the CUDA kernels; this machine has no CUDA GPU")
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        rows += sweep(bits, 4096, 14336, 64, args.iters)
+        best = rows[-1]
+        print(f"{bits:2d}-bit: best {best['blocks']} {best['ms']:.4f} ms {best['gbps']:.0f} GB/s "
+              f"(default {next(r['ms'] for r in rows if r['bits'] == bits and r['stage'] == 'default'):.4f} ms)",
+              flush=True)
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    if args.out:
+        table.to_csv(args.out, index=False)
+    try:
+        tuned = json.loads(open(args.json).read())
+    except (OSError, ValueError):
+        tuned = {}
+    name = torch.cuda.get_device_name()
+    entry = tuned.setdefault(name, {})
+    for r in rows:
+        if r["stage"] == "best":
+            entry[str(r["bits"])] = r["blocks"]
+    with open(args.json, "w") as f:
+        json.dump(tuned, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"wrote {args.json} [{name}]")
+
+
+if __name__ == "__main__":
+    main()
