@@ -485,14 +485,14 @@ class Engine:
                    disable=(not progress) if progress is not None else (to_quantize < 16 or None))
         requantized = self.store.set_host(host_keys, progress=bar.update)
         loaded = bytes_in = 0
-        for m in loads:
-            dev, quantized_now = self.store.to_device(m.expert, m.dst.bits, gs, self.accel)
-            requantized += quantized_now
+        made, quantized_now = self.store.to_device_many([(m.expert, m.dst.bits, gs) for m in loads], self.accel,
+                                                        progress=bar.update)  # quantized in batches
+        requantized += quantized_now
+        for m, dev in zip(loads, made):
             layout = self.layout(m.dst.bits, gs)
             self.resident[m.expert] = (layout, dev, layout.views(dev))
             loaded += 1
             bytes_in += dev.numel()
-            bar.update()
         bar.close()
         self.cache.allocate(n_slots, slot_bytes)
         if self.on_cuda:

@@ -43,6 +43,83 @@ def quantize(
     return {"W_q": layer.W_q, "scale": layer.meta["scale"], "zero": layer.meta["zero"]}
 
 
+# hqq 0.2.8's defaults for HQQLinear (hqq_base_quant_config) and its solver
+# (optimize_weights_proximal_legacy), which quantize_many repeats with a batch dimension
+_LP_NORM, _BETA, _ITERS = 0.7, 1e1, 20
+
+
+def _shrink(x: torch.Tensor) -> torch.Tensor:
+    """hqq's shrink_lp_op for lp_norm < 1."""
+    out = torch.abs(x)
+    out.sub_((1.0 / _BETA) * out.pow(_LP_NORM - 1)).clamp_min_(0.0)
+    return out.mul_(torch.sign(x))
+
+
+@torch.inference_mode()
+def quantize_many(weights: list[torch.Tensor], bits: int, group_size: int, compute_dtype: torch.dtype, device,
+                  *, optimize: bool = True) -> list[dict[str, torch.Tensor]]:
+    """`[quantize(w, ...) for w in weights]` (matrices of one shape) with HQQ's solver run on all of
+    them at once: the same operations in the same order per matrix, on a stack [B, groups,
+    group_size], each matrix stopping at its own iteration as hqq's early stop does. One set of
+    kernel launches and one host sync per iteration serve the whole batch instead of one matrix.
+    The result equals the one-at-a-time quantization (tests/test_checkpoint.py checks it)."""
+    if not weights:
+        return []
+    shape = tuple(weights[0].shape)
+    if any(tuple(w.shape) != shape for w in weights):
+        raise ValueError(f"quantize_many needs matrices of one shape, got {sorted({tuple(w.shape) for w in weights})}")
+    if not optimize:
+        return [quantize(w, bits, group_size, compute_dtype, device, optimize=False) for w in weights]
+    device = torch.device(device)
+    B = len(weights)
+    # Quantizer.quantize(axis=1): groups of `group_size` along the input dimension, in float32
+    W = torch.stack([w.detach().to(device=device) for w in weights]).float().reshape(B, -1, group_size)
+    _min = W.min(dim=2, keepdim=True)[0]
+    _max = W.max(dim=2, keepdim=True)[0]
+    max_v = round(2**bits - 1)
+    denom = _max - _min
+    scale = max_v / denom
+    scale = torch.where(denom.abs() <= 1e-4, torch.full_like(scale, 1.0), scale).clamp(max=2e4)
+    zero = -_min * scale
+    if bits == 4:  # round_zero: hqq_base_quant_config sets it for 4 bits only
+        zero = torch.round(zero)
+    del _min, _max, denom
+
+    # optimize_weights_proximal_legacy, per matrix: iterate until its own error stops falling
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    W_f, scale, zero = W.to(dtype), scale.to(dtype), zero.to(dtype)
+    best = torch.full((B,), torch.inf, dtype=torch.float32, device=device)
+    live = torch.arange(B, device=device)  # matrices still iterating, as indices into the batch
+    for _ in range(_ITERS):
+        whole = live.numel() == B  # no copies until a matrix has stopped
+        Wf, sc, z = (W_f, scale, zero) if whole else (W_f[live], scale[live], zero[live])
+        W_q = torch.round(Wf * sc + z).clamp_(0, max_v)
+        W_r = (W_q - z) / sc
+        W_e = _shrink(Wf - W_r)
+        z = torch.mean(W_q - (Wf - W_e) * sc, dim=2, keepdim=True)  # hqq updates even on its last step
+        if whole:
+            zero = z
+        else:
+            zero[live] = z
+        diff = torch.abs(Wf - W_r)
+        # each matrix's error reduced on its own, as hqq reduces one matrix (the same summation order)
+        error = torch.stack([d.mean() for d in diff]).float()
+        better = error < best[live]
+        best[live] = torch.where(better, error, best[live])
+        del Wf, sc, z, W_q, W_r, W_e, diff
+        live = live[better]
+        if live.numel() == 0:
+            break
+    del W_f
+    W_q = torch.round(W * scale + zero).clamp_(0, max_v)
+    del W
+    scale = 1.0 / scale
+    packing = Quantizer.bit_to_packing[bits]
+    # HQQLinear keeps scale and zero in compute_dtype
+    return [{"W_q": Quantizer.pack[packing](W_q[b]).contiguous(), "scale": scale[b].to(compute_dtype).contiguous(),
+             "zero": zero[b].to(compute_dtype).contiguous()} for b in range(B)]
+
+
 def dequantize(
     W_q: torch.Tensor,
     scale: torch.Tensor,

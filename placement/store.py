@@ -16,6 +16,7 @@ when an earlier run made them. What stays resident in host memory is:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -117,20 +118,6 @@ class ExpertStore:
         layout = self.layout(16, 64)
         return pack_into(layout, self.master(eid), out if out is not None else torch.empty(layout.nbytes, dtype=torch.uint8))
 
-    def _quantize(self, eid: ExpertId, bits: int, group_size: int) -> torch.Tensor:
-        """A new packed variant of `eid`, on the quantizing device."""
-        master = self.master(eid)
-        tensors = {}
-        for name, _ in self.layout(bits, group_size).matrices:
-            q = self.quantizer.quantize(master[name], bits, group_size, self.spec.dtype, self.quantize_on)
-            tensors.update({f"{name}.{k}": v for k, v in q.items()})
-        layout = self.layout(bits, group_size)
-        buf = pack_into(layout, tensors, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.quantize_on))
-        self.quantized += 1
-        if self.disk is not None:
-            self.disk.save(eid, bits, group_size, layout, buf)
-        return buf
-
     def has_variant(self, eid: ExpertId, bits: int, group_size: int) -> bool:
         """Whether `eid` at `bits` can be had without quantizing."""
         key = (eid, bits, group_size)
@@ -139,27 +126,97 @@ class ExpertStore:
 
     def _fill(self, eid: ExpertId, bits: int, group_size: int, out: torch.Tensor) -> bool:
         """Write `eid` at `bits` into `out` (host or accelerator); returns whether it was quantized."""
-        key = (eid, bits, group_size)
+        return self.fill_many([((eid, bits, group_size), out)]) == 1
+
+    def _have(self, key: Key, out: torch.Tensor) -> bool:
+        """Fill `out` without quantizing (a 16-bit master, a buffer held, a verified disk file)."""
+        eid, bits, group_size = key
         if bits == 16:
             self.master_buffer(eid, out)
-            return False
+            return True
         have = self.host.get(key)
         if have is None:
             have = self.variants.get(key)
         if have is not None:
             out.copy_(have)
-            return False
+            return True
+        if self.disk is not None and self.disk.load(eid, bits, group_size, self.layout(bits, group_size), out) is not None:
+            self._remember(key, out)
+            return True
+        return False
+
+    def fill_many(self, items: list[tuple[Key, torch.Tensor]], progress: Callable[[int], object] | None = None) -> int:
+        """Write each key's variant into its buffer (host or accelerator): from memory or the disk
+        cache where it can, else quantized, many experts of one precision at a time when the
+        quantizer has `quantize_many` (see hqq_backend). `progress(n)` after every n buffers filled.
+        Returns how many were quantized."""
+        missing = []
+        for key, out in items:
+            if self._have(key, out):
+                if progress is not None:
+                    progress(1)
+            else:
+                missing.append((key, out))
+        by_precision: dict[tuple[int, int], list] = {}
+        for key, out in missing:
+            by_precision.setdefault(key[1:], []).append((key, out))
+        for (bits, group_size), todo in sorted(by_precision.items()):
+            layout = self.layout(bits, group_size)
+            start = 0
+            while start < len(todo):
+                chunk = todo[start:start + self._batch(layout)]
+                start += len(chunk)
+                for (key, out), buf in zip(chunk, self._quantize_many([k[0] for k, _ in chunk], bits, group_size)):
+                    out.copy_(buf)
+                    self._remember(key, buf)
+                if progress is not None:
+                    progress(len(chunk))
+        return len(missing)
+
+    # working memory of HQQ's solver per weight of a batch (bytes): the float32 stack, its
+    # half/float copy and the step's temporaries
+    SOLVER_BYTES_PER_WEIGHT = 32
+
+    def _batch(self, layout: Layout) -> int:
+        """Experts quantized together: as many as half the free accelerator memory holds the solver
+        for, at least 1, at most 64. On the CPU, 64 MiB of working memory (host memory, which a host
+        budget is about): batching there only saves per-operation overhead, which matters for small
+        matrices alone."""
+        if not hasattr(self.quantizer, "quantize_many"):
+            return 1
+        largest = max(math.prod(shape) for _, shape in layout.matrices)
+        if self.quantize_on.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.quantize_on)
+            room = free // 2
+        else:
+            room = 64 << 20
+        return max(1, min(64, room // (self.SOLVER_BYTES_PER_WEIGHT * largest)))
+
+    def _quantize_many(self, eids: list[ExpertId], bits: int, group_size: int) -> list[torch.Tensor]:
+        """New packed variants of `eids`, on the quantizing device, each matrix of them quantized
+        together (one quantize_many call per matrix name) when the quantizer can, written to the
+        disk cache."""
         layout = self.layout(bits, group_size)
-        if self.disk is not None:
-            got = self.disk.load(eid, bits, group_size, layout)
-            if got is not None:
-                out.copy_(got)
-                self._remember(key, got)
-                return False
-        buf = self._quantize(eid, bits, group_size)
-        out.copy_(buf)
-        self._remember(key, buf)
-        return True
+        masters = [self.master(eid) for eid in eids]
+        tensors: list[dict] = [{} for _ in eids]
+        for name, _ in layout.matrices:
+            if hasattr(self.quantizer, "quantize_many"):
+                qs = self.quantizer.quantize_many([m[name] for m in masters], bits, group_size, self.spec.dtype,
+                                                  self.quantize_on)
+            else:
+                qs = [self.quantizer.quantize(m[name], bits, group_size, self.spec.dtype, self.quantize_on)
+                      for m in masters]
+            for t, q in zip(tensors, qs):
+                t.update({f"{name}.{k}": v for k, v in q.items()})
+        del masters
+        bufs = []
+        for eid, t in zip(eids, tensors):
+            buf = pack_into(layout, t, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.quantize_on))
+            self.quantized += 1
+            if self.disk is not None:
+                self.disk.save(eid, bits, group_size, layout, buf)
+            bufs.append(buf)
+        return bufs
 
     def _remember(self, key: Key, buf: torch.Tensor) -> None:
         if self.keep_variants and key not in self.variants:
@@ -179,14 +236,21 @@ class ExpertStore:
     def to_device(self, eid: ExpertId, bits: int, group_size: int, device: torch.device) -> tuple[torch.Tensor, bool]:
         """A new buffer of `eid` at `bits` on `device`, made there without a pinned host copy.
         Returns (buffer, whether it was quantized now)."""
-        buf = torch.empty(self.layout(bits, group_size).nbytes, dtype=torch.uint8, device=device)
-        return buf, self._fill(eid, bits, group_size, buf)
+        bufs, quantized = self.to_device_many([(eid, bits, group_size)], device)
+        return bufs[0], quantized == 1
+
+    def to_device_many(self, keys: list[Key], device: torch.device, progress: Callable | None = None
+                       ) -> tuple[list[torch.Tensor], int]:
+        """New buffers of `keys` on `device` (see to_device), those to quantize quantized together.
+        Returns (buffers, how many were quantized)."""
+        bufs = [torch.empty(self.layout(bits, gs).nbytes, dtype=torch.uint8, device=device) for _, bits, gs in keys]
+        return bufs, self.fill_many(list(zip(keys, bufs)), progress)
 
     # --- the host tier -----------------------------------------------------------------------------
     def set_host(self, keys: Iterable[Key], progress: Callable | None = None) -> int:
         """Hold exactly `keys` as host buffers (pinned when pinning): drop the others first, then
         make the missing ones. No copy may be reading a dropped buffer (the engine synchronizes).
-        `progress()` is called once per buffer made. Returns how many were quantized."""
+        `progress(n)` is called after every n buffers made. Returns how many were quantized."""
         keys = set(keys)
         for key in [k for k in self.host if k not in keys]:
             buf = self.host.pop(key)
@@ -195,15 +259,11 @@ class ExpertStore:
             del buf
         if self.pin and torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # blocks of torch's pinned allocator (the fallback), if any were freed
-        quantized = 0
-        for key in sorted(keys - self.host.keys()):
-            eid, bits, gs = key
-            buf = self.buffers.empty(self.layout(bits, gs).nbytes)
-            quantized += self._fill(eid, bits, gs, buf)
+        new = {key: self.buffers.empty(self.layout(key[1], key[2]).nbytes) for key in sorted(keys - self.host.keys())}
+        quantized = self.fill_many(list(new.items()), progress)
+        for key, buf in new.items():
             self.host[key] = buf
             self.variants.pop(key, None)  # the host buffer serves it now
-            if progress is not None:
-                progress()
         return quantized
 
     def views(self, eid: ExpertId, bits: int, group_size: int) -> dict:

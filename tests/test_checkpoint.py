@@ -280,3 +280,64 @@ def test_a_server_under_a_host_budget_never_chooses_a_plan_over_it(host_front, t
     df[df["host_bytes"] > 0].to_csv(only_host, index=False)
     with pytest.raises(ValueError, match=r"no plan of .*host-plans.csv fits the host budget of .* GB: the smallest"):
         Server(str(only_host), str(slos), device="cpu", tick_s=3600, host_budget=budget)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_hqq_equals_one_matrix_at_a_time(bits, dtype):
+    """HQQ's solver on a stack of matrices gives exactly what it gives on each alone, also where
+    the matrices stop iterating at different steps (scaled, near-constant, heavy-tailed ones)."""
+    g = torch.Generator().manual_seed(bits)
+    ws = [torch.randn(128, 128, generator=g).mul(0.02) for _ in range(5)]
+    ws[1] = ws[1] * 50
+    ws[2] = 1.0 + ws[2] * 1e-6  # groups of almost one value
+    ws[3] = torch.randn(128, 128, generator=g).pow(3).mul(0.01)
+    ws = [w.to(dtype) for w in ws]
+    many = hqq_backend.quantize_many(ws, bits, 64, dtype, "cpu")
+    for w, got in zip(ws, many):
+        want = hqq_backend.quantize(w, bits, 64, dtype, "cpu")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (k, bits, dtype)
+    with pytest.raises(ValueError, match="matrices of one shape"):
+        hqq_backend.quantize_many([ws[0], ws[0][:64]], bits, 64, dtype, "cpu")
+
+
+class BatchRecorder:
+    """HQQ's solver, recording the batch sizes quantize_many is called with."""
+
+    cache_tag = None  # no disk cache: every variant is quantized
+
+    def __init__(self):
+        self.batches = []
+        self.quantize, self.dequantize = hqq_backend.quantize, hqq_backend.dequantize
+
+    def quantize_many(self, weights, *args, **kwargs):
+        self.batches.append(len(weights))
+        return hqq_backend.quantize_many(weights, *args, **kwargs)
+
+
+def test_an_engine_quantizes_experts_in_batches_with_the_same_bytes():
+    """A plan's experts, host tier and accelerator alike, are quantized many at once and hold the
+    bytes that quantizing them one at a time gives; progress counts every buffer."""
+    one_at_a_time = types.SimpleNamespace(quantize=hqq_backend.quantize, dequantize=hqq_backend.dequantize)
+    knobs = Knobs(quantized=16, bits=4, gpu_experts=6, cache_slots=4)
+    buffers = {}
+    for name, quantizer in (("batched", BatchRecorder()), ("single", one_at_a_time)):
+        model = load_model("tiny-random", device="cpu").model
+        engine = Engine(model, quantizer=quantizer)
+        plan = build_plan(engine.spec, knobs)
+        report = engine.apply(plan)
+        assert report.requantized == 16
+        buffers[name] = {**{eid: buf for eid, (_, buf, _) in engine.resident.items()},
+                         **{key[0]: buf for key, buf in engine.store.host.items()}}
+        if name == "batched":
+            assert sorted(quantizer.batches) == [6, 6, 10, 10]  # per matrix: accelerator experts, host ones
+            seen = []
+            fresh = Engine(load_model("tiny-random", device="cpu").model, quantizer=BatchRecorder())
+            keys = [(eid, 4, 64) for eid in sorted(buffers[name])]
+            fresh.store.to_device_many(keys, torch.device("cpu"), progress=seen.append)
+            assert sum(seen) == len(keys) == 16
+    assert buffers["batched"].keys() == buffers["single"].keys()
+    for eid, buf in buffers["single"].items():
+        assert torch.equal(buffers["batched"][eid], buf), eid

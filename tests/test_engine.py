@@ -123,13 +123,13 @@ def test_apply_never_holds_more_than_the_new_footprint_while_loading(fresh):
     engine.apply(build_plan(spec, Knobs()))  # everything 16-bit on the accelerator
     small = build_plan(spec, Knobs(quantized=16, bits=4, gpu_experts=8, seed=5))
     seen = []
-    to_device = engine.store.to_device
+    to_device_many = engine.store.to_device_many
 
-    def watch(eid, bits, group_size, device):
-        seen.append(engine.memory()["gpu_bytes"] + engine.layout(bits, group_size).nbytes)
-        return to_device(eid, bits, group_size, device)
+    def watch(keys, device, progress=None):  # the loads' buffers are allocated together
+        seen.append(engine.memory()["gpu_bytes"] + sum(engine.layout(bits, gs).nbytes for _, bits, gs in keys))
+        return to_device_many(keys, device, progress)
 
-    engine.store.to_device = watch
+    engine.store.to_device_many = watch
     report = engine.apply(small)
     assert report.loaded == 8 and seen
     assert max(seen) <= small.gpu_bytes(spec)
