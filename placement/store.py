@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -99,6 +100,7 @@ class ExpertStore:
         self._views: dict[Key, dict] = {}
         self.dequantized: dict[Key, dict[str, torch.Tensor]] = {}
         self.quantized = 0  # experts quantized (quantizer calls per matrix: 2 each)
+        self.quantize_s = 0.0  # seconds spent making them (masters, solver, packing)
         self.masters = MasterBuffers(self)
 
     def layout(self, bits: int, group_size: int) -> Layout:
@@ -128,9 +130,10 @@ class ExpertStore:
         """Write `eid` at `bits` into `out` (host or accelerator); returns whether it was quantized."""
         return self.fill_many([((eid, bits, group_size), out)]) == 1
 
-    def _have(self, key: Key, out: torch.Tensor) -> bool:
-        """Fill `out` without quantizing (a 16-bit master, a buffer held, a verified disk file)."""
-        eid, bits, group_size = key
+    def _held(self, key: Key, out: torch.Tensor) -> bool:
+        """Fill `out` from what is at hand without quantizing or reading a file (a 16-bit master or
+        a buffer held in memory)."""
+        eid, bits, _ = key
         if bits == 16:
             self.master_buffer(eid, out)
             return True
@@ -140,9 +143,6 @@ class ExpertStore:
         if have is not None:
             out.copy_(have)
             return True
-        if self.disk is not None and self.disk.load(eid, bits, group_size, self.layout(bits, group_size), out) is not None:
-            self._remember(key, out)
-            return True
         return False
 
     def fill_many(self, items: list[tuple[Key, torch.Tensor]], progress: Callable[[int], object] | None = None) -> int:
@@ -150,13 +150,22 @@ class ExpertStore:
         cache where it can, else quantized, many experts of one precision at a time when the
         quantizer has `quantize_many` (see hqq_backend). `progress(n)` after every n buffers filled.
         Returns how many were quantized."""
-        missing = []
+        missing, on_disk = [], []
         for key, out in items:
-            if self._have(key, out):
+            if self._held(key, out):
                 if progress is not None:
                     progress(1)
+            elif self.disk is not None and self.disk.has(*key):
+                on_disk.append((key, out))
             else:
                 missing.append((key, out))
+        if on_disk:
+            read = self.disk.load_many([(*key, self.layout(*key[1:]), out) for key, out in on_disk], progress)
+            for (key, out), ok in zip(on_disk, read):
+                if ok:
+                    self._remember(key, out)
+                else:
+                    missing.append((key, out))
         by_precision: dict[tuple[int, int], list] = {}
         for key, out in missing:
             by_precision.setdefault(key[1:], []).append((key, out))
@@ -197,6 +206,7 @@ class ExpertStore:
         together (one quantize_many call per matrix name) when the quantizer can, written to the
         disk cache."""
         layout = self.layout(bits, group_size)
+        started = time.perf_counter()
         masters = [self.master(eid) for eid in eids]
         tensors: list[dict] = [{} for _ in eids]
         for name, _ in layout.matrices:
@@ -209,13 +219,15 @@ class ExpertStore:
             for t, q in zip(tensors, qs):
                 t.update({f"{name}.{k}": v for k, v in q.items()})
         del masters
-        bufs = []
-        for eid, t in zip(eids, tensors):
-            buf = pack_into(layout, t, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.quantize_on))
-            self.quantized += 1
-            if self.disk is not None:
+        bufs = [pack_into(layout, ts, torch.empty(layout.nbytes, dtype=torch.uint8, device=self.quantize_on))
+                for ts in tensors]
+        if self.quantize_on.type == "cuda":
+            torch.cuda.synchronize(self.quantize_on)
+        self.quantize_s += time.perf_counter() - started
+        self.quantized += len(bufs)
+        if self.disk is not None:
+            for eid, buf in zip(eids, bufs):
                 self.disk.save(eid, bits, group_size, layout, buf)
-            bufs.append(buf)
         return bufs
 
     def _remember(self, key: Key, buf: torch.Tensor) -> None:

@@ -341,3 +341,71 @@ def test_an_engine_quantizes_experts_in_batches_with_the_same_bytes():
     assert buffers["batched"].keys() == buffers["single"].keys()
     for eid, buf in buffers["single"].items():
         assert torch.equal(buffers["batched"][eid], buf), eid
+
+
+def test_the_variant_checksum_is_the_position_weighted_word_sum():
+    """The blocked checksum equals its definition (wrapping sums of the 64-bit words, plain and
+    weighted by 1-based position) with and without a tail past the last full block."""
+    from placement.variants import checksum
+
+    def naive(buf):
+        words = buf.view(torch.int64)
+        plain = int(words.sum())
+        weighted = int((words * torch.arange(1, words.numel() + 1, dtype=torch.int64)).sum())
+        return f"{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}{buf.numel():x}"
+
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 4096 * 8, 4096 * 8 * 3 + 64 * 5, 1 << 20):
+        buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        assert checksum(buf) == naive(buf), n
+        swapped = buf.view(torch.int64).clone()
+        swapped[[0, -1]] = swapped[[-1, 0]]
+        assert checksum(swapped.view(torch.uint8)) != checksum(buf) or torch.equal(swapped.view(torch.uint8), buf)
+
+
+def test_a_variant_file_with_a_bad_header_or_another_layout_is_made_again(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    path, tokens, _ = tiny_checkpoint
+    knobs = Knobs(quantized=4, bits=4)
+    loaded, engine, _, _ = serve(path, CountingQuantizer(), knobs)
+    expected = logits(loaded.model, tokens)
+    files = sorted(engine.variant_cache.dir.glob("*.safetensors"))
+    files[0].write_bytes((10**6).to_bytes(8, "little") + b"{not json")  # a header past the file's end
+    data = files[1].read_bytes()  # the header of a 2-bit variant in a 4-bit file's name
+    files[1].write_bytes(data.replace(b'"bits":"4"', b'"bits":"2"'))
+    q = CountingQuantizer()
+    with pytest.warns(UserWarning, match="cached variant") as caught:
+        loaded, engine, _, report = serve(path, q, knobs)
+    problems = sorted(str(w.message) for w in caught if "cached variant" in str(w.message))
+    assert len(problems) == 2 and "cannot be read" in problems[0] and "written for another bits" in problems[1]
+    assert report.requantized == 2 and torch.equal(logits(loaded.model, tokens), expected)
+
+
+@pytest.mark.cuda
+def test_variants_read_back_onto_the_gpu_are_verified_there(tiny_checkpoint, tmp_path, monkeypatch):
+    """On CUDA, cached variants go from the file through a pinned staging buffer to the GPU and are
+    checksummed there: a restart reads the same bytes, a corrupted file is rejected, and no staging
+    memory stays pinned."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("QOS_CACHE_DIR", str(tmp_path))
+    path, tokens, _ = tiny_checkpoint
+    knobs = Knobs(quantized=2 * E, bits=4, gpu_experts=12, cache_slots=4)
+
+    def start(q):
+        loaded = load_model(str(path), device="cuda", dtype=torch.float16)
+        engine = Engine(loaded.model, quantizer=q, fingerprint=loaded.fingerprint)
+        report = engine.apply(build_plan(engine.spec, knobs))
+        return engine, report, {eid: buf.cpu() for eid, (_, buf, _) in engine.resident.items()}
+
+    _, first, made = start(CountingQuantizer())
+    engine, again, read = start(CountingQuantizer())
+    assert first.requantized == 2 * E and again.requantized == 0 and engine.variant_cache.loaded == 2 * E
+    assert made.keys() == read.keys() and all(torch.equal(made[k], read[k]) for k in made)
+    victim = engine.variant_cache.path(sorted(made)[0], 4, 64)
+    data = bytearray(victim.read_bytes())
+    data[-7] ^= 0x5A
+    victim.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        engine, fixed, _ = start(CountingQuantizer())
+    assert fixed.requantized == 1
