@@ -16,6 +16,7 @@ from typing import Any, Callable
 BITS = (16, 8, 4, 3, 2)  # expert precisions; 16 is unquantized
 QUANT_BITS = tuple(b for b in BITS if b != 16)
 DEFAULT_BITS = 4
+ATTN_BITS = (16, 8, 4)  # attention projections: the model's dtype, or HQQ 8 or 4 bits
 OFFLOAD_MODES = ("fetch", "cpu")
 SELECTIONS = ("random", "frequency", "sensitivity")
 BOOLS = {"0": False, "false": False, "no": False, "off": False, "1": True, "true": True, "yes": True, "on": True}
@@ -85,10 +86,13 @@ class Knobs:
     cache_slots: int | None = None  # None: twice the router's top-k
     group_size: int = 64
     prefetch: bool = False  # fetch only; off where it cannot act (see build_plan)
+    attn_bits: int = 16  # every layer's attention projections (16: the model's dtype, as before the knob)
 
     def __post_init__(self):
         if self.bits not in BITS:
             raise choice_error("bits", self.bits, BITS)
+        if self.attn_bits not in ATTN_BITS:
+            raise choice_error("attn_bits", self.attn_bits, ATTN_BITS)
         if self.selection not in SELECTIONS:
             raise choice_error("selection", self.selection, SELECTIONS)
         if self.offload not in OFFLOAD_MODES:
@@ -219,6 +223,11 @@ KNOBS = (
     Knob("prefetch", "bool", "copy the host experts the next layer's router picks into fetch slots ahead of "
          "use; dropped with --offload cpu, without host experts or with fewer than 2 x top-k slots",
          space=lambda total, top_k: ("categorical", [False, True])),
+    # Its default (16) keeps every plan and row from before the knob as it was (same plan_id; a row
+    # without the column reads back as 16); the paper's sweep keeps it at 16.
+    Knob("attn_bits", "int", "precision of every layer's attention projections (q, k, v, o): 16 keeps the "
+         "model's dtype, 8 or 4 quantizes them with HQQ (--group-size)", choices=ATTN_BITS,
+         space=lambda total, top_k: ("categorical", list(ATTN_BITS))),
     Knob("group_size", "int", "HQQ group size"),
 )
 BY_NAME = {k.name: k for k in KNOBS}

@@ -3,7 +3,9 @@
 All families below store a layer's routed experts fused in one module, `layer.mlp.experts`, with
 `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]` and `act_fn`, called as
 `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`. The router, the
-attention, the norms and any shared expert stay as they are and count as non-expert weights.
+attention, the norms and any shared expert stay as they are and count as non-expert weights; every
+layer's attention projections (`layer.self_attn.{q,k,v,o}_proj`, nn.Linear, bias or not) may be
+swapped for quantized ones (Plan.attn_bits).
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ class FamilyAdapter:
     model_type: str
     top_k_attr: str = "num_experts_per_tok"
     note: str = ""
+    attn_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # of layer.self_attn
+
+    def attention_linears(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(attention module, attribute) of every attention projection, layer by layer."""
+        sites = []
+        for layer in model.model.layers:
+            attn = getattr(layer, "self_attn", None)
+            for name in self.attn_projections:
+                if isinstance(getattr(attn, name, None), nn.Linear):
+                    sites.append((attn, name))
+        return sites
 
     def moe_blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(model layer index, MoE block) for every layer whose MLP routes to experts."""
@@ -49,6 +62,8 @@ class FamilyAdapter:
             intermediate=int(two_i) // 2,
             dtype=experts.gate_up_proj.dtype,
             nonexpert_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+            attn_linears=tuple((int(getattr(a, n).out_features), int(getattr(a, n).in_features))
+                               for a, n in self.attention_linears(model)),
         )
 
 

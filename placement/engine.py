@@ -13,6 +13,8 @@ with narrow interfaces:
   recently used host experts (an LRU), filled on a copy stream, and what was prefetched;
 - `KernelTables` (kernels.py): per precision, the [L, E] addresses of the accelerator experts the
   fused kernels run at decode, and which layers leave the kernels.
+Beside the experts, `apply` swaps every layer's attention projections for quantized ones
+(qlinear.QuantLinear, Plan.attn_bits 8 or 4) and back to the model's own (16).
 The engine itself holds one packed accelerator buffer per accelerator-tier expert (`resident`).
 Which path serves an expert is `tiers.serving_path`, the table the cost model reads too.
 Without CUDA the accelerator is the CPU: the same code paths run and bytes are still kept per tier.
@@ -35,6 +37,7 @@ from placement.experts import expert_forward, gated_forward, tensor_bytes
 from placement.fetch import FetchCache
 from placement.packed import Layout
 from placement.plan import PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, check_host_budget, diff
+from placement.qlinear import QuantLinear, linear_layout, pack_linear
 from placement.store import ExpertStore
 from placement.variants import VariantCache
 from placement.tiers import ACCEL, CPU, FETCH, serving_path
@@ -98,6 +101,7 @@ class ApplyReport:
     bytes_to_accel: int
     seconds: float
     host_loaded: int = 0  # host-tier buffers made (the plan's new host experts)
+    attn_swapped: int = 0  # attention projections that changed precision
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -267,6 +271,14 @@ class Engine:
             log.warning("fused expert kernels are not available on %s (is triton installed?)", self.accel)
         self.kernel_tables = kernels.KernelTables(self.act_fns, self.layout, self.spec.num_experts, self.accel,
                                                   enabled=enabled)
+        # Attention projections (Plan.attn_bits): where they are; while quantized ones serve, the
+        # model's own nn.Linear modules, moved to host memory (so going back to 16 bits restores them
+        # exactly), and the quantized variants made so far, in host memory (so returning to an
+        # earlier precision quantizes nothing).
+        self.attn_sites = self.adapter.attention_linears(model)
+        self.attn_masters: dict[int, nn.Linear] = {}
+        self.attn_variants: dict[tuple[int, int, int], torch.Tensor] = {}  # (site, bits, group) -> packed
+        self.attn_key: tuple[int, int | None] = (16, None)  # (bits, group size) served now
         model.to(self.accel)
         self.nonexpert_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
         if self.on_cuda:
@@ -331,6 +343,9 @@ class Engine:
         is a knob of the plan (`Plan.prefetch`)."""
         if use_kernels is not None:
             self.kernel_tables.enable(use_kernels and kernels.available(self.accel))
+            for parent, name in self.attn_sites:
+                if isinstance(getattr(parent, name), QuantLinear):
+                    getattr(parent, name).use_kernel = self.use_kernels
             if self.plan is not None:
                 self._refresh_tables()
 
@@ -354,7 +369,9 @@ class Engine:
 
     @property
     def kernel_signature(self) -> tuple:
-        return self.plan.group_size if self.plan else None, tuple(self.fast_bits), tuple(self.layer_eager)
+        # the attention's key too: a captured graph reads the projections' buffers of its capture
+        return (self.plan.group_size if self.plan else None, tuple(self.fast_bits), tuple(self.layer_eager),
+                self.attn_key)
 
     def run_expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert` of MoE layer `layer` on x [n, H], served as the current plan says."""
@@ -464,6 +481,9 @@ class Engine:
             self.cache.free()
         else:  # keep cached slots whose expert is still fetched at the same precision
             self.cache.keep_only(lambda eid, bits: plan.state(eid) == ExpertState(bits, "host"))
+        # The attention projections change precision here: after the evictions, so going to 16 bits
+        # loads only into freed room; going to 8 or 4 frees room before any expert loads.
+        attn_swapped = self._set_attention(plan.attn_bits, gs)
         if self.on_cuda:
             torch.cuda.empty_cache()  # hand freed memory back to co-tenants, not just to our allocator
 
@@ -501,9 +521,36 @@ class Engine:
 
         self._refresh_tables()
         report = ApplyReport(plan.plan_id, len(moves), loaded, evicted, requantized, bytes_in,
-                             time.perf_counter() - start, new_host)
+                             time.perf_counter() - start, new_host, attn_swapped)
         log.info("applied plan %s: %s", plan.plan_id, report)
         return report
+
+    def _set_attention(self, bits: int, group_size: int) -> int:
+        """Serve every attention projection at `bits` (16: the model's own nn.Linear; 8 or 4: a
+        QuantLinear of `group_size` groups), one projection at a time, so accelerator memory grows by
+        at most one matrix meanwhile. Returns how many projections changed."""
+        key = (bits, None if bits == 16 else group_size)
+        if key == self.attn_key:
+            return 0
+        quantizer, on = self.store.quantizer, self.store.quantize_on
+        for i, (parent, name) in enumerate(self.attn_sites):
+            master = self.attn_masters.get(i, getattr(parent, name))  # the 16-bit nn.Linear
+            if bits == 16:
+                setattr(parent, name, master.to(self.accel))  # (the QuantLinear it replaces is freed)
+                del self.attn_masters[i]
+                continue
+            layout = linear_layout(master.out_features, master.in_features, bits, self.dtype, group_size)
+            host = self.attn_variants.get((i, bits, group_size))
+            if host is None:
+                q = quantizer.quantize(master.weight, bits, group_size, self.dtype, on)
+                host = self.attn_variants[(i, bits, group_size)] = pack_linear(layout, q, on).to(self.host)
+            bias = None if master.bias is None else master.bias.detach().to(self.accel, copy=True)
+            setattr(parent, name, QuantLinear(layout, host.to(self.accel, copy=True), bias, use_kernel=self.use_kernels))
+            if i not in self.attn_masters:
+                self.attn_masters[i] = master.to(self.host)
+        self.attn_key = key
+        self.nonexpert_bytes = tensor_bytes([*self.model.parameters(), *self.model.buffers()])
+        return len(self.attn_sites)
 
     def _refresh_tables(self) -> None:
         """Point the kernels' address tables at the experts the new plan keeps on the accelerator."""
@@ -520,6 +567,8 @@ class Engine:
         (no disk cache) and the masters' own tensors (none for checkpoints and seeded built-ins)."""
         resident = tensor_bytes(buf for _, buf, _ in self.resident.values())
         slots = self.cache.nbytes()
+        attn_host = tensor_bytes([*(p for m in self.attn_masters.values() for p in m.parameters()),
+                                  *self.attn_variants.values()])
         return {
             "gpu_bytes": self.nonexpert_bytes + resident + slots,
             "gpu_expert_bytes": resident,
@@ -530,6 +579,9 @@ class Engine:
             "host_dequant_bytes": self.store.dequantized_bytes(),
             "host_master_bytes": self.store.source.resident_bytes(),
             "host_store_bytes": self.store.nbytes(),
+            # the 16-bit attention projections set aside while quantized ones serve, and the
+            # quantized variants made so far
+            "host_attn_bytes": attn_host,
         }
 
     def router_frequencies(self) -> list[list[float]]:

@@ -12,8 +12,9 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from catalog.knobs import BITS, OFFLOAD_MODES, Knobs, check_group_size, choice_error
+from catalog.knobs import ATTN_BITS, BITS, OFFLOAD_MODES, Knobs, check_group_size, choice_error
 from placement.packed import expert_layout
+from placement.qlinear import check_shape, linear_layout
 from placement.spec import ModelSpec
 
 TIERS = ("accel", "host")
@@ -56,6 +57,8 @@ class Plan:
     `cpu` computes them on the host and moves activations instead. `prefetch` (fetch only) also
     applies the next MoE layer's router to each layer's input and copies the host experts it picks
     into slots ahead of use: it pays when the guesses are right and wastes copy bandwidth when not.
+    `attn_bits` is the precision of every layer's attention projections: 16 keeps the model's own
+    (dtype) weights, 8 or 4 serves them HQQ-quantized with `group_size` groups (placement/qlinear.py).
     """
 
     states: tuple[tuple[ExpertState, ...], ...]
@@ -63,6 +66,7 @@ class Plan:
     cache_slots: int = 0
     group_size: int = 64
     prefetch: bool = False
+    attn_bits: int = 16
 
     def __post_init__(self):
         if self.offload not in OFFLOAD_MODES:
@@ -79,6 +83,8 @@ class Plan:
         if self.prefetch and not (self.offload == "fetch" and self.host_experts):
             raise ValueError("prefetch=True needs offload='fetch' and host experts: it copies host experts "
                              "into fetch slots ahead of use")
+        if self.attn_bits not in ATTN_BITS or isinstance(self.attn_bits, bool):
+            raise choice_error("attn_bits", self.attn_bits, ATTN_BITS)
 
     # --- identity -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -90,12 +96,15 @@ class Plan:
         }
         if self.prefetch:  # only when on, so plans from before the knob keep their plan_id
             d["prefetch"] = True
+        if self.attn_bits != 16:  # likewise: plans from before the knob had 16-bit attention
+            d["attn_bits"] = self.attn_bits
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Plan:
         states = tuple(tuple(ExpertState(int(b), str(t)) for b, t in row) for row in d["states"])
-        return cls(states, d["offload"], int(d["cache_slots"]), int(d["group_size"]), bool(d.get("prefetch", False)))
+        return cls(states, d["offload"], int(d["cache_slots"]), int(d["group_size"]), bool(d.get("prefetch", False)),
+                   int(d.get("attn_bits", 16)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
@@ -111,7 +120,10 @@ class Plan:
     @property
     def precision_id(self) -> str:
         """A hash of the precisions alone: what perplexity depends on (placement does not)."""
-        key = json.dumps({"bits": [[s.bits for s in row] for row in self.states], "group_size": self.group_size})
+        key = {"bits": [[s.bits for s in row] for row in self.states], "group_size": self.group_size}
+        if self.attn_bits != 16:  # (absent at 16, so ids from before the knob still match)
+            key["attn_bits"] = self.attn_bits
+        key = json.dumps(key)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     # --- derived counts ---------------------------------------------------------------------
@@ -166,9 +178,22 @@ class Plan:
     def slots_used(self) -> int:
         return self.cache_slots if self.offload == "fetch" and self.host_experts else 0
 
+    def attn_nbytes(self, spec: ModelSpec, bits: int | None = None) -> int:
+        """Accelerator bytes of the attention projections' weights at `bits` (default: the plan's)."""
+        bits = self.attn_bits if bits is None else bits
+        if bits == 16:
+            return sum(n * k for n, k in spec.attn_linears) * spec.dtype.itemsize
+        return sum(linear_layout(n, k, bits, spec.dtype, self.group_size).nbytes for n, k in spec.attn_linears)
+
+    def nonexpert_nbytes(self, spec: ModelSpec) -> int:
+        """The model's non-expert weights with the attention projections at the plan's precision."""
+        if self.attn_bits == 16:
+            return spec.nonexpert_bytes
+        return spec.nonexpert_bytes - self.attn_nbytes(spec, 16) + self.attn_nbytes(spec)
+
     def gpu_bytes(self, spec: ModelSpec) -> int:
         experts = sum(self.expert_nbytes(spec, s.bits) for _, s in self.items() if s.tier == "accel")
-        return spec.nonexpert_bytes + experts + self.slots_used() * self.slot_nbytes(spec)
+        return self.nonexpert_nbytes(spec) + experts + self.slots_used() * self.slot_nbytes(spec)
 
     def host_bytes(self, spec: ModelSpec) -> int:
         """Host memory the plan keeps resident: its host-tier experts at their precision (the
@@ -198,6 +223,12 @@ class Plan:
                     f"group_size={self.group_size} does not divide the {name} matrix "
                     f"({out_f}x{in_f}) of this model"
                 )
+        if self.attn_bits != 16:
+            if not spec.attn_linears:
+                raise ValueError(f"attn_bits={self.attn_bits} needs the model's attention projections, and this "
+                                 f"{spec.family} model has none the adapter knows (self_attn.q_proj ...)")
+            for out_f, in_f in sorted(set(spec.attn_linears)):
+                check_shape(out_f, in_f, self.attn_bits, self.group_size)
 
     def summary(self, spec: ModelSpec) -> dict:
         bits = self.bits_used
@@ -211,10 +242,11 @@ class Plan:
             "offload": self.offload,
             "cache_slots": self.slots_used(),
             "prefetch": self.prefetch,
+            "attn_bits": self.attn_bits,
             "group_size": self.group_size,
             "gpu_bytes": self.gpu_bytes(spec),
             "host_bytes": self.host_bytes(spec),
-            "nonexpert_bytes": spec.nonexpert_bytes,
+            "nonexpert_bytes": self.nonexpert_nbytes(spec),
         }
 
 
@@ -309,7 +341,7 @@ def build_plan(spec: ModelSpec, knobs: Knobs, scores=None) -> Plan:
         # likewise prefetch, which also needs room for two layers' experts (as the engine does).
         fetching = knobs.offload == "fetch" and n_accel < total
         prefetch = knobs.prefetch and fetching and slots >= PREFETCH_SLOTS_PER_TOP_K * spec.top_k
-        return Plan(states, knobs.offload, slots if fetching else 0, knobs.group_size, prefetch)
+        return Plan(states, knobs.offload, slots if fetching else 0, knobs.group_size, prefetch, knobs.attn_bits)
 
     if knobs.gpu_budget is None:
         plan = make(total if knobs.gpu_experts is None else knobs.gpu_experts)
@@ -334,10 +366,11 @@ def check_host_budget(plan: Plan, spec: ModelSpec, host_budget: int | None) -> N
 
 def _fit_budget(spec: ModelSpec, budget: int, make, total: int) -> Plan:
     """The plan with the most accelerator experts whose accelerator bytes fit `budget`."""
-    if budget < spec.nonexpert_bytes:
+    nonexpert = make(0).nonexpert_nbytes(spec)  # (attention at the plan's precision)
+    if budget < nonexpert:
         raise ValueError(
             f"gpu_budget={budget} bytes is smaller than the model's non-expert weights "
-            f"({spec.nonexpert_bytes} bytes), which always live on the accelerator"
+            f"({nonexpert} bytes), which always live on the accelerator"
         )
     best = None
     for n in range(total + 1):  # bytes grow with n except where the fetch slots disappear
@@ -347,7 +380,7 @@ def _fit_budget(spec: ModelSpec, budget: int, make, total: int) -> Plan:
     if best is None:
         smallest = make(0)
         raise ValueError(
-            f"gpu_budget={budget} bytes cannot hold the non-expert weights ({spec.nonexpert_bytes}) "
+            f"gpu_budget={budget} bytes cannot hold the non-expert weights ({nonexpert}) "
             f"plus {smallest.slots_used()} fetch slots of {smallest.slot_nbytes(spec)} bytes; "
             "raise the budget, lower cache_slots or use offload='cpu'"
         )

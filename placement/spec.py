@@ -17,6 +17,9 @@ class ModelSpec:
     intermediate: int  # of one routed expert
     dtype: torch.dtype
     nonexpert_bytes: int  # everything but the routed experts: always on the accelerator
+    # [out, in] of every attention projection (q, k, v, o of each layer), counted in nonexpert_bytes at
+    # the model's dtype; what Plan.attn_bits quantizes (empty: unknown, attention stays as it is)
+    attn_linears: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         for name in ("num_layers", "num_experts", "top_k", "hidden", "intermediate"):

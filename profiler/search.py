@@ -149,7 +149,7 @@ class Search:
             gpu = build_plan(self.profiler.engine.spec, knobs).gpu_experts
             params.append({"quantized": q, "bits": 4, "selection": "random", "gpu_experts": gpu,
                            "offload": "fetch", "cache_slots": 2 * self.profiler.engine.spec.top_k,
-                           "prefetch": False})
+                           "prefetch": False, "attn_bits": 16})
         return params
 
     def run(self, trials: int, *, seed: int = 0, storage: str | None = None, study_name: str = "moe-qos",

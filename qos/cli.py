@@ -224,8 +224,8 @@ def cmd_front(args) -> dict:
     df = _read_measured(args.file, args.datasets)
     objectives = parse_objectives(args.objectives)
     best = front(df, objectives)
-    columns = ["plan_id", "quantized", "bits", "selection", "gpu_experts", "offload", "prefetch", "decode_tok_s",
-               "ppl", "gpu_bytes"]
+    columns = ["plan_id", "quantized", "bits", "selection", "gpu_experts", "offload", "prefetch", "attn_bits",
+               "decode_tok_s", "ppl", "gpu_bytes"]
     best = best[[c for c in columns if c in best.columns]]
     if not args.json:
         print(f"{len(best)} of {len(df)} plans are Pareto-optimal for {args.objectives}:")

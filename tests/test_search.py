@@ -47,7 +47,7 @@ def test_search_never_measures_plans_over_the_host_budget(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     df = pd.read_csv(out)
     assert summary["trials"] == 6 and 0 < len(df) < 6  # the 16-bit sweep point (1.18 MB on the host) was not measured
-    assert (df["host_bytes"] <= 600_000).all() and 0 not in set(df["quantized"])
+    assert (df["host_bytes"] <= 600_000).all() and 0 not in set(df[df["source"] == "sweep"]["quantized"])
 
 
 @needs_data
@@ -84,7 +84,7 @@ def test_search_space_has_prefetch_which_counts_only_with_fetched_host_experts(t
                                      plan=lambda knobs: build_plan(spec, knobs))
     search = Search(profiler, tmp_path / "out.csv")
     params = {"quantized": 0, "bits": 4, "selection": "random", "gpu_experts": 2, "offload": "fetch",
-              "cache_slots": 4}
+              "cache_slots": 4, "attn_bits": 16}
     plans = {(offload, prefetch): search.profiler.plan(search.knobs(optuna.trial.FixedTrial(
         {**params, "offload": offload, "prefetch": prefetch}))) for offload in ("fetch", "cpu") for prefetch in (False, True)}
     assert plans["fetch", True].prefetch and plans["fetch", True] != plans["fetch", False]

@@ -1,0 +1,251 @@
+"""Quantized attention projections (placement/qlinear.py, Plan.attn_bits): the kernels against
+dequantize-then-matmul in Triton's CPU interpreter, the plan knob (JSON, plan_id, bytes), the
+engine's swap there and back, and the perplexity cost on the bundled reference model."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from catalog.data import DATASETS, data_dir
+from catalog.knobs import Knobs
+from placement import hqq_backend
+from placement import qlinear as ql
+from placement.engine import Engine
+from placement.plan import Plan, build_plan
+from placement.spec import ModelSpec
+
+needs_triton = pytest.mark.skipif(ql.triton is None, reason="triton is not installed")
+HAVE_WIKI = (data_dir() / DATASETS["wikitext2"]).is_file()
+
+
+def _matrix(N, K, bits, dtype, seed=0, group_size=64):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g) * 0.05
+    return ql.quantize_linear(W.to(dtype), bits, group_size, dtype, hqq_backend, "cpu")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_is_hqqs_own(bits, dtype):
+    layout, buf = _matrix(96, 256, bits, dtype)
+    v = layout.views(buf)
+    ref = hqq_backend.dequantize(v["weight.W_q"], v["weight.scale"], v["weight.zero"], bits=bits, group_size=64,
+                                 shape=(96, 256), compute_dtype=dtype)
+    assert torch.equal(ql.dequantize(layout, buf), ref)
+    # codes at `bits` each, one scale and one zero per 64 weights, each field 64-byte aligned
+    assert 0 <= buf.numel() - (96 * 256 * bits // 8 + 2 * 384 * dtype.itemsize) < 3 * 64
+
+
+def _dequantize_fp32(layout, buf):
+    """W in fp32 from the packed codes, scales and zeros (the kernels' math: no rounding of W to bf16)."""
+    v = layout.views(buf)
+    codes = v["weight.W_q"]
+    if layout.bits == 4:
+        codes = torch.cat([codes >> 4, codes & 15], dim=0)
+    return ((codes.float() - v["weight.zero"].float()) * v["weight.scale"].float()).reshape(layout.matrices[0][1])
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 4, 64])
+@pytest.mark.parametrize("path", ["rows", "mma"])
+def test_kernel_equals_dequantize_then_matmul(bits, M, path):
+    # 96 rows: 48 byte rows at 4 bits, not a power of two, so row masks are exercised
+    for dtype, split in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 2)):
+        layout, buf = _matrix(96, 256, bits, dtype, seed=M)
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M + 1)).to(dtype)
+        want = x.float() @ _dequantize_fp32(layout, buf).T  # [M, 96]
+        got = ql.qlinear(x, buf, layout, path=path, split=split)
+        assert got.shape == (M, 96) and got.dtype == dtype
+        # fp32: summation order only; bf16: the output's rounding (8 bits of mantissa)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+        assert (got.float() - want).abs().max() <= tol * want.abs().max(), (dtype, split)
+
+
+@needs_triton
+def test_quant_linear_module_takes_the_kernels_up_to_the_limit_and_dequantizes_beyond():
+    layout, buf = _matrix(64, 128, 4, torch.float32)
+    bias = torch.randn(64)
+    mod = ql.QuantLinear(layout, buf, bias)
+    assert mod.kernel_ok and mod.use_kernel
+    w = ql.dequantize(layout, buf)
+    for shape in ((1, 1, 128), (2, 3, 128), (1, ql.KERNEL_MAX_TOKENS + 1, 128)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+    calls = []
+    real = ql.qlinear
+    try:
+        ql.qlinear = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
+        mod(torch.randn(1, ql.KERNEL_MAX_TOKENS, 128))
+        mod(torch.randn(1, ql.KERNEL_MAX_TOKENS + 1, 128))  # prefill past the limit: dequantize + F.linear
+        mod.use_kernel = False
+        mod(torch.randn(1, 2, 128))
+    finally:
+        ql.qlinear = real
+    assert calls == [ql.KERNEL_MAX_TOKENS]
+
+
+def test_bad_input_is_one_line_naming_the_problem():
+    layout, buf = _matrix(64, 128, 8, torch.float32)
+    checks = [
+        (lambda: ql.qlinear(torch.zeros(1, 64), buf, layout), "x has 64 columns but the quantized matrix is 64x128"),
+        (lambda: ql.qlinear(torch.zeros(1, 128), buf, layout, path="tiles"), "path='tiles' is not a kernel"),
+        (lambda: ql.qlinear(torch.zeros(1, 128), buf, layout, split=3), "split=3 does not cut K=128"),
+        (lambda: ql.linear_layout(64, 96, 4, torch.float32, 64), "group_size=64 does not divide the input dimension"),
+        (lambda: ql.linear_layout(63, 128, 4, torch.float32, 64), "odd number of rows"),
+        (lambda: ql.linear_layout(64, 128, 2, torch.float32, 64), "bits=2 is not a quantized linear precision"),
+        (lambda: Knobs(attn_bits=2), "attn_bits=2 is not supported; choose one of 16, 8, 4"),
+    ]
+    if ql.triton is None:
+        checks = checks[3:]
+    for call, message in checks:
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+# --- the plan knob ----------------------------------------------------------------------------------
+SPEC = ModelSpec("mixtral", num_layers=2, num_experts=4, top_k=2, hidden=64, intermediate=128,
+                 dtype=torch.bfloat16, nonexpert_bytes=100_000, attn_linears=((64, 64), (32, 64), (32, 64), (64, 64)) * 2)
+
+
+def test_attn_bits_is_part_of_the_plan_its_json_its_id_and_its_bytes():
+    p16, p8, p4 = (build_plan(SPEC, Knobs(quantized=3, bits=4, gpu_experts=6, attn_bits=b)) for b in (16, 8, 4))
+    assert (p16.attn_bits, p8.attn_bits, p4.attn_bits) == (16, 8, 4)
+    assert len({p16.plan_id, p8.plan_id, p4.plan_id}) == 3 and len({p16.precision_id, p4.precision_id}) == 2
+    for p in (p16, p8, p4):
+        assert Plan.from_json(p.to_json()) == p and Plan.from_json(p.to_json()).plan_id == p.plan_id
+    # a plan from before the knob has no attn_bits: it loads as 16 with the same id
+    assert "attn_bits" not in p16.to_dict()
+    old = json.loads(p16.to_json())
+    assert Plan.from_dict(old) == p16 and json.loads(p4.to_json())["attn_bits"] == 4
+    # bytes: attention's 16-bit weights (2 layers of 64x64, 32x64, 32x64, 64x64) out, packed ones in
+    attn16 = 2 * (64 * 64 + 32 * 64 * 2 + 64 * 64) * 2
+    packed = sum(ql.linear_layout(n, k, 4, torch.bfloat16, 64).nbytes for n, k in SPEC.attn_linears)
+    assert p16.gpu_bytes(SPEC) - p4.gpu_bytes(SPEC) == attn16 - packed > 0
+    assert p4.gpu_bytes(SPEC) < p8.gpu_bytes(SPEC) < p16.gpu_bytes(SPEC)
+    assert p4.summary(SPEC)["attn_bits"] == 4 and p4.summary(SPEC)["gpu_bytes"] == p4.gpu_bytes(SPEC)
+    # under one accelerator budget, quantized attention leaves room for more experts
+    budget = SPEC.nonexpert_bytes + 7 * p16.expert_nbytes(SPEC, 16) // 2  # 3.5 experts beside the rest
+    more = [build_plan(SPEC, Knobs(gpu_budget=budget, offload="cpu", attn_bits=b)).gpu_experts for b in (16, 4)]
+    assert more == [3, 4]
+
+
+def test_attn_bits_is_checked_against_the_model():
+    with pytest.raises(ValueError, match="attn_bits=3 is not supported"):
+        Plan(build_plan(SPEC, Knobs()).states, attn_bits=3)
+    bare = ModelSpec("mixtral", 2, 4, 2, 64, 128, torch.float32, nonexpert_bytes=1000)  # projections unknown
+    with pytest.raises(ValueError, match="needs the model's attention projections"):
+        build_plan(bare, Knobs(attn_bits=8))
+    with pytest.raises(ValueError, match="group_size=128 does not divide the input dimension"):
+        build_plan(SPEC, Knobs(attn_bits=4, group_size=128))
+    assert build_plan(bare, Knobs()).gpu_bytes(bare) == 1000 + 8 * build_plan(bare, Knobs()).expert_nbytes(bare, 16)
+
+
+# --- the engine -------------------------------------------------------------------------------------
+def _counting_quantizer():
+    calls = []
+
+    def quantize(weight, bits, group_size, dtype, device, **kw):
+        calls.append(tuple(weight.shape))
+        return hqq_backend.quantize(weight, bits, group_size, dtype, device, **kw)
+
+    return types.SimpleNamespace(quantize=quantize, dequantize=hqq_backend.dequantize), calls
+
+
+def _close(a, b, rel):
+    return ((a - b).norm() / b.norm()).item() <= rel
+
+
+@needs_triton
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-random-qwen2_moe"])  # qwen2_moe: q, k, v with bias
+def test_engine_swaps_attention_there_and_back_exactly(fresh, tokens, family):
+    model, _ = fresh(family)
+    quantizer, calls = _counting_quantizer()
+    engine = Engine(model, quantizer=quantizer, use_kernels=True)  # kernels in Triton's interpreter
+    spec = engine.spec
+    p16 = build_plan(spec, Knobs())
+    engine.apply(p16)
+    sig16 = engine.kernel_signature
+    with torch.no_grad():
+        ref = model(tokens).logits  # [2, 24, V]: 48 rows per projection, inside the kernels' limit
+    mem16 = engine.memory()
+    assert mem16["gpu_bytes"] == p16.gpu_bytes(spec) and mem16["host_attn_bytes"] == 0
+
+    for bits, rel in ((8, 0.01), (4, 0.2)):  # (random weights: 4 bits move logits by about 11%)
+        plan = build_plan(spec, Knobs(attn_bits=bits))
+        report = engine.apply(plan)
+        assert report.attn_swapped == len(spec.attn_linears) and report.moves == 0
+        attn = model.model.layers[0].self_attn
+        assert isinstance(attn.q_proj, ql.QuantLinear) and attn.q_proj.bits == bits and attn.q_proj.kernel_ok
+        assert engine.kernel_signature != sig16  # a decoder captures its graphs again
+        with torch.no_grad():
+            got = model(tokens).logits
+        assert _close(got, ref, rel), ((got - ref).norm() / ref.norm()).item()
+        assert engine.memory()["gpu_bytes"] == plan.gpu_bytes(spec) < mem16["gpu_bytes"]
+        engine.configure(use_kernels=False)  # the dequantize path agrees with the kernels
+        with torch.no_grad():
+            eager = model(tokens).logits
+        engine.configure(use_kernels=True)
+        torch.testing.assert_close(eager, got, atol=1e-4, rtol=1e-4)
+
+    quantized = len(calls)
+    assert quantized == 2 * len(spec.attn_linears)  # once per projection and precision
+    engine.apply(p16)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, ref)  # the model's own weights, bit for bit
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert engine.kernel_signature == sig16 and engine.memory()["gpu_bytes"] == mem16["gpu_bytes"]
+    assert engine.apply(build_plan(spec, Knobs(attn_bits=4))).attn_swapped and len(calls) == quantized  # cached
+    assert engine.apply(build_plan(spec, Knobs(attn_bits=4))).attn_swapped == 0  # nothing changed: no swap
+
+
+@needs_triton
+def test_a_plan_with_4bit_attention_decodes_close_to_16bit(fresh):
+    from placement.decode import Decoder
+
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=True)
+    dec = Decoder(model, engine, max_seqs=2, max_len=64)
+    prompt = list(range(3, 15))
+
+    def run(plan):
+        """Logits after the prompt and after three decode steps fed the same tokens, and a generation."""
+        engine.apply(plan)
+        dec.open(0)
+        out = [dec.prefill_all(0, prompt).float()]  # [V]
+        for i, tok in enumerate((5, 9, 200)):
+            dec.feed(0, tok, len(prompt) + i)
+            dec.step()
+            out.append(dec.logits[0].clone())
+        dec.close(0)
+        return torch.stack(out), dec.generate([prompt], 6, fixed_length=True).sequences[0].ids
+
+    logits16, _ = run(build_plan(engine.spec, Knobs(quantized=4, bits=4)))
+    logits4, ids4 = run(build_plan(engine.spec, Knobs(quantized=4, bits=4, attn_bits=4)))
+    assert len(ids4) == 6 and not torch.equal(logits4, logits16)
+    for got, want in zip(logits4, logits16):
+        assert _close(got, want, 0.2), ((got - want).norm() / want.norm()).item()
+
+
+# --- the reference model's perplexity ---------------------------------------------------------------
+@pytest.mark.skipif(not HAVE_WIKI, reason="WikiText-2 not found (set QOS_DATA_DIR)")
+def test_reference_perplexity_at_8_and_4_bit_attention(capsys):
+    from catalog.data import eval_text
+    from placement.models import load_model
+    from profiler.perplexity import eval_windows, perplexity
+
+    loaded = load_model("reference", device="cpu")
+    engine = Engine(loaded.model)
+    windows, _ = eval_windows(loaded.tokenizer, "wikitext2", eval_text("wikitext2"), seqlen=512, max_windows=8)
+    ppl = {}
+    for bits in (16, 8, 4):
+        engine.apply(build_plan(engine.spec, Knobs(attn_bits=bits)))
+        ppl[bits] = perplexity(loaded.model, "wikitext2", windows, batch_size=8).ppl
+    with capsys.disabled():
+        print(f"\nreference, WikiText-2 (8 windows of 512): attention 16-bit {ppl[16]:.2f}, "
+              f"8-bit {ppl[8]:.2f} ({ppl[8] / ppl[16] - 1:+.2%}), 4-bit {ppl[4]:.2f} ({ppl[4] / ppl[16] - 1:+.2%})")
+    # measured: +0.03% and +0.86% (README: +0.0 and +0.2-0.4% on 64 windows); a broken quantizer or kernel breaks these
+    assert ppl[8] != ppl[16] != ppl[4] and abs(ppl[8] / ppl[16] - 1) < 0.005 and abs(ppl[4] / ppl[16] - 1) < 0.03
