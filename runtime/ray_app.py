@@ -32,6 +32,7 @@ error event ending the stream.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -413,6 +414,8 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address in (None, "auto") and _loopback_address(_found_address()):
+        _single_machine()  # the cluster listens on loopback only: join it there
     try:
         ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False)
     except ConnectionError as err:
@@ -520,19 +523,76 @@ def stop(app: str = DEFAULT_APP) -> None:
         ray.kill(ray.get_actor(_registry_name(app), namespace=NAMESPACE))
 
 
+# Ray binds its servers (GCS, raylet, object manager, agents, workers, metrics) to loopback only when
+# the node's address is loopback, and on Linux takes 127.0.0.1 as that address only in its
+# single-machine mode, this variable at 0 (`--node-ip-address 127.0.0.1` and `_node_ip_address` are
+# replaced by the machine's address). The mode also refuses other nodes: a cluster of several
+# machines names its addresses.
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _single_machine() -> tuple[str | None, bool]:
+    """Put this process, and the Ray processes it starts, in Ray's single-machine mode; what it
+    replaced (for _restore). Ray read the variable when it was imported: its constant is set too."""
+    from ray._private import ray_constants
+
+    saved = os.environ.get(SINGLE_MACHINE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return saved
+
+
+def _restore(saved: tuple[str | None, bool]) -> None:
+    from ray._private import ray_constants
+
+    if saved[0] is None:
+        os.environ.pop(SINGLE_MACHINE, None)
+    else:
+        os.environ[SINGLE_MACHINE] = saved[0]
+    ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+def _found_address() -> str | None:
+    """The address `ray.init(address="auto")` would join (RAY_ADDRESS, else the last `ray start`'s)
+    as recorded, before Ray replaces a loopback host by the machine's address; None: none found."""
+    from ray._private.services import get_ray_address_from_environment
+
+    try:
+        return get_ray_address_from_environment("auto", None)
+    except (ConnectionError, OSError):
+        return None  # ray.init says so
+
+
+def _loopback_address(address: str | None) -> bool:
+    """Whether a cluster address (host:port) is on loopback: a cluster started in single-machine mode."""
+    host = (address or "").rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def local_cluster(**init_kwargs):
     """A Ray cluster of this process only (demo, tests), its files in a short temporary folder
-    (Ray's socket paths have a length limit), removed afterwards."""
+    (Ray's socket paths have a length limit), removed afterwards. Every listener of it binds
+    loopback (Ray's single-machine mode) unless `_node_ip_address` names an address."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    saved = None if "_node_ip_address" in init_kwargs else _single_machine()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    ray.init(address="local", namespace=NAMESPACE, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
-             **init_kwargs)
     try:
-        yield
+        ray.init(address="local", namespace=NAMESPACE, _temp_dir=temp, include_dashboard=False,
+                 log_to_driver=False, **init_kwargs)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+        if saved is not None:
+            _restore(saved)

@@ -160,6 +160,7 @@ def _run(args: list[str], cwd: Path, env: dict, what: str) -> None:
 
 def _port_taken(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a cluster just stopped leaves TIME_WAITs
         try:
             s.bind(("", port))
         except OSError:
