@@ -5,7 +5,7 @@ its first launch on that GPU: tuned once per GPU model, never at start).
     python -m experiments.tune_kernels --out experiments/results/tune_kernels_h200.csv
 
 A coordinate search: gate_up's (rows, K chunk, warps) with down at its current blocks, then down's
-with the best gate_up. Every candidate is checked against the default blocks' output before it is
+with the best gate_up, then the pipeline stages of both. Every candidate is checked against the default blocks' output before it is
 timed (kernels.bench's CUDA-graph timer over copies of the expert that exceed the L2 cache). Prints
 each precision's table and the bandwidth of the winner; writes every timing to --out.
 """
@@ -22,7 +22,7 @@ import torch
 from placement import kernels
 from placement.packed import expert_layout
 
-GATE_UP = list(itertools.product((8, 16, 32), (512, 1024, 2048), (4, 8)))
+GATE_UP = list(itertools.product((8, 16, 32), (256, 512, 1024, 2048), (4, 8)))
 DOWN = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))
 
 
@@ -32,11 +32,12 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
     layout = expert_layout(hidden, inter, bits, dtype, group_size)
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
     copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
-    tables = [kernels.expert_table([kernels.random_expert(layout, dev, gen)]) for _ in range(copies)]
+    buffers = [kernels.random_expert(layout, dev, gen) for _ in range(copies)]  # (alive: the tables hold addresses)
+    tables = [kernels.expert_table([b]) for b in buffers]
     x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
     ones = torch.ones(1, device=dev)
     name = torch.cuda.get_device_name(dev)
-    default = kernels._GPU_BLOCKS[bits]
+    default = kernels.tuned_blocks(name)[bits]  # where the search starts: this GPU's current choice
     blocks = dict(kernels._GPU_BLOCKS)
 
     # the launch reads _device_blocks(index): point it at the candidate
@@ -77,12 +78,19 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
             ms = timed(cfg, "down")
             if ms is not None and ms < best_ms:
                 best, best_ms = cfg, ms
-        if bits < 16:  # the same blocks with codes by plain Triton ops, for comparison
-            kernels._FAST_CODES = False
-            try:
-                timed(best, "best, no PTX codes")
-            finally:
-                kernels._FAST_CODES = True
+        for stages in (1, 2, 4):
+            cfg = best[:6] + (stages,)
+            ms = timed(cfg, "stages")
+            if ms is not None and ms < best_ms:
+                best, best_ms = cfg, ms
+        chosen = kernels._FAST_CODES.get(bits)
+        for mode in (0, 1, 2) if bits < 16 else ():  # the same blocks, codes unpacked each way (kernels._fcodes)
+            if mode != chosen:
+                kernels._FAST_CODES[bits] = mode
+                try:
+                    timed(best, f"best, codes mode {mode}")
+                finally:
+                    kernels._FAST_CODES[bits] = chosen
         rows.append(dict(gpu=name, bits=bits, stage="best", blocks=list(best), ms=best_ms,
                          gbps=layout.nbytes / best_ms / 1e6, error=""))
         return rows

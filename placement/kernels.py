@@ -2,9 +2,11 @@
 
 At decode a layer runs a few (token, expert) pairs, each a matrix-vector product, so an expert costs
 the time to read its bytes. These kernels read each expert straight from its packed buffer (see
-packed.py), dequantizing in registers, so a lower precision costs less time. Measured on an H100
-(`python -m placement.kernels`, Mixtral expert, batch 1): 16-bit 0.122 ms (eager F.linear 0.129),
-8-bit 0.080, 4-bit 0.058 (hqq dequantize-then-matmul 1.70), 2-bit 0.058 (compute-bound).
+packed.py), dequantizing in registers, so a lower precision costs less time. Measured on an H200
+(`python -m placement.kernels`, Mixtral expert, batch 1): 16-bit 0.088 ms (eager F.linear 0.093),
+8-bit 0.069, 4-bit 0.049 (hqq dequantize-then-matmul 1.58), 2-bit 0.044. Low-bit codes are unpacked
+to floats by integer/float bit tricks (_fcodes), not int->float conversions, which had bound 4- and
+2-bit at the same 0.058 ms; they are still bound by instructions per weight, not bytes.
 One launch pair covers every slot of a layer at one precision; expert addresses come from a device
 table, so nothing syncs with the host and a decode step can be captured in a CUDA graph.
 
@@ -221,25 +223,65 @@ def _asm_fcodes(bits: int) -> str:
     return "{\n.reg .b32 t;\n" + "\n".join(lines).replace("$X", f"${n}") + "\n}"
 
 
-_FAST_CODES = True  # codes by inline PTX on the GPU (a switch for comparisons)
-_ASM_F8 = _constexpr(_asm_fcodes(8))
-_ASM_F4 = _constexpr(_asm_fcodes(4))
-_ASM_F2 = _constexpr(_asm_fcodes(2))
+def _asm_qcodes(bits: int) -> str:
+    """PTX for every code of 4 packed bytes ($last) as the fp32 q itself, in _asm_fcodes' order: the
+    code masked into the mantissa under an exponent that gives its lowest bit the value 1 (a lop3),
+    minus that exponent's implicit leading one (an exact fp32 subtraction), so a code costs one
+    integer and one float operation, where _asm_fcodes' shift and lop3 are two integer ones (the
+    integer pipe issues at half the float one's rate). Codes above mantissa bit 22 are taken from
+    the word shifted right by 16, once for all of them."""
+    per = 8 // bits
+    lines, n = [], 0
+    for idx in range(per):
+        for byte in range(4):
+            pos = 8 * byte + 8 - bits * (idx + 1)
+            src, p = ("$X", pos) if pos + bits <= 23 else ("hi", pos - 16)
+            exponent = (127 + 23 - p) << 23  # mantissa bit p worth 1
+            lines.append(f"lop3.b32 t, {src}, {((1 << bits) - 1) << p:#x}, {exponent:#x}, 0xEA;")
+            lines.append(f"sub.f32 ${n}, t, 0f{exponent:08X};")
+            n += 1
+    return ("{\n.reg .b32 t, hi;\nshr.u32 hi, $X, 16;\n" + "\n".join(lines) + "\n}").replace("$X", f"${n}")
+
+
+# How the GPU unpacks codes, by precision: 2 (inline PTX, q itself by a lop3 and a subtraction), 1
+# (inline PTX, 1 + q / 2^bits by a shift and a lop3) or 0 (plain Triton ops, as in the interpreter).
+# H200, one Mixtral expert at batch 1 (experiments/tune_kernels.py), modes 0 / 1 / 2: 4-bit 0.0545 /
+# 0.0525 / 0.0499 ms, 2-bit 0.0512 / 0.0440 / 0.0458, 8-bit 0.0714 / 0.0703 / 0.0703.
+_FAST_CODES = {8: 1, 4: 2, 2: 1}
+_ASM_F = {m: {b: _constexpr(f(b)) for b in (8, 4, 2)} for m, f in ((1, _asm_fcodes), (2, _asm_qcodes))}
+_ASM_F8_1, _ASM_F4_1, _ASM_F2_1 = _ASM_F[1][8], _ASM_F[1][4], _ASM_F[1][2]
+_ASM_F8_2, _ASM_F4_2, _ASM_F2_2 = _ASM_F[2][8], _ASM_F[2][4], _ASM_F[2][2]
+
+
+@_jit
+def _asm_codes(b, ASM: tl.constexpr, BITS: tl.constexpr):
+    if BITS == 8:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
+    elif BITS == 4:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b], dtype=(tl.float32, tl.float32),
+                                         is_pure=True, pack=4)
+    else:
+        return tl.inline_asm_elementwise(ASM, "=r," * 16 + "r", [b], dtype=(tl.float32,) * 4, is_pure=True, pack=4)
 
 
 @_jit
 def _fcodes(b, BITS: tl.constexpr, FAST: tl.constexpr):
-    """All codes of bytes b (uint8), high bits first, as fp32 1 + q / 2^BITS (see _fcode); FAST:
-    inline PTX on 4 bytes at a time (GPU only)."""
-    if FAST:
+    """All codes of bytes b (uint8), high bits first, as fp32: q itself (FAST 2) or 1 + q / 2^BITS
+    (FAST 1 and 0, see _fcode); FAST 1 and 2: inline PTX on 4 bytes at a time (GPU only)."""
+    if FAST == 2:
         if BITS == 8:
-            return tl.inline_asm_elementwise(_ASM_F8, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
+            return _asm_codes(b, _ASM_F8_2, 8)
         elif BITS == 4:
-            return tl.inline_asm_elementwise(_ASM_F4, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
-                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+            return _asm_codes(b, _ASM_F4_2, 4)
         else:
-            return tl.inline_asm_elementwise(_ASM_F2, "=r," * 16 + "r", [b], dtype=(tl.float32,) * 4,
-                                             is_pure=True, pack=4)
+            return _asm_codes(b, _ASM_F2_2, 2)
+    elif FAST == 1:
+        if BITS == 8:
+            return _asm_codes(b, _ASM_F8_1, 8)
+        elif BITS == 4:
+            return _asm_codes(b, _ASM_F4_1, 4)
+        else:
+            return _asm_codes(b, _ASM_F2_1, 2)
     else:
         b = b.to(tl.int32)
         if BITS == 8:
@@ -251,14 +293,19 @@ def _fcodes(b, BITS: tl.constexpr, FAST: tl.constexpr):
 
 
 @_jit
-def _qdot(v, x, xs, scale_ptr, zero_ptr, grp, rmask, D: tl.constexpr):
-    """Per row of v [BJ, NG, GS] (codes q as 1 + q / D, see _fcode): sum over the chunk of
+def _qdot(v, x, xs, scale_ptr, zero_ptr, grp, rmask, BITS: tl.constexpr, FAST: tl.constexpr):
+    """Per row of v [BJ, NG, GS] (codes from _fcodes(.., BITS, FAST)): sum over the chunk of
     (q - zero) * scale * x, with x [NG, GS] and its group sums xs [NG]; grp [BJ, NG] indexes the rows'
-    groups. sum(q * x) = D * (sum(v * x) - sum(x)), so per group: s * (D * sum(v * x) - (D + z) * xs)."""
+    groups. Codes as v = 1 + q / D: sum(q * x) = D * (sum(v * x) - sum(x)), so per group
+    s * (D * sum(v * x) - (D + z) * xs)."""
     s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
     z = tl.load(zero_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
     vx = _rsum(v * x[None, :, :], 2)
-    return _rsum(s * (D * vx - (D + z) * xs[None, :]), 1)
+    if FAST == 2:
+        return _rsum(s * (vx - z * xs[None, :]), 1)
+    else:
+        D: tl.constexpr = 1 << BITS
+        return _rsum(s * (D * vx - (D + z) * xs[None, :]), 1)
 
 
 @_jit
@@ -307,22 +354,21 @@ def _gate_up_kernel(
                 # group of row r, columns k0 + [0, BLOCK_K): r * H/GS + k0/GS + [0, NG)
                 grp = j[:, None] * (H // GS) + k0 // GS + tl.arange(0, NG)[None, :]
                 ROWG: tl.constexpr = H // GS  # groups per row
-                D: tl.constexpr = 1 << BITS
                 b = tl.load(wq + offs, mask=wmask, other=0)
                 if BITS == 8:  # one byte per weight; up rows start at row I
                     bu = tl.load(wq + I * H + offs, mask=wmask, other=0)
-                    g0 += _qdot(_fcodes(b, 8, FAST), x, xs, sc, zr, grp, rmask, D)
-                    u0 += _qdot(_fcodes(bu, 8, FAST), x, xs, sc, zr, grp + I * ROWG, rmask, D)
+                    g0 += _qdot(_fcodes(b, 8, FAST), x, xs, sc, zr, grp, rmask, BITS, FAST)
+                    u0 += _qdot(_fcodes(bu, 8, FAST), x, xs, sc, zr, grp + I * ROWG, rmask, BITS, FAST)
                 elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
                     cg, cu = _fcodes(b, 4, FAST)
-                    g0 += _qdot(cg, x, xs, sc, zr, grp, rmask, D)
-                    u0 += _qdot(cu, x, xs, sc, zr, grp + I * ROWG, rmask, D)
+                    g0 += _qdot(cg, x, xs, sc, zr, grp, rmask, BITS, FAST)
+                    u0 += _qdot(cu, x, xs, sc, zr, grp + I * ROWG, rmask, BITS, FAST)
                 else:  # 2-bit, byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
                     c0, c1, c2, c3 = _fcodes(b, 2, FAST)
-                    g0 += _qdot(c0, x, xs, sc, zr, grp, rmask, D)
-                    g1 += _qdot(c1, x, xs, sc, zr, grp + HALF * ROWG, rmask, D)
-                    u0 += _qdot(c2, x, xs, sc, zr, grp + I * ROWG, rmask, D)
-                    u1 += _qdot(c3, x, xs, sc, zr, grp + (I + HALF) * ROWG, rmask, D)
+                    g0 += _qdot(c0, x, xs, sc, zr, grp, rmask, BITS, FAST)
+                    g1 += _qdot(c1, x, xs, sc, zr, grp + HALF * ROWG, rmask, BITS, FAST)
+                    u0 += _qdot(c2, x, xs, sc, zr, grp + I * ROWG, rmask, BITS, FAST)
+                    u1 += _qdot(c3, x, xs, sc, zr, grp + (I + HALF) * ROWG, rmask, BITS, FAST)
         hrow = h_ptr + s * I
         tl.store(hrow + j, _silu_mul(g0, u0), mask=jm)
         if BITS == 2:
@@ -371,19 +417,18 @@ def _down_kernel(
                 zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
                 hs = _rsum(hv, 1)
                 grp = j[:, None] * ROWG + k0 // GS + tl.arange(0, NG)[None, :]
-                D: tl.constexpr = 1 << BITS
                 if BITS == 8:
-                    a0 += _qdot(_fcodes(b, 8, FAST), hv, hs, sc, zr, grp, rmask, D)
+                    a0 += _qdot(_fcodes(b, 8, FAST), hv, hs, sc, zr, grp, rmask, BITS, FAST)
                 elif BITS == 4:  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
                     c0, c1 = _fcodes(b, 4, FAST)
-                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, D)
-                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, D)
+                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, BITS, FAST)
+                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, BITS, FAST)
                 else:  # 2-bit: rows r, r + H/4, r + H/2, r + 3H/4 from high bits to low
                     c0, c1, c2, c3 = _fcodes(b, 2, FAST)
-                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, D)
-                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, D)
-                    a2 += _qdot(c2, hv, hs, sc, zr, grp + 2 * R * ROWG, rmask, D)
-                    a3 += _qdot(c3, hv, hs, sc, zr, grp + 3 * R * ROWG, rmask, D)
+                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, BITS, FAST)
+                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, BITS, FAST)
+                    a2 += _qdot(c2, hv, hs, sc, zr, grp + 2 * R * ROWG, rmask, BITS, FAST)
+                    a3 += _qdot(c3, hv, hs, sc, zr, grp + 3 * R * ROWG, rmask, BITS, FAST)
         orow = out_ptr + t * H + j
         tl.atomic_add(orow, weight * a0, mask=jm, sem="relaxed")
         if P >= 2:
@@ -676,7 +721,8 @@ def _pow2_block(n: int, cap: int) -> int:
     return b
 
 
-# GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps) for a
+# GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps[, pipeline
+# stages, 3 if not given]) for a
 # Mixtral expert (H=4096, I=14336, gs=64) at batch 1. These defaults were tuned on an H100 with the
 # earlier int->float unpacking; GPUs swept by `python -m experiments.tune_kernels` have their own in
 # kernel_blocks.json (by device name), read once per device: no autotuning at start.
@@ -697,7 +743,7 @@ def tuned_blocks(device_name: str) -> dict[int, tuple[int, ...]]:
         entry = json.loads(TUNED_BLOCKS.read_text()).get(device_name, {})
     except (OSError, ValueError):
         entry = {}
-    blocks.update({int(bits): tuple(v) for bits, v in entry.items() if int(bits) in blocks and len(v) == 6})
+    blocks.update({int(bits): tuple(v) for bits, v in entry.items() if int(bits) in blocks and len(v) in (6, 7)})
     return blocks
 
 
@@ -729,7 +775,7 @@ def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None
     if interpret:
         return dict(gu_j=64, gu_k=max(_pow2_block(hidden, 1024), kmin), gu_warps=4,
                     dn_j=64, dn_k=max(_pow2_block(inter, 1024), kmin), dn_split=1, dn_warps=4)
-    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps = (blocks or _GPU_BLOCKS)[bits]
+    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps, *stages = (blocks or _GPU_BLOCKS)[bits]
     gu_k = max(_pow2_block(hidden, gu_cap), kmin)
     dn_k = max(_pow2_block(inter, dn_cap), kmin)
     # down has only H (or H/2, H/4 packed) rows: split K (atomic adds) up to 4 ways until there
@@ -739,7 +785,7 @@ def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None
     while programs * dn_split < 4 * sms and dn_split < 4 and inter % (dn_k * dn_split * 2) == 0:
         dn_split *= 2
     return dict(gu_j=gu_j, gu_k=gu_k, gu_warps=gu_warps, dn_j=dn_j, dn_k=dn_k, dn_split=dn_split,
-                dn_warps=dn_warps)
+                dn_warps=dn_warps, stages=stages[0] if stages else 3)
 
 
 def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Tensor, layout: Layout, *,
@@ -775,19 +821,19 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     else:
         gs_gu = gs_dn = layout.group_size
     dtype = _TL_DTYPES[layout.dtype]
-    fast = on_gpu and bits < 16 and _FAST_CODES  # codes by inline PTX (_asm_fcodes)
+    fast = _FAST_CODES[bits] if on_gpu and bits < 16 else 0  # codes by inline PTX
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
     rows = I // 2 if bits == 2 else I
     _gate_up_kernel[(S, triton.cdiv(rows, cfg["gu_j"]))](
         x, slot_ptrs, slot_token, h, H=H, I=I, BITS=bits, GS=gs_gu, DTYPE=dtype,
         W_OFF=offs[0][0], S_OFF=offs[0][1], Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"],
-        FAST=fast, **({"num_warps": cfg["gu_warps"]} if on_gpu else {}),
+        FAST=fast, **({"num_warps": cfg["gu_warps"], "num_stages": cfg["stages"]} if on_gpu else {}),
     )
     vals = 1 if bits >= 8 else 8 // bits
     _down_kernel[(S, triton.cdiv(H // vals, cfg["dn_j"]), cfg["dn_split"])](
         h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, BITS=bits, GS=gs_dn, DTYPE=dtype,
         W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"],
-        SPLIT_K=cfg["dn_split"], FAST=fast, **({"num_warps": cfg["dn_warps"]} if on_gpu else {}),
+        SPLIT_K=cfg["dn_split"], FAST=fast, **({"num_warps": cfg["dn_warps"], "num_stages": cfg["stages"]} if on_gpu else {}),
     )
     return out
 
@@ -882,7 +928,7 @@ def moe_experts_grouped(x: torch.Tensor, table: torch.Tensor, top_k_index: torch
     gs_gu, gs_dn = (cfg["gu_k"], cfg["dn_k"]) if bits == 16 else (layout.group_size,) * 2
     dtype = _TL_DTYPES[layout.dtype]
     dot = dtype if on_gpu else tl.float32
-    fast = on_gpu and dot == tl.bfloat16 and bits in (4, 2) and _FAST_CODES  # see _ASM_CODES4
+    fast = on_gpu and dot == tl.bfloat16 and bits in (4, 2)  # see _ASM_CODES4
     launch = {"num_warps": _GROUPED_GPU["warps"], "num_stages": _GROUPED_GPU["stages"][bits]} if on_gpu else {}
     common = dict(H=H, I=I, BITS=bits, DTYPE=dtype, TOP_K=k, BLOCK_M=cfg["bm"], DOT=dot, IEEE=dot == tl.float32,
                   FAST=fast, OFF=_MAGIC_OFF if fast else 0.0, **launch)
