@@ -249,3 +249,55 @@ def test_reference_perplexity_at_8_and_4_bit_attention(capsys):
               f"8-bit {ppl[8]:.2f} ({ppl[8] / ppl[16] - 1:+.2%}), 4-bit {ppl[4]:.2f} ({ppl[4] / ppl[16] - 1:+.2%})")
     # measured: +0.03% and +0.86% (README: +0.0 and +0.2-0.4% on 64 windows); a broken quantizer or kernel breaks these
     assert ppl[8] != ppl[16] != ppl[4] and abs(ppl[8] / ppl[16] - 1) < 0.005 and abs(ppl[4] / ppl[16] - 1) < 0.03
+
+
+# --- on the GPU (-m cuda) ---------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096)])  # Mixtral-8x7B's q/o and k/v
+def test_compiled_kernels_equal_dequantize_then_matmul_on_cuda(bits, shape):
+    N, K = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
+    layout, buf = ql.quantize_linear(W, bits, 64, torch.bfloat16, hqq_backend, "cuda")
+    w32 = _dequantize_fp32(layout, buf)
+    for M in (1, 4, 16, 64):
+        x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+        want = x.float() @ w32.T
+        for path in ("rows", "mma", None):  # None: the configured path and K split
+            got = ql.qlinear(x, buf, layout, path=path)
+            err = (got.float() - want).abs().max() / want.abs().max()
+            assert got.dtype == torch.bfloat16 and err <= 2 ** -7, (M, path, err.item())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_graphs_are_captured_again_after_an_attention_swap():
+    from placement.decode import Decoder
+    from placement.models import load_model
+
+    loaded = load_model("tiny-random", device="cuda", dtype=torch.bfloat16)
+    engine = Engine(loaded.model)
+    graphs = Decoder(loaded.model, engine, max_seqs=2, max_len=128)
+    eager = Decoder(loaded.model, engine, max_seqs=2, max_len=128, graphs=False)
+    prompt = list(range(3, 15))
+
+    def steps(dec):
+        dec.open(0)
+        dec.prefill_all(0, prompt)
+        out = []
+        for i, tok in enumerate((5, 9, 200)):
+            dec.feed(0, tok, len(prompt) + i)
+            dec.step()
+            out.append(dec.logits[0].clone())
+        dec.close(0)
+        return torch.stack(out)
+
+    for bits in (16, 4, 8, 16):
+        engine.apply(build_plan(engine.spec, Knobs(quantized=8, bits=4, attn_bits=bits)))
+        got = steps(graphs)
+        assert graphs.reason is None and graphs.graphs and graphs.signature == engine.kernel_signature
+        torch.testing.assert_close(got, steps(eager), atol=2e-2, rtol=2e-2)  # a replay reads the new projections
