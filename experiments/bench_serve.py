@@ -21,6 +21,13 @@ prompts: identical ones would all route to the same two experts per layer and fl
     python -m experiments.bench_serve --model tiny-random --device cpu --layers 4 --max-prompt 128 \
         --new-tokens 32 --plans 0 --no-transformers --threads 1 --out /tmp/b.csv
 
+Memory bound of the decoder rows of all-GPU plans (the ceiling any batching or kernel could reach):
+the bytes a decode step must read from accelerator memory (every dense weight, each distinct expert
+the step routes to at its precision, counted per step on a second, untimed run of the same batch,
+and the KV cache), over the read bandwidth measured at the start of the same run
+(experiments/bandwidth.py). Columns `experts_read_per_step`, `hbm_gb_per_step`, `bound_tok_s`,
+`ratio_to_bound`; the summary puts the targets' ratios beside what the bound allows.
+
 `throughput_tok_s` of the decoder rows counts decode steps only (prefill excluded), of the server
 rows every token over the wall time from submit to the last answer; `e2e_tok_s` is the latter for
 both (the decoder's from the start of `generate`, prefill included).
@@ -49,7 +56,8 @@ from catalog.knobs import Knobs
 from catalog.rows import ModelIdentity
 from catalog.stats import percentile
 from experiments.baselines import timed_generate
-from experiments.bench_decode import FAST_QUANTIZER
+from experiments import bandwidth
+from experiments.bench_decode import FAST_QUANTIZER, dense_bytes_per_token, kv_bytes_per_token
 from placement.decode import Decoder
 from placement.engine import Engine
 from placement.models import load_model
@@ -149,6 +157,8 @@ def bench(args) -> list[dict]:
         print(f"  {plan:28s} {system:34s} x{concurrency:<3d} {shown}", flush=True)
 
     print(f"{args.model}, {layers} layers, {dtype}, {args.new_tokens} new tokens, on {device}", flush=True)
+    bw = bandwidth.measure(device, **({} if device.type == "cuda" else {"nbytes": 256 << 20, "repeats": 3}))
+    print(bw.describe(), flush=True)
     for b in (1, args.batch) if args.transformers else ():  # stock transformers, before the engine takes over
         g = timed_generate(model, batch_ids[:b], args.new_tokens, fixed_length=True)
         row("16-bit, all on GPU", "transformers generate", b, throughput_tok_s=g.decode_tok_s,
@@ -171,13 +181,15 @@ def bench(args) -> list[dict]:
         for b in (1, args.batch):
             decoder.generate(batch_ids[:b], new, fixed_length=True)  # warm-up (graphs of every bucket)
             run = decoder.generate(batch_ids[:b], new, fixed_length=True)
+            bound = step_bytes(decoder, batch_ids[:b], new, bw) if engine.plan.host_experts == 0 else {}
             row(name, f"decoder, batch {'1' if b == 1 else 'N'}", b, throughput_tok_s=run.decode_tok_s,
                 per_seq_tok_s=1 / statistics.median(run.step_s),
                 tpot_p50_ms=percentile([1000 * s for s in run.step_s], 50),
                 tpot_p95_ms=percentile([1000 * s for s in run.step_s], 95),
                 ttft_p50_s=percentile([g.ttft_s for g in run.sequences], 50),
                 ttft_p95_s=percentile([g.ttft_s for g in run.sequences], 95),
-                e2e_tok_s=sum(g.new_tokens for g in run.sequences) / max(g.total_s for g in run.sequences))
+                e2e_tok_s=sum(g.new_tokens for g in run.sequences) / max(g.total_s for g in run.sequences),
+                **bound, **({"ratio_to_bound": run.decode_tok_s / bound["bound_tok_s"]} if bound else {}))
         del decoder
 
         executor = Executor(session, {plan.plan_id: plan}, limits=Limits(
@@ -212,6 +224,28 @@ def bench(args) -> list[dict]:
     return rows
 
 
+def step_bytes(decoder: Decoder, prompts: list[list[int]], new: int, bw) -> dict:
+    """What a decode step of these prompts must read from accelerator memory, and the throughput that
+    allows at the read bandwidth `bw` measured in this run: the decoder runs the batch again (untimed)
+    and the engine's routing counts, cloned on the device after every step, give the distinct experts
+    each step reads (each at its precision in the plan); plus every dense weight and the KV cache."""
+    engine, model = decoder.engine, decoder.model
+    counts = []
+    decoder.generate(prompts, new, fixed_length=True, between_steps=lambda: counts.append(engine.routed.clone()))
+    steps = [(after - before) > 0 for before, after in zip(counts, counts[1:])]  # [L, E] experts read per step
+    if not steps:
+        return {}
+    nbytes = torch.tensor([[engine.plan.expert_nbytes(engine.spec, state.bits) for state in layer]
+                           for layer in engine.plan.states], dtype=torch.float64)
+    experts = sum(float((s.cpu() * nbytes).sum()) for s in steps) / len(steps)
+    read = sum(int(s.sum()) for s in steps) / len(steps)
+    contexts = [len(p) + i for p in prompts for i in range(1, new)]
+    kv = kv_bytes_per_token(model.config, contexts, engine.spec.dtype.itemsize) * len(prompts)
+    total = dense_bytes_per_token(model) + experts + kv
+    return {"experts_read_per_step": read, "hbm_gb_per_step": total / 1e9, "hbm_read_gbps": bw.accel_read_gbps,
+            "bound_tok_s": len(prompts) / (total / (bw.accel_read_gbps * 1e9))}
+
+
 def summarize(df: pd.DataFrame, batch: int) -> pd.DataFrame:
     """The issue's targets as ratios, per plan."""
     out = []
@@ -238,6 +272,14 @@ def summarize(df: pd.DataFrame, batch: int) -> pd.DataFrame:
             / get("decoder, batch N", batch, "e2e_tok_s"),
             f"server_over_decoder_b{batch}_ttft_p50": get("server, N at once", batch, "ttft_p50_s")
             / get("decoder, batch N", batch, "ttft_p50_s"),
+            # what the memory bound allows: batch N over batch 1 if both ran at the bound, and the most
+            # any system could gain over transformers' batch N (its throughput over the bound)
+            f"bound_b{batch}_over_b1": get("decoder, batch N", batch, "bound_tok_s")
+            / get("decoder, batch 1", 1, "bound_tok_s"),
+            f"bound_b{batch}_over_transformers_b{batch}": get("decoder, batch N", batch, "bound_tok_s")
+            / get("transformers generate", batch) if plan.startswith("16-bit, all") else float("nan"),
+            "decoder_b1_ratio_to_bound": get("decoder, batch 1", 1, "ratio_to_bound"),
+            f"decoder_b{batch}_ratio_to_bound": get("decoder, batch N", batch, "ratio_to_bound"),
         })
     return pd.DataFrame(out)
 
@@ -277,7 +319,8 @@ def main() -> None:
     summary.to_csv(args.out.with_name(args.out.stem + "_summary.csv"), index=False)
     cols = ["plan", "system", "concurrency", "rate_rps", "throughput_tok_s", "e2e_tok_s", "per_seq_tok_s",
             "ttft_p50_s", "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "prefill_forwards", "prefill_s",
-            "decode_steps", "decode_s", "loop_host_s"]
+            "decode_steps", "decode_s", "loop_host_s", "experts_read_per_step", "hbm_gb_per_step", "bound_tok_s",
+            "ratio_to_bound"]
     with pd.option_context("display.width", 250, "display.max_colwidth", 40):
         print(rows[[c for c in cols if c in rows]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print("\ntargets (ratios):")
