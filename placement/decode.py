@@ -12,6 +12,8 @@ served.
   packs chunks of several sequences into one forward (one row of tokens, each attending only to its
   own slot's positions), so a burst of prompts reads the experts once per forward, not per prompt.
 - Greedy or sampled decoding per sequence (`Sampling`: temperature, top-p, seed, stop tokens).
+- `fast_layers`: a decode step's attention, norms and router run as fused, compiled functions
+  (placement/fast_layers.py) around the engine's experts, not through the model's modules.
 
 Free slots in a decode batch compute garbage at the scratch position (the cache's last position,
 which no sequence reaches) and are ignored; a sequence's attention sees only its own positions.
@@ -20,13 +22,18 @@ which no sequence reaches) and are ignored; a sequence's attention sees only its
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from placement import fast_layers as fl
 from placement.engine import KERNEL_MAX_TOKENS
+
+log = logging.getLogger(__name__)
 
 
 def _bucket(n: int, low: int, high: int) -> int:
@@ -175,7 +182,8 @@ class Decoder:
     # attention, its scores per head) is that big; one whole 4096-token prompt's worth
     PACKED_MAX = 1 << 24
 
-    def __init__(self, model, engine, *, max_seqs: int = 16, max_len: int = 2048, graphs: bool = True):
+    def __init__(self, model, engine, *, max_seqs: int = 16, max_len: int = 2048, graphs: bool = True,
+                 fast_layers: bool | str | None = None):
         if max_seqs < 1:
             raise ValueError(f"max_seqs must be >= 1, got {max_seqs}")
         context = getattr(model.config, "max_position_embeddings", None)
@@ -208,6 +216,24 @@ class Decoder:
         # transformers renamed the model's cache argument (past_key_values -> cache) in 5.2x
         params = inspect.signature(model.model.forward).parameters if hasattr(model, "model") else {}
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.fast = self._fast_layers(fast_layers)
+        self.fast_reason: str | None = None  # why the last decode step did not run fast_layers
+
+    def _fast_layers(self, setting) -> fl.FastLayers | None:
+        """Decode steps through fast_layers: `setting` on/off or a mode (fast_layers.MODES); None:
+        $QOS_FAST_LAYERS, else on with CUDA. A model it does not support refuses an explicit
+        setting and is served by the model's own modules otherwise."""
+        env = os.environ.get("QOS_FAST_LAYERS")
+        mode = fl.parse_mode(setting if setting is not None else env if env is not None else self.device.type == "cuda")
+        if mode is None:
+            return None
+        why = fl.unsupported(self.model, self.max_len)
+        if why is not None:
+            if setting is not None:
+                raise ValueError(f"fast_layers: {why}")
+            log.info("decode steps through the model's modules: %s", why)
+            return None
+        return fl.FastLayers(self.model, self.engine, self.cache, mode=mode)
 
     # --- slots --------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
@@ -369,6 +395,10 @@ class Decoder:
         pos = self.pos[:B]
         self.cache.for_decode(self.rows[:B], pos, kv_len)
         allowed = self.kv_range[None, :kv_len] <= pos[:, None]  # [B, L]
+        self.fast_reason = "off" if self.fast is None else None if self.fast.ready() else self.fast.reason
+        if self.fast_reason is None:
+            self.logits[:B].copy_(self.fast.forward(self.tok[:B], pos, self.rows[:B], allowed))
+            return
         logits = self._forward(self.tok[:B, None], pos[:, None], allowed[:, None, None])
         self.logits[:B].copy_(logits[:, -1])
 
@@ -392,6 +422,8 @@ class Decoder:
             self.signature = eng.kernel_signature
         key = (B, kv_len)
         if key not in self.graphs:
+            if self.fast is not None:
+                self.fast.ready()  # (re)fuse weights here, not on the warm-up stream or in the capture
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm up (kernels compiled, workspaces made): same writes

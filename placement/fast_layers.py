@@ -1,0 +1,360 @@
+"""A decode step's non-expert work in a few kernels per layer (issue 16, item 2).
+
+Through Hugging Face's modules a decode step of Mixtral-8x7B launches about 58 kernels per layer
+besides the routed experts (H200, 4-bit experts, batch 1: 0.138 of 0.266 ms per layer): separate
+q/k/v GEMVs with split-K reductions, RMSNorm and rotary as chains of elementwise ops, KV-cache
+writes, casts, the router's softmax and top-k. `FastLayers` runs the same math as pure tensor
+functions, one call per layer, that `torch.compile` (inductor) fuses:
+
+    residual add + RMSNorm -> one q/k/v GEMV (one concatenated weight) -> [q/k norms] -> rotary ->
+    KV-slot write -> attention over the slot cache -> o_proj + residual -> RMSNorm -> router GEMV,
+    softmax, top-k, renormalize [-> shared expert]
+
+and leaves the routed experts to the engine: each layer's `EngineExperts` module is called between
+two compiled calls exactly as the model's MoE block calls it (fused kernels, host tiers, fetch
+slots, prefetch and routing counts all unchanged). The functions take weights as arguments and the
+model's shapes as constants, so every layer shares one compiled graph; the batch and the attention
+length are dynamic, so a process compiles a handful of graphs (batch 1 and batch > 1, MoE and dense
+layers, the final norm and LM head), not one per bucket. Everything is capturable: the decoder
+captures a step with these calls in its CUDA graph like the Hugging Face one.
+
+q/k/v are fused without a copy of the weights: the three nn.Linear weights (and biases) become views
+of one [q+k+v, H] tensor, so the model's own modules (prefill, perplexity) read the same memory.
+When the engine swaps the projections (Plan.attn_bits: quantized ones, or the 16-bit ones put
+back as separate tensors), `ready()` notices: quantized projections send the step back to the
+Hugging Face path, 16-bit ones are fused again.
+
+Modes: "compile" (inductor, extern cuBLAS matrix products), "compile-reduce" (the same, but at
+batch 1 the projections and the attention are written as multiply-and-sum reductions, so inductor
+generates them and fuses their neighbours; which is faster is the GPU's to say) and "eager" (the
+same functions uncompiled: fewer kernels than Hugging Face's modules, no compile time).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("compile", "compile-reduce", "eager")
+# Module classes whose forward the functions below reproduce (transformers 5.x); anything else
+# keeps the Hugging Face path.
+ATTENTION = {"MixtralAttention": "none", "Qwen2MoeAttention": "none", "Qwen3MoeAttention": "head",
+             "OlmoeAttention": "full"}  # -> where q/k are normalized: not, per head, over the whole width
+MOE_BLOCKS = {"MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock"}
+ROUTERS = {"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter"}
+DENSE_MLPS = {"Qwen2MoeMLP", "Qwen3MoeMLP"}  # layers outside the MoE (mlp_only_layers, sparse steps)
+NORMS = {"MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "OlmoeRMSNorm"}
+
+
+def parse_mode(value) -> str | None:
+    """A fast-layers setting (True/False, "on"/"off", "1"/"0", or a mode) as a mode or None (off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "compile"
+    text = str(value).strip().lower()
+    if text in ("0", "off", "false", "no", ""):
+        return None
+    if text in ("1", "on", "true", "yes"):
+        return "compile"
+    if text not in MODES:
+        raise ValueError(f"fast_layers must be on, off or one of {', '.join(MODES)}; got {value!r}")
+    return text
+
+
+def unsupported(model: nn.Module, max_len: int) -> str | None:
+    """Why `model`'s decode steps cannot run through FastLayers, or None when they can."""
+    config = model.config
+    if model.training:
+        return "the model is in training mode"
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager", None):
+        return f"attention implementation {impl!r} (only sdpa and eager are reproduced)"
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mixtral" and window is not None and window < max_len:
+        return f"sliding-window attention ({window} < max_len {max_len})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model.model, "rotary_emb") or not hasattr(model.model, "norm"):
+        return "not a decoder of the supported shape (model.model.layers, rotary_emb, norm)"
+    eps = getattr(config, "rms_norm_eps", None)
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        name = type(attn).__name__
+        if name not in ATTENTION:
+            return f"layer {i}: attention {name}"
+        if getattr(attn, "sliding_window", None) and attn.sliding_window < max_len:
+            return f"layer {i}: sliding-window attention"
+        if len({getattr(getattr(attn, n, None), "bias", None) is None for n in ("q_proj", "k_proj", "v_proj")}) > 1:
+            return f"layer {i}: some of q/k/v have a bias, some not"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm,
+                     *([attn.q_norm, attn.k_norm] if ATTENTION[name] != "none" else [])):
+            if type(norm).__name__ not in NORMS or norm.variance_epsilon != eps:
+                return f"layer {i}: norm {type(norm).__name__} (eps {getattr(norm, 'variance_epsilon', None)})"
+        kind = type(mlp).__name__
+        if kind in MOE_BLOCKS:
+            if type(mlp.gate).__name__ not in ROUTERS:
+                return f"layer {i}: router {type(mlp.gate).__name__}"
+            if type(mlp.experts).__name__ != "EngineExperts":
+                return f"layer {i}: experts not served by the engine"
+        elif kind not in DENSE_MLPS:
+            return f"layer {i}: MLP {kind}"
+    if type(model.model.norm).__name__ not in NORMS or model.model.norm.variance_epsilon != eps:
+        return "final norm"
+    return None
+
+
+# --- the pure functions ------------------------------------------------------------------------
+
+def _rms(x, w, eps: float):
+    """RMSNorm as transformers computes it: statistics in fp32, the weight applied in x's dtype."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float, eps: float, qk_norm: str,
+                    clip: float | None, top_k: int, router_cast: bool, norm_topk: bool, reduce: bool):
+    """The per-layer functions of one model. They close over plain numbers only, so dynamo guards
+    them by value and every layer (and every decoder of the same model) shares the compiled code."""
+    q_width, kv_width, groups = heads * head_dim, kv_heads * head_dim, heads // kv_heads
+
+    def linear(x, w, b=None):  # x [B, K], w [N, K] -> [B, N]
+        if reduce and x.shape[0] == 1:  # (a static branch: batch 1 is specialized)
+            y = (x[:, None, :].float() * w[None].float()).sum(-1).to(x.dtype)  # (fused: nothing materialized)
+            return y if b is None else y + b
+        return F.linear(x, w, b)
+
+    def attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2):
+        """h [B, H] the residual stream, d1 (and d2) [B, H] the previous layer's MLP output(s);
+        cos, sin [B, 1, D]; kc, vc [slots, kv_heads, max_len, D] this layer's cache (written at
+        rows, pos [B]); allowed [B, L] the positions each token attends to. Returns the residual
+        stream after attention and its post-attention norm, both [B, H]."""
+        h = h + (d1 if d2 is None else d1 + d2)
+        B = h.shape[0]
+        x = _rms(h, ln1, eps)
+        qkv = linear(x, wqkv, bqkv)  # [B, q + 2 kv]
+        q, k, v = qkv[:, :q_width], qkv[:, q_width:q_width + kv_width], qkv[:, q_width + kv_width:]
+        if qk_norm == "full":
+            q, k = _rms(q, qn, eps), _rms(k, kn, eps)
+        q, k, v = q.reshape(B, heads, head_dim), k.reshape(B, kv_heads, head_dim), v.reshape(B, kv_heads, head_dim)
+        if qk_norm == "head":
+            q, k = _rms(q, qn, eps), _rms(k, kn, eps)
+        if clip is not None:
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+        q = q * cos + _rotate_half(q) * sin  # [B, heads, D]
+        k = k * cos + _rotate_half(k) * sin
+        kc[rows, :, pos] = k  # [B, kv_heads, D] into the slots
+        vc[rows, :, pos] = v
+        L = allowed.shape[1]
+        keys, values = kc[:B, :, :L], vc[:B, :, :L]  # [B, kv_heads, L, D] (rows are 0..B-1)
+        qg = q.reshape(B, kv_heads, groups, head_dim)
+        if reduce and B == 1:
+            scores = (qg[:, :, :, None, :].float() * keys[:, :, None, :, :].float()).sum(-1)
+        else:
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [B, kv_heads, groups, L]
+        scores = torch.where(allowed[:, None, None, :], scores * scaling, float("-inf"))
+        p = torch.softmax(scores, dim=-1).to(q.dtype)
+        if reduce and B == 1:
+            o = (p[..., None].float() * values[:, :, None, :, :].float()).sum(-2).to(q.dtype)
+        else:
+            o = torch.matmul(p, values)  # [B, kv_heads, groups, D]
+        h = h + linear(o.reshape(B, q_width), wo, bo)
+        return h, _rms(h, ln2, eps)
+
+    def moe_layer(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2,
+                  wg, s_gate, s_up, s_down, s_w):
+        """attention(), then the router (and the shared expert, where there is one): the residual
+        stream, the experts' input [B, H], top_k_index [B, k], top_k_weights [B, k], shared [B, H]."""
+        h, x = attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2)
+        logits = linear(x, wg)  # [B, E]
+        if router_cast:  # Qwen / OLMoE: weights in the model's dtype
+            top, idx = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), top_k, dim=-1)
+            if norm_topk:
+                top = top / top.sum(-1, keepdim=True)
+            top = top.to(logits.dtype)
+        else:  # Mixtral: softmax of fp32 logits, always renormalized, fp32 weights
+            top, idx = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+            top = top / top.sum(-1, keepdim=True)
+        shared = None
+        if s_gate is not None:  # Qwen2-MoE's shared expert, gated by a sigmoid
+            shared = linear(F.silu(linear(x, s_gate)) * linear(x, s_up), s_down)
+            shared = torch.sigmoid(linear(x, s_w)) * shared
+        return h, x, idx, top, shared
+
+    def dense_layer(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2,
+                    w_gate, w_up, w_down):
+        """attention(), then a dense MLP: the residual stream and the MLP's output, [B, H] each."""
+        h, x = attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2)
+        return h, linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+    def head(h, d1, d2, norm, lm, lm_b):
+        """The last residual add, the final norm and the LM head: logits [B, V]."""
+        h = h + (d1 if d2 is None else d1 + d2)
+        return linear(_rms(h, norm, eps), lm, lm_b)
+
+    return moe_layer, dense_layer, head
+
+
+# --- fused q/k/v weights -----------------------------------------------------------------------
+
+def _adjacent(parts: list[torch.Tensor]) -> bool:
+    """Whether the tensors lie one after another, contiguous, in one storage (a fused view)."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for t in parts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or t.storage_offset() != offset:
+            return False
+        offset += t.numel()
+    return True
+
+
+def _fuse(modules: list[nn.Linear], attr: str) -> torch.Tensor | None:
+    """One tensor over the modules' `attr` (weight [N_i, K] or bias [N_i]) stacked on dim 0; the
+    modules' own parameters become views of it (the first time: one copy, then no extra memory)."""
+    parts = [getattr(m, attr) for m in modules]
+    if parts[0] is None:  # (unsupported() checked that q, k and v all have a bias or none has)
+        return None
+    rows = sum(p.shape[0] for p in parts)
+    shape, stride = (rows, *parts[0].shape[1:]), parts[0].stride()
+    if _adjacent(parts):
+        return torch.as_strided(parts[0].detach(), shape, stride, parts[0].storage_offset())
+    with torch.no_grad():
+        fused = torch.cat([p.detach() for p in parts])
+    start = 0
+    for m, p in zip(modules, parts):
+        setattr(m, attr, nn.Parameter(fused[start:start + p.shape[0]], requires_grad=p.requires_grad))
+        start += p.shape[0]
+    return fused
+
+
+class FastLayers:
+    """Decode steps of `model` (whose routed experts `engine` serves) through the fused per-layer
+    functions, reading and writing `cache` (the decoder's SlotCache) as the Hugging Face path does."""
+
+    def __init__(self, model: nn.Module, engine, cache, *, mode: str = "compile"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        why = unsupported(model, cache.max_len)
+        if why is not None:
+            raise ValueError(f"fast layers do not support this model: {why}")
+        self.model, self.engine, self.cache, self.mode = model, engine, cache, mode
+        config, layers = model.config, model.model.layers
+        attn0 = layers[0].self_attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = attn0.head_dim
+        self.qk_norm = ATTENTION[type(attn0).__name__]
+        gate = next((layer.mlp.gate for layer in layers if type(layer.mlp).__name__ in MOE_BLOCKS), None)
+        fns = _make_functions(
+            heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, scaling=float(attn0.scaling),
+            eps=float(config.rms_norm_eps), qk_norm=self.qk_norm, clip=getattr(config, "clip_qkv", None),
+            top_k=int(gate.top_k) if gate is not None else 0,
+            router_cast=type(gate).__name__ != "MixtralTopKRouter",
+            norm_topk=bool(getattr(gate, "norm_topk_prob", True)), reduce=mode == "compile-reduce")
+        if mode == "eager":
+            self.moe_layer, self.dense_layer, self.head = fns
+        else:
+            # dynamic=None: dims marked by _mark_dynamic (batch, attention length) stay symbolic,
+            # the rest (model shapes) are constants; no CUDA graphs of inductor's own (the decoder
+            # captures whole steps)
+            self.moe_layer, self.dense_layer, self.head = (torch.compile(f, fullgraph=True) for f in fns)
+        self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
+        self.reason: str | None = None  # why the last ready() said no
+
+    # --- weights ---------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Whether the next step can run here: every attention projection a plain nn.Linear (the
+        model's own weights; quantized ones, Plan.attn_bits < 16, keep the Hugging Face path). q/k/v
+        are (re)fused where the engine put separate weights back. Call it outside CUDA-graph
+        capture (the decoder does, before warming a graph up)."""
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+            bad = next((type(m).__name__ for m in mods if type(m) is not nn.Linear), None)
+            if bad is not None:
+                self.reason = f"layer {i}'s attention projections are {bad}, not nn.Linear"
+                return False
+            self.qkv[i] = self._fused(attn)
+        self.reason = None
+        return True
+
+    def _fused(self, attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+        weights = [m.weight for m in mods]
+        biases = [m.bias for m in mods]
+        if _adjacent(weights) and (all(b is None for b in biases) or _adjacent(biases)):
+            return _fuse(mods, "weight"), _fuse(mods, "bias")  # views, no copy
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fast layers: q/k/v need fusing during CUDA-graph capture; call ready() first")
+        return _fuse(mods, "weight"), _fuse(mods, "bias")
+
+    def _kv(self, idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer idx's cache tensors, allocated as SlotCache.update would at its first update."""
+        c = self.cache
+        if idx not in c.k:
+            shape = (c.slots, self.kv_heads, c.max_len, self.head_dim)
+            c.k[idx], c.v[idx] = like.new_zeros(shape), like.new_zeros(shape)
+        return c.k[idx], c.v[idx]
+
+    # --- a step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, tok: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (the model's dtype) of tokens tok [B] at positions pos [B] in slots rows [B]
+        (0..B-1), attending where allowed [B, L]. Needs ready() to have said yes since the last
+        change of the attention projections."""
+        m = self.model.model
+        h = m.embed_tokens(tok)  # [B, H]
+        cos, sin = m.rotary_emb(h, pos[:, None])  # [B, 1, D]
+        d1, d2 = torch.zeros_like(h), None
+        first_moe = next((i for i, layer in enumerate(m.layers) if type(layer.mlp).__name__ in MOE_BLOCKS), None)
+        if first_moe is not None and getattr(m.layers[first_moe].mlp, "shared_expert", None) is not None:
+            d2 = torch.zeros_like(h)  # models with a shared expert always pass two deltas
+        compiled = self.mode != "eager"
+        if compiled:
+            _mark_dynamic(h, d1, d2, cos, sin, pos, rows, allowed)
+        for i, layer in enumerate(m.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            wqkv, bqkv = self.qkv[i]
+            kc, vc = self._kv(attn.layer_idx, h)
+            args = (h, d1, d2, layer.input_layernorm.weight, wqkv, bqkv,
+                    attn.q_norm.weight if self.qk_norm != "none" else None,
+                    attn.k_norm.weight if self.qk_norm != "none" else None,
+                    cos, sin, kc, vc, rows, pos, allowed, attn.o_proj.weight, attn.o_proj.bias,
+                    layer.post_attention_layernorm.weight)
+            if type(mlp).__name__ in MOE_BLOCKS:
+                shared = getattr(mlp, "shared_expert", None)
+                extra = ((shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
+                          mlp.shared_expert_gate.weight) if shared is not None else (None,) * 4)
+                h, x, idx, w, s = self.moe_layer(*args, mlp.gate.weight, *extra)
+                d1 = mlp.experts(x, idx, w)  # the engine's experts, eagerly: [B, H]
+                d2 = s if d2 is not None else None
+            else:
+                h, d1 = self.dense_layer(*args, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+                d2 = torch.zeros_like(h) if d2 is not None else None
+            if compiled:
+                _mark_dynamic(h, d1, d2)
+        lm = self.model.get_output_embeddings()
+        return self.head(h, d1, d2, m.norm.weight, lm.weight, lm.bias)
+
+
+def _mark_dynamic(*tensors) -> None:
+    """The batch dim (and an attention mask's length) of the tensors stays symbolic in compiled
+    code; a batch of 1 is specialized by dynamo anyway (one graph for 1, one for the rest)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        if t.dtype == torch.bool and t.dim() == 2:  # allowed [B, L]
+            torch._dynamo.maybe_mark_dynamic(t, 1)

@@ -1,0 +1,199 @@
+"""Decode steps through placement/fast_layers.py (fused q/k/v, compiled attention, norms and router)
+against the model's own modules, on the CPU: logits, caches, greedy tokens, routing, plan switches
+and the switch itself. Compiled modes run inductor's C++ backend (needs g++)."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from catalog.knobs import Knobs
+from placement import fast_layers as fl
+from placement.decode import Decoder
+from placement.engine import Engine
+from placement.plan import build_plan
+from tests.conftest import FAMILIES
+
+# different lengths, so a batch's sequences sit at different positions; one crosses the 64 bucket
+PROMPTS = [list(range(5, 25)), list(range(30, 37)), list(range(100, 171)), [7]]
+
+
+def pair(model, engine, mode, max_seqs=4, max_len=128):
+    """A decoder through the model's modules and one through fast layers, same model and engine."""
+    return (Decoder(model, engine, max_seqs=max_seqs, max_len=max_len, fast_layers=False),
+            Decoder(model, engine, max_seqs=max_seqs, max_len=max_len, fast_layers=mode))
+
+
+def prefill(decoder, prompts, token=3):
+    decoder._ensure_logits()
+    for s, p in enumerate(prompts):
+        decoder.prefill(s, p)
+        decoder.feed(s, token + s, len(p))
+
+
+def step_logits(decoder, B, kv_len):
+    with torch.no_grad():
+        decoder._decode_forward(B, kv_len)
+    return decoder.logits[:B].clone()
+
+
+@pytest.mark.parametrize("family,mode", [(f, "eager") for f in FAMILIES]
+                         + [("tiny-random", "compile"), ("tiny-random", "compile-reduce")])
+def test_logits_and_caches_equal_the_model_modules_at_batch_1_and_4(fresh, family, mode):
+    model, _ = fresh(family)
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    ref, fast = pair(model, engine, mode)
+    assert fast.fast is not None and fast.fast.mode == mode
+    for d in (ref, fast):
+        prefill(d, PROMPTS)
+    for B, kv_len in [(1, 64), (4, 128)]:  # batch 1: slot 0 at position 20; batch 4: 20, 7, 71, 1
+        before = engine.routed.clone()
+        want = step_logits(ref, B, kv_len)
+        routed = engine.routed - before
+        got = step_logits(fast, B, kv_len)
+        assert fast.fast_reason is None and ref.fast_reason == "off"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(engine.routed - before - routed, routed)  # the same experts, as many times
+        for layer in ref.cache.k:  # the step wrote the same keys and values at the same slots
+            torch.testing.assert_close(fast.cache.k[layer], ref.cache.k[layer], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fast.cache.v[layer], ref.cache.v[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_decode_is_token_for_token_the_same_and_compiles_a_few_graphs(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    ref, fast = pair(model, engine, "compile", max_len=256)  # a cache of its own shape: graphs of its own
+    fns = (fast.fast.moe_layer, fast.fast.head)
+    codes = [fn._torchdynamo_orig_callable.__code__ for fn in fns]
+    graphs = [len(torch._dynamo.eval_frame._debug_get_cache_entry_list(c)) for c in codes]
+    want = ref.generate(PROMPTS, 12, fixed_length=True)
+    engine.reset_stats()
+    got = fast.generate(PROMPTS, 12, fixed_length=True)  # steps at attention lengths 64 and 128
+    assert [g.ids for g in got.sequences] == [g.ids for g in want.sequences]
+    assert got.stats == want.stats  # experts called as often, through the same engine paths
+    for B, kv_len in [(1, 64), (1, 128), (2, 64), (3, 128)]:
+        step_logits(fast, B, kv_len)
+    # batch 1 and batch > 1 at any attention length below the cache's: one layer graph each (the
+    # head's graphs do not depend on the cache: earlier tests' may serve)
+    added = [len(torch._dynamo.eval_frame._debug_get_cache_entry_list(c)) - n for c, n in zip(codes, graphs)]
+    assert added[0] == 2 and added[1] <= 2
+
+
+def test_a_plan_switch_between_steps_changes_nothing_but_the_experts(fresh):
+    """Mid-generation the plan goes from all 16-bit on the accelerator to 4-bit experts, some
+    fetched from host memory (the per-expert path): both paths see the same switch."""
+    model, _ = fresh()
+    engine = Engine(model)
+    start = build_plan(engine.spec, Knobs())
+    switched = build_plan(engine.spec, Knobs(quantized=12, bits=4, gpu_experts=10, cache_slots=4))
+    ref, fast = pair(model, engine, "compile")
+
+    def run(decoder):
+        engine.apply(start)
+        steps = []
+
+        def between():
+            steps.append(1)
+            if len(steps) == 4:
+                engine.apply(switched)
+
+        return decoder.generate(PROMPTS, 10, fixed_length=True, between_steps=between)
+
+    want, got = run(ref), run(fast)
+    assert [g.ids for g in got.sequences] == [g.ids for g in want.sequences]
+    assert got.stats["fetch_hits"] + got.stats["fetch_misses"] > 0
+    assert got.stats == want.stats
+
+
+class Wrapped(nn.Module):
+    """A projection that is not an nn.Linear (as a quantized one is)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_qkv_are_fused_as_views_and_swapped_projections_are_followed(fresh):
+    model, _ = fresh("tiny-random-qwen2_moe")  # q/k/v with biases
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    params = sum(p.numel() for p in model.parameters())
+    ref, fast = pair(model, engine, "eager")
+    for d in (ref, fast):
+        prefill(d, PROMPTS[:2])
+    want = step_logits(ref, 2, 64)
+    assert fast.fast.ready()
+    attn = model.model.layers[0].self_attn
+    wqkv, bqkv = fast.fast.qkv[0]
+    assert wqkv.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, attn.q_proj.in_features)
+    for name in ("q_proj", "k_proj", "v_proj"):  # the model's parameters are views of the fused tensors
+        proj = getattr(attn, name)
+        assert proj.weight.untyped_storage().data_ptr() == wqkv.untyped_storage().data_ptr()
+        assert proj.bias.untyped_storage().data_ptr() == bqkv.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert fast.fast.ready() and fast.fast.qkv[0][0].data_ptr() == wqkv.data_ptr()  # no copy the second time
+    torch.testing.assert_close(step_logits(ref, 2, 64), want)  # the modules read the same values
+
+    # a projection the fast path cannot read: the step takes the model's modules, same logits
+    attn.k_proj = Wrapped(attn.k_proj)
+    torch.testing.assert_close(step_logits(fast, 2, 64), want, rtol=1e-4, atol=1e-5)
+    assert "layer 0" in fast.fast_reason and "Wrapped" in fast.fast_reason
+    # separate 16-bit weights put back (as the engine does going back to 16 bits): fused again
+    inner = attn.k_proj.inner
+    attn.k_proj = nn.Linear(inner.in_features, inner.out_features)
+    with torch.no_grad():
+        attn.k_proj.weight.copy_(inner.weight)
+        attn.k_proj.bias.copy_(inner.bias)
+    torch.testing.assert_close(step_logits(fast, 2, 64), want, rtol=1e-4, atol=1e-5)
+    assert fast.fast_reason is None
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == fast.fast.qkv[0][0].untyped_storage().data_ptr()
+
+
+@pytest.mark.skipif("attn_bits" not in {f.name for f in dataclasses.fields(Knobs)},
+                    reason="quantized attention (Plan.attn_bits) is not in this tree")
+def test_quantized_attention_keeps_the_model_modules_and_16_bits_come_back_fused(fresh):
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    ref, fast = pair(model, engine, "eager")
+    for d in (ref, fast):
+        prefill(d, PROMPTS)
+    fast.fast.ready()
+    engine.apply(build_plan(engine.spec, Knobs(attn_bits=4)))
+    want = step_logits(ref, 4, 128)
+    torch.testing.assert_close(step_logits(fast, 4, 128), want)
+    assert "QuantLinear" in fast.fast_reason
+    engine.apply(build_plan(engine.spec, Knobs()))
+    want = step_logits(ref, 4, 128)
+    torch.testing.assert_close(step_logits(fast, 4, 128), want, rtol=1e-4, atol=1e-5)
+    assert fast.fast_reason is None
+
+
+def test_the_switch_defaults_off_on_the_cpu_and_refuses_what_it_cannot_run(fresh, monkeypatch):
+    model, _ = fresh()
+    engine = Engine(model)
+    monkeypatch.delenv("QOS_FAST_LAYERS", raising=False)
+    assert Decoder(model, engine, max_seqs=2, max_len=64).fast is None  # no CUDA: off unless asked
+    monkeypatch.setenv("QOS_FAST_LAYERS", "eager")
+    assert Decoder(model, engine, max_seqs=2, max_len=64).fast.mode == "eager"
+    monkeypatch.setenv("QOS_FAST_LAYERS", "0")
+    assert Decoder(model, engine, max_seqs=2, max_len=64).fast is None
+    assert Decoder(model, engine, max_seqs=2, max_len=64, fast_layers=True).fast.mode == "compile"
+    with pytest.raises(ValueError, match="fast_layers must be on, off or one of compile, compile-reduce, eager"):
+        Decoder(model, engine, max_seqs=2, max_len=64, fast_layers="fastest")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="fast_layers: attention implementation 'flash_attention_2'"):
+        Decoder(model, engine, max_seqs=2, max_len=64, fast_layers=True)
+    monkeypatch.setenv("QOS_FAST_LAYERS", "1")  # from the environment: served the old way instead
+    assert Decoder(model, engine, max_seqs=2, max_len=64).fast is None
+
+
+def test_a_model_without_the_engine_is_not_supported(fresh):
+    model, _ = fresh()
+    assert "experts not served by the engine" in fl.unsupported(model, 64)
