@@ -51,8 +51,9 @@ def checksum(buf: torch.Tensor, block: int = 4096) -> str:
     def positions(start, stop):
         return torch.arange(start, stop, dtype=torch.int64, device=buf.device)
 
-    plain = int(words.sum())
-    weighted = (block * int((grid.sum(1) * positions(0, rows)).sum()) + int((grid.sum(0) * positions(1, block + 1)).sum())
+    row_sums = grid.sum(1)  # [rows]; the plain sum is theirs (wrapping sums agree in any order)
+    plain = int(row_sums.sum()) + int(tail.sum())
+    weighted = (block * int((row_sums * positions(0, rows)).sum()) + int((grid.sum(0) * positions(1, block + 1)).sum())
                 + int((tail * positions(rows * block + 1, n + 1)).sum()))
     return f"{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}{buf.numel():x}"
 
