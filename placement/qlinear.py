@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from placement.packed import Field, Layout, _align, _quant_fields
+from placement.packed import Field, Layout, _align, _quant_fields, pack_into
 
 QLINEAR_BITS = (8, 4)  # precisions of quantized projections (16: the model's own nn.Linear)
 KERNEL_MAX_TOKENS = 64  # rows of x up to which the kernels run (the engine's decode/prefill-chunk limit)
@@ -100,8 +100,6 @@ def check_shape(out_features: int, in_features: int, bits: int, group_size: int)
 
 def pack_linear(layout: Layout, quantized: dict[str, torch.Tensor], device) -> torch.Tensor:
     """One buffer of `layout` on `device` from hqq_backend.quantize's W_q, scale and zero."""
-    from placement.packed import pack_into
-
     tensors = {f"weight.{k}": v for k, v in quantized.items()}
     return pack_into(layout, tensors, torch.empty(layout.nbytes, dtype=torch.uint8, device=device))
 
@@ -268,6 +266,7 @@ def _sm_count(index: int) -> int:
 _GPU = dict(rows_n={8: 8, 4: 16}, rows_k=1024, rows_warps=4, mma_n=64, mma_warps=4, mma_stages=3)
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every call: prefill runs it per projection and layer
 def _config(layout: Layout, M: int, path: str, interpret: bool, sms: int) -> dict:
     """Block sizes from shapes only (the grid never depends on data). K is split (atomic adds) up to
     16 ways until about 4 programs per SM could be busy; the interpreter takes the biggest blocks
@@ -297,11 +296,12 @@ def _config(layout: Layout, M: int, path: str, interpret: bool, sms: int) -> dic
 
 
 def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | None = None,
-            out_dtype: torch.dtype | None = None, split: int | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, split: int | None = None, views: dict | None = None) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] for W packed in `buf` (uint8, `layout`), through the kernels. `path`:
     "rows" (matrix-vector per token) or "mma" (tl.dot over token blocks); default by M (ROWS_MAX_TOKENS).
     `out_dtype`: of the result (default x's). `split`: K splits instead of the configured ones (tests:
-    the interpreter never splits by itself). No host syncs; the grid depends on shapes only."""
+    the interpreter never splits by itself). `views`: layout.views(buf), if the caller keeps them. No
+    host syncs; the grid depends on shapes only."""
     (_, (N, K)), = layout.matrices
     M, k_in = x.shape
     if k_in != K:
@@ -317,8 +317,8 @@ def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | N
     if M == 0:
         return torch.empty(0, N, dtype=out_dtype, device=x.device)
     on_gpu = x.device.type == "cuda"
-    cfg = _config(layout, M, path, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
-    v = layout.views(buf)
+    cfg = dict(_config(layout, M, path, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132))
+    v = layout.views(buf) if views is None else views
     wq, scale, zero = v["weight.W_q"], v["weight.scale"], v["weight.zero"]
     x = x.contiguous()
     if split is not None:
@@ -366,6 +366,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.kernel_ok = supports(layout) and available(buf.device)
         self.use_kernel = use_kernel
+        self._views: tuple[int, dict] | None = None  # (data_ptr, views of `packed`): made once per place
+
+    def views(self) -> dict:
+        if self._views is None or self._views[0] != self.packed.data_ptr():  # (moved since)
+            self._views = (self.packed.data_ptr(), self.layout.views(self.packed))
+        return self._views[1]
 
     @property
     def bits(self) -> int:
@@ -378,7 +384,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.use_kernel and self.kernel_ok and x2.shape[0] <= KERNEL_MAX_TOKENS:
-            y = qlinear(x2, self.packed, self.layout)
+            y = qlinear(x2, self.packed, self.layout, views=self.views())
         else:
             y = F.linear(x2, self.weight_dequantized())
         if self.bias is not None:
