@@ -79,6 +79,20 @@ class StopText:
         return any(s in window for s in self.stops)
 
 
+def streamable(text: str, stops: tuple[str, ...]) -> int:
+    """How much of `text` (a request's unsent text, after text already streamed that holds no stop
+    string nor the beginning of one) may be streamed now: up to the first stop string in it, else all
+    but the longest tail that could be the beginning of one (held back until the next characters
+    decide, so a client never sees text the final answer cuts off)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return cut
+    keep = 0
+    for s in stops:
+        keep = max(keep, next((j for j in range(min(len(s) - 1, len(text)), keep, -1) if text.endswith(s[:j])), 0))
+    return len(text) - keep
+
+
 class Request:
     """An accepted request: wait for its result, stream its tokens, or cancel it (any thread)."""
 

@@ -18,7 +18,7 @@ from catalog.rows import read_front
 from catalog.slo import SLOError, SLOSpec, slos_from_mapping
 from placement.session import identity_for, open_session
 from runtime.controller import KEPT, MAX_ERROR, Controller, Desired
-from runtime.executor import Executor, IncrementalText
+from runtime.executor import Executor, IncrementalText, streamable
 from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
 
@@ -224,14 +224,19 @@ class Server:
         yield from self.pieces(self.submit(tenant, prompt, max_new_tokens, **sampling))
 
     def pieces(self, req):
-        """An accepted request's text as it is made, piece by piece; leaving early cancels it."""
-        text, ids, shown = IncrementalText(self.session.tokenizer), [], ""  # whole characters only
+        """An accepted request's text as it is made, piece by piece; leaving early cancels it. Text
+        that could begin a stop string is held back until it is known not to (the final text cuts a
+        stop string off, and what was streamed is always the start of it)."""
+        text, ids, shown, held = IncrementalText(self.session.tokenizer), [], "", ""  # whole characters only
         try:
             for t in req.stream():
                 ids.append(t)
                 if piece := text.add(ids):  # (decodes only the latest tokens, not the whole text)
-                    yield piece
-                    shown += piece
+                    held += piece
+                    n = streamable(held, req.stop)
+                    if n:
+                        yield held[:n]
+                        shown, held = shown + held[:n], held[n:]
         finally:  # the consumer left early: stop generating for it
             req.cancel()
         text = req.result()["text"]  # the final text (a stop string cut off)

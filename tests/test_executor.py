@@ -14,7 +14,7 @@ from placement.decode import Decoder, Sampling
 from placement.models import REFERENCE_DIR, ByteTokenizer, HFTokenizer
 from placement.session import open_session
 from runtime.controller import Desired
-from runtime.executor import Executor, IncrementalText, StopText
+from runtime.executor import Executor, IncrementalText, StopText, streamable
 from runtime.limits import Limits, Rejected
 
 PROMPTS = ["the cat sat on the mat", "a b c d e f g h i j k l m n o p", "hello", "moe experts are routed",
@@ -276,3 +276,32 @@ def test_stop_strings_of_any_length_are_found_incrementally_where_they_end(which
     first = next(i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i]))
     assert hits == [first]  # found at the token that completes it, whatever its length in tokens
     assert len(tok.encode(stop)) > 8
+
+
+def test_streamable_holds_back_what_could_begin_a_stop_string():
+    assert streamable("hello wor", ("world",)) == len("hello ")  # "wor" may become "world"
+    assert streamable("hello wox", ("world",)) == len("hello wox")
+    assert streamable("say END now", ("END", "x")) == len("say ")  # never past a stop string
+    assert streamable("ab", ("abc", "b")) == 1  # "a", up to the stop string "b"
+    assert streamable("a", ("abc",)) == 0
+    assert streamable("anything", ()) == len("anything")
+
+
+def test_streamed_pieces_never_show_text_the_answer_cuts_off(session, plans):
+    """A stop string spanning several pieces: the stream is the final text, piece by piece, and no
+    piece ever holds the stop string's beginning."""
+    from runtime.server import Server
+
+    full = alone(session, plans, PROMPTS[0], 40)
+    text = session.tokenizer.decode(full)
+    stop = next(run for run in text.split("\ufffd")[1:] if len(run) >= 2)[:3]  # whole characters, tokens in
+    with Running(session, plans, max_seqs=2) as ex:
+        req = ex.submit("a", PROMPTS[0], 40, stop=[stop])
+        fake = type("S", (), {"session": session})()
+        pieces = list(Server.pieces(fake, req))
+    final = req.result()["text"]
+    assert final == text[:text.index(stop)] and "".join(pieces) == final
+    shown = ""
+    for p in pieces:
+        shown += p
+        assert stop not in shown and final.startswith(shown)
