@@ -24,10 +24,13 @@ When the engine swaps the projections (Plan.attn_bits: quantized ones, or the 16
 back as separate tensors), `ready()` notices: quantized projections send the step back to the
 Hugging Face path, 16-bit ones are fused again.
 
-Modes: "compile" (inductor, extern cuBLAS matrix products), "compile-reduce" (the same, but at
-batch 1 the projections and the attention are written as multiply-and-sum reductions, so inductor
-generates them and fuses their neighbours; which is faster is the GPU's to say) and "eager" (the
-same functions uncompiled: fewer kernels than Hugging Face's modules, no compile time).
+Modes: "compile" (inductor, extern cuBLAS matrix products; the router's top-k as argmax passes
+fused with its softmax), "compile-reduce" (the same, but at batch 1 the projections and the
+attention are written as multiply-and-sum reductions, so inductor generates them and fuses their
+neighbours), "compile-autotune" (inductor's max-autotune: matrix products may become Triton
+templates with fused epilogues; minutes of compiling) and "eager" (the same functions uncompiled:
+fewer kernels than Hugging Face's modules, no compile time). Which is fastest is the GPU's to say
+(`python -m experiments.profile_step --fast-layers off,compile,compile-reduce,compile-autotune`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MODES = ("compile", "compile-reduce", "eager")
+MODES = ("compile", "compile-reduce", "compile-autotune", "eager")
 # Module classes whose forward the functions below reproduce (transformers 5.x); anything else
 # keeps the Hugging Face path.
 ATTENTION = {"MixtralAttention": "none", "Qwen2MoeAttention": "none", "Qwen3MoeAttention": "head",
@@ -123,8 +126,21 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _topk(p, k: int):
+    """torch.topk(p, k, -1) for a few experts, as k argmax passes: a compiler fuses them with the
+    softmax into one small reduction (torch.topk is a library call of its own). Largest first."""
+    values, indices = [], []
+    for _ in range(k):
+        i = p.argmax(-1, keepdim=True)  # [B, 1]
+        values.append(p.gather(-1, i))
+        indices.append(i)
+        p = p.scatter(-1, i, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
+
+
 def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float, eps: float, qk_norm: str,
-                    clip: float | None, top_k: int, router_cast: bool, norm_topk: bool, reduce: bool):
+                    clip: float | None, top_k: int, router_cast: bool, norm_topk: bool, reduce: bool,
+                    fused_topk: bool):
     """The per-layer functions of one model. They close over plain numbers only, so dynamo guards
     them by value and every layer (and every decoder of the same model) shares the compiled code."""
     q_width, kv_width, groups = heads * head_dim, kv_heads * head_dim, heads // kv_heads
@@ -178,13 +194,14 @@ def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float,
         stream, the experts' input [B, H], top_k_index [B, k], top_k_weights [B, k], shared [B, H]."""
         h, x = attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2)
         logits = linear(x, wg)  # [B, E]
+        topk = _topk if fused_topk else (lambda p, k: torch.topk(p, k, dim=-1))
         if router_cast:  # Qwen / OLMoE: weights in the model's dtype
-            top, idx = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), top_k, dim=-1)
+            top, idx = topk(torch.softmax(logits, dim=-1, dtype=torch.float32), top_k)
             if norm_topk:
                 top = top / top.sum(-1, keepdim=True)
             top = top.to(logits.dtype)
         else:  # Mixtral: softmax of fp32 logits, always renormalized, fp32 weights
-            top, idx = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+            top, idx = topk(torch.softmax(logits.float(), dim=-1), top_k)
             top = top / top.sum(-1, keepdim=True)
         shared = None
         if s_gate is not None:  # Qwen2-MoE's shared expert, gated by a sigmoid
@@ -261,14 +278,16 @@ class FastLayers:
             eps=float(config.rms_norm_eps), qk_norm=self.qk_norm, clip=getattr(config, "clip_qkv", None),
             top_k=int(gate.top_k) if gate is not None else 0,
             router_cast=type(gate).__name__ != "MixtralTopKRouter",
-            norm_topk=bool(getattr(gate, "norm_topk_prob", True)), reduce=mode == "compile-reduce")
+            norm_topk=bool(getattr(gate, "norm_topk_prob", True)), reduce=mode == "compile-reduce",
+            fused_topk=mode != "eager" and int(getattr(gate, "top_k", 0)) <= 8)
         if mode == "eager":
             self.moe_layer, self.dense_layer, self.head = fns
         else:
-            # dynamic=None: dims marked by _mark_dynamic (batch, attention length) stay symbolic,
-            # the rest (model shapes) are constants; no CUDA graphs of inductor's own (the decoder
-            # captures whole steps)
-            self.moe_layer, self.dense_layer, self.head = (torch.compile(f, fullgraph=True) for f in fns)
+            # dims marked by _mark_dynamic (batch, attention length) stay symbolic, the rest (model
+            # shapes) are constants; no CUDA graphs of inductor's own (the decoder captures whole
+            # steps), so "max-autotune-no-cudagraphs" for compile-autotune
+            kw = dict(mode="max-autotune-no-cudagraphs") if mode == "compile-autotune" else {}
+            self.moe_layer, self.dense_layer, self.head = (torch.compile(f, fullgraph=True, **kw) for f in fns)
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
         self.reason: str | None = None  # why the last ready() said no
 

@@ -15,6 +15,15 @@ from placement.engine import Engine
 from placement.plan import build_plan
 from tests.conftest import FAMILIES
 
+@pytest.fixture(autouse=True)
+def _compiled_or_failed():
+    """A test session compiles the layer functions for several modes and shapes (a server: one
+    of each, a few graphs): more than dynamo's default 8 graphs per function, past which it would
+    quietly run them uncompiled. Raise the limit, and fail rather than fall back."""
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        yield
+
+
 # different lengths, so a batch's sequences sit at different positions; one crosses the 64 bucket
 PROMPTS = [list(range(5, 25)), list(range(30, 37)), list(range(100, 171)), [7]]
 
@@ -39,7 +48,7 @@ def step_logits(decoder, B, kv_len):
 
 
 @pytest.mark.parametrize("family,mode", [(f, "eager") for f in FAMILIES]
-                         + [("tiny-random", "compile"), ("tiny-random", "compile-reduce")])
+                         + [("tiny-random", m) for m in ("compile", "compile-reduce", "compile-autotune")])
 def test_logits_and_caches_equal_the_model_modules_at_batch_1_and_4(fresh, family, mode):
     model, _ = fresh(family)
     engine = Engine(model)
@@ -185,7 +194,7 @@ def test_the_switch_defaults_off_on_the_cpu_and_refuses_what_it_cannot_run(fresh
     monkeypatch.setenv("QOS_FAST_LAYERS", "0")
     assert Decoder(model, engine, max_seqs=2, max_len=64).fast is None
     assert Decoder(model, engine, max_seqs=2, max_len=64, fast_layers=True).fast.mode == "compile"
-    with pytest.raises(ValueError, match="fast_layers must be on, off or one of compile, compile-reduce, eager"):
+    with pytest.raises(ValueError, match="fast_layers must be on, off or one of compile, compile-reduce, compile-autotune, eager"):
         Decoder(model, engine, max_seqs=2, max_len=64, fast_layers="fastest")
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="fast_layers: attention implementation 'flash_attention_2'"):
