@@ -13,9 +13,10 @@ functions, one call per layer, that `torch.compile` (inductor) fuses:
 and leaves the routed experts to the engine: each layer's `EngineExperts` module is called between
 two compiled calls exactly as the model's MoE block calls it (fused kernels, host tiers, fetch
 slots, prefetch and routing counts all unchanged). The functions take weights as arguments and the
-model's shapes as constants, so every layer shares one compiled graph; the batch and the attention
-length are dynamic, so a process compiles a handful of graphs (batch 1 and batch > 1, MoE and dense
-layers, the final norm and LM head), not one per bucket. Everything is capturable: the decoder
+model's shapes as constants, so every layer shares one compiled graph; the batch, the attention
+length and the cache's size are dynamic, so a process compiles a handful of graphs (batch 1 and
+batch > 1, attending to all of the cache or part of it, MoE and dense layers, the final norm and
+LM head), not one per bucket or decoder. Everything is capturable: the decoder
 captures a step with these calls in its CUDA graph like the Hugging Face one.
 
 q/k/v are fused without a copy of the weights: the three nn.Linear weights (and biases) become views
@@ -346,6 +347,10 @@ class FastLayers:
             attn, mlp = layer.self_attn, layer.mlp
             wqkv, bqkv = self.qkv[i]
             kc, vc = self._kv(attn.layer_idx, h)
+            if compiled:  # slots and length too: decoders of any size share the graphs
+                for t in (kc, vc):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
             args = (h, d1, d2, layer.input_layernorm.weight, wqkv, bqkv,
                     attn.q_norm.weight if self.qk_norm != "none" else None,
                     attn.k_norm.weight if self.qk_norm != "none" else None,
