@@ -143,11 +143,16 @@ def compare_quantizers(args) -> None:
         if f.__name__ + "_out" in seconds:
             seconds[f.__name__] = min(seconds[f.__name__], time.perf_counter() - t)
         seconds[f.__name__ + "_out"] = out
-    same = all(torch.equal(a[k], b[k]) for xs, ys in zip(seconds["single_out"], seconds["batched_out"])
-               for a, b in zip(xs, ys) for k in a)
+    pairs = [(a, b) for xs, ys in zip(seconds["single_out"], seconds["batched_out"]) for a, b in zip(xs, ys)]
+    same = all(torch.equal(a[k], b[k]) for a, b in pairs for k in a)
+    # where they differ: the share of packed bytes that do, and the largest difference of zero points
+    # in quantization steps (HQQ's tolerance: a step either way changes a few codes, not the error)
+    codes = sum(int((a["W_q"] != b["W_q"]).sum()) for a, b in pairs) / sum(a["W_q"].numel() for a, _ in pairs)
+    zero_steps = max(float((a["zero"].float() - b["zero"].float()).abs().max()) for a, b in pairs)
     print(json.dumps({"model": args.model, "experts": len(eids), "device": str(device), "dtype": str(spec.dtype),
                       "single_s": seconds["single"], "batched_s": seconds["batched"],
-                      "speedup": seconds["single"] / seconds["batched"], "identical": same}))
+                      "speedup": seconds["single"] / seconds["batched"], "identical": same,
+                      "packed_bytes_differing": codes, "max_zero_difference": zero_steps}))
 
 
 def breakdown(cold: dict, warm: dict) -> str:

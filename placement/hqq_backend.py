@@ -88,28 +88,31 @@ def quantize_many(weights: list[torch.Tensor], bits: int, group_size: int, compu
     # optimize_weights_proximal_legacy, per matrix: iterate until its own error stops falling
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     W_f, scale, zero = W.to(dtype), scale.to(dtype), zero.to(dtype)
+    # the matrices still iterating: their rows of the batch (`rows`) and working copies, compacted
+    # only when one stops, so an iteration copies nothing
+    rows = torch.arange(B, device=device)
+    Wf, sc, z = W_f, scale, zero
     best = torch.full((B,), torch.inf, dtype=torch.float32, device=device)
-    live = torch.arange(B, device=device)  # matrices still iterating, as indices into the batch
     for _ in range(_ITERS):
-        whole = live.numel() == B  # no copies until a matrix has stopped
-        Wf, sc, z = (W_f, scale, zero) if whole else (W_f[live], scale[live], zero[live])
         W_q = torch.round(Wf * sc + z).clamp_(0, max_v)
         W_r = (W_q - z) / sc
         W_e = _shrink(Wf - W_r)
         z = torch.mean(W_q - (Wf - W_e) * sc, dim=2, keepdim=True)  # hqq updates even on its last step
-        if whole:
-            zero = z
-        else:
-            zero[live] = z
         diff = torch.abs(Wf - W_r)
         # each matrix's error reduced on its own, as hqq reduces one matrix (the same summation order)
         error = torch.stack([d.mean() for d in diff]).float()
-        better = error < best[live]
-        best[live] = torch.where(better, error, best[live])
-        del Wf, sc, z, W_q, W_r, W_e, diff
-        live = live[better]
-        if live.numel() == 0:
-            break
+        del W_q, W_r, W_e, diff
+        better = error < best
+        best = torch.where(better, error, best)
+        if not bool(better.all()):  # these stop here, with the zero of this step
+            done = ~better
+            zero[rows[done]] = z[done]
+            rows, Wf, sc, z, best = rows[better], Wf[better], sc[better], z[better], best[better]
+            if rows.numel() == 0:
+                break
+    else:
+        zero[rows] = z  # the iterations ran out
+    del Wf, sc, z
     del W_f
     W_q = torch.round(W * scale + zero).clamp_(0, max_v)
     del W

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -101,6 +102,9 @@ class ExpertStore:
         self.dequantized: dict[Key, dict[str, torch.Tensor]] = {}
         self.quantized = 0  # experts quantized (quantizer calls per matrix: 2 each)
         self.quantize_s = 0.0  # seconds spent making them (masters, solver, packing)
+        self.max_batch: int | None = None  # experts quantized together (None: see _batch)
+        self._writer = None  # the disk cache's writer thread, started on the first variant made
+        self._writes: deque = deque()  # its saves not known to be done
         self.masters = MasterBuffers(self)
 
     def layout(self, bits: int, group_size: int) -> Layout:
@@ -180,6 +184,7 @@ class ExpertStore:
                     self._remember(key, buf)
                 if progress is not None:
                     progress(len(chunk))
+        self._flush()  # every file written (or warned about) before the caller goes on
         return len(missing)
 
     # working memory of HQQ's solver per weight of a batch (bytes): the float32 stack, its
@@ -187,19 +192,19 @@ class ExpertStore:
     SOLVER_BYTES_PER_WEIGHT = 32
 
     def _batch(self, layout: Layout) -> int:
-        """Experts quantized together: as many as half the free accelerator memory holds the solver
-        for, at least 1, at most 64. On the CPU, 64 MiB of working memory (host memory, which a host
-        budget is about): batching there only saves per-operation overhead, which matters for small
-        matrices alone."""
+        """Experts quantized together: on CUDA as many as half the free memory holds the solver for,
+        at least 1, at most 64. On the CPU one: the stacked solver was slower there (0.5-0.7x on 16
+        small experts, one thread: its larger operands fall out of the caches, and the
+        per-operation overhead it saves is small on a CPU)."""
         if not hasattr(self.quantizer, "quantize_many"):
             return 1
+        if self.max_batch is not None:
+            return self.max_batch
         largest = max(math.prod(shape) for _, shape in layout.matrices)
-        if self.quantize_on.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.quantize_on)
-            room = free // 2
-        else:
-            room = 64 << 20
-        return max(1, min(64, room // (self.SOLVER_BYTES_PER_WEIGHT * largest)))
+        if self.quantize_on.type != "cuda":
+            return 1
+        free, _ = torch.cuda.mem_get_info(self.quantize_on)
+        return max(1, min(64, free // 2 // (self.SOLVER_BYTES_PER_WEIGHT * largest)))
 
     def _quantize_many(self, eids: list[ExpertId], bits: int, group_size: int) -> list[torch.Tensor]:
         """New packed variants of `eids`, on the quantizing device, each matrix of them quantized
@@ -227,8 +232,29 @@ class ExpertStore:
         self.quantized += len(bufs)
         if self.disk is not None:
             for eid, buf in zip(eids, bufs):
-                self.disk.save(eid, bits, group_size, layout, buf)
+                self._write(eid, bits, group_size, layout, buf)
         return bufs
+
+    WRITES_IN_FLIGHT = 8  # host copies of variants waiting for the disk, at most
+
+    def _write(self, eid: ExpertId, bits: int, group_size: int, layout: Layout, buf: torch.Tensor) -> None:
+        """Save a new variant to the disk cache in the background (one writer thread: the file's
+        write and fsync overlap the next experts' quantizing); `_flush` waits for them."""
+        from placement.variants import checksum
+
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="variant-write")
+        digest = checksum(buf)  # where the buffer is: cheap on a GPU
+        host = buf.detach().to("cpu", copy=True)
+        self._writes.append(self._writer.submit(self.disk.save, eid, bits, group_size, layout, host, digest))
+        while len(self._writes) > self.WRITES_IN_FLIGHT:
+            self._writes.popleft().result()
+
+    def _flush(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
 
     def _remember(self, key: Key, buf: torch.Tensor) -> None:
         if self.keep_variants and key not in self.variants:

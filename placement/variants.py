@@ -199,15 +199,17 @@ class VariantCache:
         wrong = [k for k, v in want.items() if meta.get(k) != v]
         return f"was written for another {', '.join(wrong)}" if wrong else None
 
-    def save(self, eid: ExpertId, bits: int, group_size: int, layout: Layout, packed: torch.Tensor) -> None:
-        """Write the packed buffer atomically (a temporary file in the same folder, then a rename).
-        A cache that cannot be written is a warning, not an error: serving goes on."""
+    def save(self, eid: ExpertId, bits: int, group_size: int, layout: Layout, packed: torch.Tensor,
+             digest: str | None = None) -> None:
+        """Write the packed buffer atomically (a temporary file in the same folder, then a rename);
+        `digest`: its checksum if already taken. A cache that cannot be written is a warning, not an
+        error: serving goes on."""
         from safetensors.torch import save_file
 
         path = self.path(eid, bits, group_size)
         meta = {"format": FORMAT, "fingerprint": self.fingerprint, "quantizer": self.tag, "layer": str(eid.layer),
                 "expert": str(eid.expert), "bits": str(bits), "group_size": str(group_size),
-                "layout": layout_meta(layout), "checksum": checksum(packed)}  # where it is: cheap on a GPU
+                "layout": layout_meta(layout), "checksum": digest or checksum(packed)}  # where it is: cheap on a GPU
         packed = packed.detach().to("cpu").contiguous()
         tmp, t = None, time.perf_counter()
         try:

@@ -326,6 +326,7 @@ def test_an_engine_quantizes_experts_in_batches_with_the_same_bytes():
     for name, quantizer in (("batched", BatchRecorder()), ("single", one_at_a_time)):
         model = load_model("tiny-random", device="cpu").model
         engine = Engine(model, quantizer=quantizer)
+        engine.store.max_batch = 64  # on the CPU the store quantizes one at a time unless told
         plan = build_plan(engine.spec, knobs)
         report = engine.apply(plan)
         assert report.requantized == 16
@@ -335,9 +336,10 @@ def test_an_engine_quantizes_experts_in_batches_with_the_same_bytes():
             assert sorted(quantizer.batches) == [6, 6, 10, 10]  # per matrix: accelerator experts, host ones
             seen = []
             fresh = Engine(load_model("tiny-random", device="cpu").model, quantizer=BatchRecorder())
+            fresh.store.max_batch = 5
             keys = [(eid, 4, 64) for eid in sorted(buffers[name])]
             fresh.store.to_device_many(keys, torch.device("cpu"), progress=seen.append)
-            assert sum(seen) == len(keys) == 16
+            assert seen == [5, 5, 5, 1] and fresh.store.quantizer.batches == [5, 5] * 3 + [1, 1]  # per matrix
     assert buffers["batched"].keys() == buffers["single"].keys()
     for eid, buf in buffers["single"].items():
         assert torch.equal(buffers["batched"][eid], buf), eid
