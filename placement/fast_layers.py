@@ -22,8 +22,9 @@ captures a step with these calls in its CUDA graph like the Hugging Face one.
 q/k/v are fused without a copy of the weights: the three nn.Linear weights (and biases) become views
 of one [q+k+v, H] tensor, so the model's own modules (prefill, perplexity) read the same memory.
 When the engine swaps the projections (Plan.attn_bits: quantized ones, or the 16-bit ones put
-back as separate tensors), `ready()` notices: quantized projections send the step back to the
-Hugging Face path, 16-bit ones are fused again.
+back as separate tensors), `ready()` notices: quantized projections (qlinear.QuantLinear, their own
+Triton kernels) are called as they are between three compiled pieces per layer (norm; rotary, cache
+and attention; o_proj's residual, norm and router), 16-bit ones are fused again.
 
 Modes: "compile" (inductor, extern cuBLAS matrix products; the router's top-k as argmax passes
 fused with its softmax), "compile-reduce" (the same, but at batch 1 the projections and the
@@ -152,16 +153,17 @@ def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float,
             return y if b is None else y + b
         return F.linear(x, w, b)
 
-    def attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2):
-        """h [B, H] the residual stream, d1 (and d2) [B, H] the previous layer's MLP output(s);
-        cos, sin [B, 1, D]; kc, vc [slots, kv_heads, max_len, D] this layer's cache (written at
-        rows, pos [B]); allowed [B, L] the positions each token attends to. Returns the residual
-        stream after attention and its post-attention norm, both [B, H]."""
+    def pre(h, d1, d2, ln1):
+        """h [B, H] the residual stream plus d1 (and d2) [B, H], the previous layer's MLP output(s);
+        the sum and its norm."""
         h = h + (d1 if d2 is None else d1 + d2)
-        B = h.shape[0]
-        x = _rms(h, ln1, eps)
-        qkv = linear(x, wqkv, bqkv)  # [B, q + 2 kv]
-        q, k, v = qkv[:, :q_width], qkv[:, q_width:q_width + kv_width], qkv[:, q_width + kv_width:]
+        return h, _rms(h, ln1, eps)
+
+    def core(q, k, v, qn, kn, cos, sin, kc, vc, rows, pos, allowed):
+        """q [B, heads * D], k, v [B, kv_heads * D] projected; cos, sin [B, 1, D]; kc, vc
+        [slots, kv_heads, max_len, D] this layer's cache, written at rows, pos [B]; allowed [B, L]
+        the positions each token attends to. The attention's output [B, heads * D], before o_proj."""
+        B = q.shape[0]
         if qk_norm == "full":
             q, k = _rms(q, qn, eps), _rms(k, kn, eps)
         q, k, v = q.reshape(B, heads, head_dim), k.reshape(B, kv_heads, head_dim), v.reshape(B, kv_heads, head_dim)
@@ -186,14 +188,11 @@ def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float,
             o = (p[..., None].float() * values[:, :, None, :, :].float()).sum(-2).to(q.dtype)
         else:
             o = torch.matmul(p, values)  # [B, kv_heads, groups, D]
-        h = h + linear(o.reshape(B, q_width), wo, bo)
-        return h, _rms(h, ln2, eps)
+        return o.reshape(B, q_width)
 
-    def moe_layer(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2,
-                  wg, s_gate, s_up, s_down, s_w):
-        """attention(), then the router (and the shared expert, where there is one): the residual
-        stream, the experts' input [B, H], top_k_index [B, k], top_k_weights [B, k], shared [B, H]."""
-        h, x = attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2)
+    def route(x, wg, s_gate, s_up, s_down, s_w):
+        """The router on x [B, H] (and the shared expert, where there is one): top_k_index [B, k],
+        top_k_weights [B, k], the shared expert's output [B, H] or None."""
         logits = linear(x, wg)  # [B, E]
         topk = _topk if fused_topk else (lambda p, k: torch.topk(p, k, dim=-1))
         if router_cast:  # Qwen / OLMoE: weights in the model's dtype
@@ -208,20 +207,51 @@ def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float,
         if s_gate is not None:  # Qwen2-MoE's shared expert, gated by a sigmoid
             shared = linear(F.silu(linear(x, s_gate)) * linear(x, s_up), s_down)
             shared = torch.sigmoid(linear(x, s_w)) * shared
-        return h, x, idx, top, shared
+        return idx, top, shared
+
+    def dense(x, w_gate, w_up, w_down):
+        return linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+    def attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2):
+        """The attention half of a layer with 16-bit projections (q/k/v as one product): the
+        residual stream after it and its post-attention norm, [B, H] each."""
+        h, x = pre(h, d1, d2, ln1)
+        qkv = linear(x, wqkv, bqkv)  # [B, q + 2 kv]
+        q, k, v = qkv[:, :q_width], qkv[:, q_width:q_width + kv_width], qkv[:, q_width + kv_width:]
+        h = h + linear(core(q, k, v, qn, kn, cos, sin, kc, vc, rows, pos, allowed), wo, bo)
+        return h, _rms(h, ln2, eps)
+
+    def moe_layer(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2,
+                  wg, s_gate, s_up, s_down, s_w):
+        """A MoE layer up to its routed experts: the residual stream, the experts' input [B, H],
+        top_k_index, top_k_weights [B, k] and the shared expert's output (or None)."""
+        h, x = attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2)
+        return h, x, *route(x, wg, s_gate, s_up, s_down, s_w)
 
     def dense_layer(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2,
                     w_gate, w_up, w_down):
-        """attention(), then a dense MLP: the residual stream and the MLP's output, [B, H] each."""
+        """A dense layer: the residual stream and the MLP's output, [B, H] each."""
         h, x = attention(h, d1, d2, ln1, wqkv, bqkv, qn, kn, cos, sin, kc, vc, rows, pos, allowed, wo, bo, ln2)
-        return h, linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+        return h, dense(x, w_gate, w_up, w_down)
+
+    # Layers whose projections are other modules (quantized: Plan.attn_bits) call them between
+    # three compiled pieces: pre, core, then one of these.
+    def moe_post(h, attn_out, ln2, wg, s_gate, s_up, s_down, s_w):
+        h = h + attn_out
+        x = _rms(h, ln2, eps)
+        return h, x, *route(x, wg, s_gate, s_up, s_down, s_w)
+
+    def dense_post(h, attn_out, ln2, w_gate, w_up, w_down):
+        h = h + attn_out
+        return h, dense(_rms(h, ln2, eps), w_gate, w_up, w_down)
 
     def head(h, d1, d2, norm, lm, lm_b):
         """The last residual add, the final norm and the LM head: logits [B, V]."""
         h = h + (d1 if d2 is None else d1 + d2)
         return linear(_rms(h, norm, eps), lm, lm_b)
 
-    return moe_layer, dense_layer, head
+    return dict(moe_layer=moe_layer, dense_layer=dense_layer, head=head, pre=pre, core=core,
+                moe_post=moe_post, dense_post=dense_post)
 
 
 # --- fused q/k/v weights -----------------------------------------------------------------------
@@ -282,30 +312,35 @@ class FastLayers:
             norm_topk=bool(getattr(gate, "norm_topk_prob", True)), reduce=mode == "compile-reduce",
             fused_topk=mode != "eager" and int(getattr(gate, "top_k", 0)) <= 8)
         if mode == "eager":
-            self.moe_layer, self.dense_layer, self.head = fns
+            self.fns = fns
         else:
             # dims marked by _mark_dynamic (batch, attention length) stay symbolic, the rest (model
             # shapes) are constants; no CUDA graphs of inductor's own (the decoder captures whole
             # steps), so "max-autotune-no-cudagraphs" for compile-autotune
             kw = dict(mode="max-autotune-no-cudagraphs") if mode == "compile-autotune" else {}
-            self.moe_layer, self.dense_layer, self.head = (torch.compile(f, fullgraph=True, **kw) for f in fns)
+            self.fns = {name: torch.compile(f, fullgraph=True, **kw) for name, f in fns.items()}
+        # per layer: the fused (q/k/v weight, bias), or None where the projections are other modules
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
         self.reason: str | None = None  # why the last ready() said no
 
     # --- weights ---------------------------------------------------------------------------
     def ready(self) -> bool:
-        """Whether the next step can run here: every attention projection a plain nn.Linear (the
-        model's own weights; quantized ones, Plan.attn_bits < 16, keep the Hugging Face path). q/k/v
-        are (re)fused where the engine put separate weights back. Call it outside CUDA-graph
-        capture (the decoder does, before warming a graph up)."""
+        """Whether the next step can run here, and how each layer's projections run: the model's
+        own nn.Linear weights with q/k/v as one product ((re)fused where the engine put separate
+        weights back), or other modules of the same shape (quantized ones, Plan.attn_bits < 16)
+        called as they are between compiled pieces. Call it outside CUDA-graph capture (the decoder
+        does, before warming a graph up)."""
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-            bad = next((type(m).__name__ for m in mods if type(m) is not nn.Linear), None)
-            if bad is not None:
-                self.reason = f"layer {i}'s attention projections are {bad}, not nn.Linear"
+            if all(type(m) is nn.Linear for m in mods):
+                self.qkv[i] = self._fused(attn)
+                continue
+            bad = next((type(m).__name__ for m in mods if not hasattr(m, "in_features")), None)
+            if bad is not None:  # not a projection we know the shape of
+                self.reason = f"layer {i}'s attention projections are {bad}, not linear layers"
                 return False
-            self.qkv[i] = self._fused(attn)
+            self.qkv[i] = None
         self.reason = None
         return True
 
@@ -343,33 +378,47 @@ class FastLayers:
         compiled = self.mode != "eager"
         if compiled:
             _mark_dynamic(h, d1, d2, cos, sin, pos, rows, allowed)
+        fns = self.fns
         for i, layer in enumerate(m.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            wqkv, bqkv = self.qkv[i]
             kc, vc = self._kv(attn.layer_idx, h)
             if compiled:  # slots and length too: decoders of any size share the graphs
                 for t in (kc, vc):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                     torch._dynamo.maybe_mark_dynamic(t, 2)
-            args = (h, d1, d2, layer.input_layernorm.weight, wqkv, bqkv,
-                    attn.q_norm.weight if self.qk_norm != "none" else None,
-                    attn.k_norm.weight if self.qk_norm != "none" else None,
-                    cos, sin, kc, vc, rows, pos, allowed, attn.o_proj.weight, attn.o_proj.bias,
-                    layer.post_attention_layernorm.weight)
-            if type(mlp).__name__ in MOE_BLOCKS:
+            norms = ((attn.q_norm.weight, attn.k_norm.weight) if self.qk_norm != "none" else (None, None))
+            cache = (cos, sin, kc, vc, rows, pos, allowed)
+            moe = type(mlp).__name__ in MOE_BLOCKS
+            if moe:
                 shared = getattr(mlp, "shared_expert", None)
-                extra = ((shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
-                          mlp.shared_expert_gate.weight) if shared is not None else (None,) * 4)
-                h, x, idx, w, s = self.moe_layer(*args, mlp.gate.weight, *extra)
+                mlp_w = (mlp.gate.weight, *((shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
+                                             mlp.shared_expert_gate.weight) if shared is not None else (None,) * 4))
+            else:
+                mlp_w = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            if self.qkv[i] is not None:  # one compiled call up to the experts
+                args = (h, d1, d2, ln1, *self.qkv[i], *norms, *cache, attn.o_proj.weight, attn.o_proj.bias, ln2, *mlp_w)
+                out = fns["moe_layer" if moe else "dense_layer"](*args)
+            else:  # the projections' own modules between compiled pieces
+                h, x = fns["pre"](h, d1, d2, ln1)
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                if compiled:
+                    _mark_dynamic(q, k, v)
+                o = attn.o_proj(fns["core"](q, k, v, *norms, *cache))
+                if compiled:
+                    _mark_dynamic(o)
+                out = fns["moe_post" if moe else "dense_post"](h, o, ln2, *mlp_w)
+            if moe:
+                h, x, idx, w, s = out
                 d1 = mlp.experts(x, idx, w)  # the engine's experts, eagerly: [B, H]
                 d2 = s if d2 is not None else None
             else:
-                h, d1 = self.dense_layer(*args, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+                h, d1 = out
                 d2 = torch.zeros_like(h) if d2 is not None else None
             if compiled:
                 _mark_dynamic(h, d1, d2)
         lm = self.model.get_output_embeddings()
-        return self.head(h, d1, d2, m.norm.weight, lm.weight, lm.bias)
+        return fns["head"](h, d1, d2, m.norm.weight, lm.weight, lm.bias)
 
 
 def _mark_dynamic(*tensors) -> None:
