@@ -185,11 +185,12 @@ def test_quantized_attention_runs_its_own_modules_between_compiled_pieces(fresh,
     assert fast.fast_reason is None and all(qkv is not None for qkv in fast.fast.qkv)
 
 
-def test_the_switch_defaults_off_on_the_cpu_and_refuses_what_it_cannot_run(fresh, monkeypatch):
+def test_the_switch_defaults_on_with_cuda_only_and_refuses_what_it_cannot_run(fresh, monkeypatch):
     model, _ = fresh()
     engine = Engine(model)
     monkeypatch.delenv("QOS_FAST_LAYERS", raising=False)
-    assert Decoder(model, engine, max_seqs=2, max_len=64).fast is None  # no CUDA: off unless asked
+    default = Decoder(model, engine, max_seqs=2, max_len=64).fast
+    assert (default is not None) == (engine.accel.type == "cuda")  # on the CPU: off unless asked
     monkeypatch.setenv("QOS_FAST_LAYERS", "eager")
     assert Decoder(model, engine, max_seqs=2, max_len=64).fast.mode == "eager"
     monkeypatch.setenv("QOS_FAST_LAYERS", "0")
@@ -207,3 +208,45 @@ def test_the_switch_defaults_off_on_the_cpu_and_refuses_what_it_cannot_run(fresh
 def test_a_model_without_the_engine_is_not_supported(fresh):
     model, _ = fresh()
     assert "experts not served by the engine" in fl.unsupported(model, 64)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["compile", "compile-reduce"])
+def test_cuda_graphs_of_fast_layers_equal_the_model_modules_through_plan_switches(mode):
+    """Every bucket captured with fast layers inside; greedy tokens equal the model's modules run
+    eagerly, at 4-bit experts, then 2-bit experts with 4-bit attention (re-captured), then 16 bits."""
+    from placement.models import load_model
+
+    loaded = load_model("tiny-random", device="cuda", dtype=torch.float32)
+    model = loaded.model
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs(quantized=16, bits=4)))
+    prompts = [list(range(3 + i, 20 + 2 * i)) for i in range(16)]
+    ref = Decoder(model, engine, max_seqs=16, max_len=128, graphs=False, fast_layers=False)
+    fast = Decoder(model, engine, max_seqs=16, max_len=128, fast_layers=mode)
+    assert fast.capture_all() == len(fast.buckets()) and fast.fast_reason is None
+    for knobs in [None, Knobs(quantized=16, bits=2, attn_bits=4), Knobs()]:
+        if knobs is not None:
+            engine.apply(build_plan(engine.spec, knobs))
+        for n in (1, 3, 16):
+            want = [g.ids for g in ref.generate(prompts[:n], 40, fixed_length=True).sequences]
+            got = fast.generate(prompts[:n], 40, fixed_length=True)
+            assert fast.reason is None and fast.fast_reason is None  # graphs, with fast layers in them
+            assert [g.ids for g in got.sequences] == want
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_fast_layers_stay_within_bf16_rounding_of_the_model_modules():
+    from placement.models import load_model
+
+    loaded = load_model("tiny-random", device="cuda", dtype=torch.bfloat16)
+    engine = Engine(loaded.model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    ref, fast = pair(loaded.model, engine, "compile")
+    for d in (ref, fast):
+        prefill(d, PROMPTS)
+    want, got = step_logits(ref, 4, 128).float(), step_logits(fast, 4, 128).float()
+    assert fast.fast_reason is None
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # (bf16 keeps 8 bits of mantissa)
