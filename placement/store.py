@@ -39,6 +39,9 @@ def _cudart():
         return None
 
 
+PAGE = 4096
+
+
 class HostBuffers:
     """Host byte buffers, pinned at their exact size when asked: a plain allocation registered with
     CUDA (cudaHostRegister), not torch's pinned caching allocator, which rounds every block up to
@@ -49,13 +52,19 @@ class HostBuffers:
         self._registered: dict[int, int] = {}  # data_ptr -> bytes
 
     def empty(self, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
         if not self.pin:
-            return buf
+            return torch.empty(nbytes, dtype=torch.uint8)
         cudart = _cudart()
-        if cudart is not None and int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
-            self._registered[buf.data_ptr()] = nbytes
-            return buf
+        if cudart is not None:
+            # whole pages of its own: CUDA registers pages, and a small buffer sharing a page with a
+            # registered one fails as "already mapped"
+            size = -(-nbytes // PAGE) * PAGE
+            base = torch.empty(size + PAGE, dtype=torch.uint8)
+            buf = base[-base.data_ptr() % PAGE:][:nbytes]
+            if int(cudart.cudaHostRegister(buf.data_ptr(), size, 0)) == 0:
+                self._registered[buf.data_ptr()] = nbytes  # (the buffer's bytes; under a page more is pinned)
+                return buf
+            cudart.cudaGetLastError()  # (clear it: the next kernel launch would report it as its own)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def release(self, buf: torch.Tensor) -> None:
