@@ -233,7 +233,7 @@ class Decoder:
                 raise ValueError(f"fast_layers: {why}")
             log.info("decode steps through the model's modules: %s", why)
             return None
-        return fl.FastLayers(self.model, self.engine, self.cache, mode=mode)
+        return fl.FastLayers(self.model, self.cache, mode=mode)
 
     # --- slots --------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:

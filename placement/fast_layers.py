@@ -16,8 +16,8 @@ slots, prefetch and routing counts all unchanged). The functions take weights as
 model's shapes as constants, so every layer shares one compiled graph; the batch, the attention
 length and the cache's size are dynamic, so a process compiles a handful of graphs (batch 1 and
 batch > 1, attending to all of the cache or part of it, MoE and dense layers, the final norm and
-LM head), not one per bucket or decoder. Everything is capturable: the decoder
-captures a step with these calls in its CUDA graph like the Hugging Face one.
+LM head), not one per bucket or decoder. Nothing syncs with the host: the decoder captures a
+step with these calls in its CUDA graph as it does the Hugging Face one.
 
 q/k/v are fused without a copy of the weights: the three nn.Linear weights (and biases) become views
 of one [q+k+v, H] tensor, so the model's own modules (prefill, perplexity) read the same memory.
@@ -37,13 +37,9 @@ fewer kernels than Hugging Face's modules, no compile time). Which is fastest is
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 MODES = ("compile", "compile-reduce", "compile-autotune", "eager")
 # Module classes whose forward the functions below reproduce (transformers 5.x); anything else
@@ -288,16 +284,16 @@ def _fuse(modules: list[nn.Linear], attr: str) -> torch.Tensor | None:
 
 
 class FastLayers:
-    """Decode steps of `model` (whose routed experts `engine` serves) through the fused per-layer
+    """Decode steps of `model` (its routed experts served by an Engine) through the fused per-layer
     functions, reading and writing `cache` (the decoder's SlotCache) as the Hugging Face path does."""
 
-    def __init__(self, model: nn.Module, engine, cache, *, mode: str = "compile"):
+    def __init__(self, model: nn.Module, cache, *, mode: str = "compile"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         why = unsupported(model, cache.max_len)
         if why is not None:
             raise ValueError(f"fast layers do not support this model: {why}")
-        self.model, self.engine, self.cache, self.mode = model, engine, cache, mode
+        self.model, self.cache, self.mode = model, cache, mode
         config, layers = model.config, model.model.layers
         attn0 = layers[0].self_attn
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
