@@ -15,6 +15,10 @@ when an earlier run made them. What stays resident in host memory is:
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import weakref
+
 import logging
 import math
 import time
@@ -43,28 +47,34 @@ PAGE = 4096
 
 
 class HostBuffers:
-    """Host byte buffers, pinned at their exact size when asked: a plain allocation registered with
-    CUDA (cudaHostRegister), not torch's pinned caching allocator, which rounds every block up to
-    a power of two (a 352 MB 16-bit Mixtral expert would pin 512 MB) and keeps freed blocks."""
+    """Host byte buffers, pinned at their exact size when asked: anonymous mappings of whole pages
+    registered with CUDA (cudaHostRegister), not torch's pinned caching allocator, which rounds every
+    block up to a power of two (a 352 MB 16-bit Mixtral expert would pin 512 MB) and keeps freed
+    blocks.
+
+    Each buffer has pages of its own (CUDA registers pages: a buffer sharing one with a registered
+    buffer fails as "already mapped"), and what is still registered when the HostBuffers goes (an
+    engine dropped without releasing its host tier) is unregistered then: a registration outliving
+    its memory made a later allocation at the same address fail to register, and CUDA reported that
+    failure at the next, unrelated kernel launch."""
 
     def __init__(self, pin: bool):
         self.pin = pin
-        self._registered: dict[int, int] = {}  # data_ptr -> bytes
+        self._registered: dict[int, tuple[int, mmap.mmap]] = {}  # data_ptr -> (bytes, its mapping)
+        weakref.finalize(self, _unregister_all, self._registered)
 
     def empty(self, nbytes: int) -> torch.Tensor:
         if not self.pin:
             return torch.empty(nbytes, dtype=torch.uint8)
         cudart = _cudart()
         if cudart is not None:
-            # whole pages of its own: CUDA registers pages, and a small buffer sharing a page with a
-            # registered one fails as "already mapped"
-            size = -(-nbytes // PAGE) * PAGE
-            base = torch.empty(size + PAGE, dtype=torch.uint8)
-            buf = base[-base.data_ptr() % PAGE:][:nbytes]
+            size = max(-(-nbytes // PAGE) * PAGE, PAGE)
+            pages = mmap.mmap(-1, size)
+            buf = torch.frombuffer(pages, dtype=torch.uint8)[:nbytes]  # (the tensor keeps the mapping)
             if int(cudart.cudaHostRegister(buf.data_ptr(), size, 0)) == 0:
-                self._registered[buf.data_ptr()] = nbytes  # (the buffer's bytes; under a page more is pinned)
+                self._registered[buf.data_ptr()] = (nbytes, pages)  # (the buffer's bytes; under a page more is pinned)
                 return buf
-            cudart.cudaGetLastError()  # (clear it: the next kernel launch would report it as its own)
+            _clear_cuda_error()  # or the next kernel launch reports this failure as its own
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def release(self, buf: torch.Tensor) -> None:
@@ -75,7 +85,26 @@ class HostBuffers:
                 cudart.cudaHostUnregister(buf.data_ptr())
 
     def pinned_bytes(self) -> int:
-        return sum(self._registered.values())
+        return sum(n for n, _ in self._registered.values())
+
+
+def _clear_cuda_error() -> None:
+    """Reset CUDA's last error (torch's cudart binding lacks cudaGetLastError: call the runtime the
+    process has loaded)."""
+    try:
+        with open("/proc/self/maps") as f:
+            path = next(line.split()[-1] for line in f if "libcudart.so" in line)
+        ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, StopIteration, AttributeError):
+        pass
+
+
+def _unregister_all(registered: dict) -> None:
+    cudart = _cudart()
+    for ptr in list(registered):
+        if cudart is not None:
+            cudart.cudaHostUnregister(ptr)
+        registered.pop(ptr, None)
 
 
 class MasterBuffers(Mapping):

@@ -297,3 +297,37 @@ def test_a_fetched_expert_runs_all_its_rows_in_one_grouped_kernel_call(fresh, mo
     assert calls == {"slots": 0, "grouped": 1}
     torch.testing.assert_close(engine.run_expert(1, 3, x[:1]), expected[:1], rtol=1e-4, atol=1e-4)
     assert calls == {"slots": 1, "grouped": 1}
+
+
+def test_pinned_host_buffers_own_their_pages_and_are_unregistered_with_their_store(monkeypatch):
+    """With CUDA, host buffers are registered page by page: each on pages of its own, and whatever
+    is still registered when its HostBuffers goes is unregistered (CUDA calls recorded by a fake)."""
+    import gc
+
+    from placement import store
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(store, "_cudart", lambda: FakeCudart())
+    bufs = store.HostBuffers(pin=True)
+    a, b = bufs.empty(100), bufs.empty(5000)
+    assert [c[2] for c in calls] == [4096, 8192] and a.numel() == 100 and b.numel() == 5000
+    assert a.data_ptr() % 4096 == 0 and b.data_ptr() % 4096 == 0
+    assert bufs.pinned_bytes() == 5100
+    bufs.release(a)
+    assert calls[-1] == ("unregister", a.data_ptr()) and bufs.pinned_bytes() == 5000
+    ptr_b = b.data_ptr()
+    del bufs
+    gc.collect()
+    assert calls[-1] == ("unregister", ptr_b)
+    b.fill_(7)  # the memory stays valid while a tensor holds it
+    assert int(b.sum()) == 7 * 5000
