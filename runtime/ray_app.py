@@ -32,6 +32,7 @@ error event ending the stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -39,6 +40,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -574,6 +576,11 @@ def _loopback_address(address: str | None) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def local_cluster(**init_kwargs):
     """A Ray cluster of this process only (demo, tests), its files in a short temporary folder
@@ -581,6 +588,9 @@ def local_cluster(**init_kwargs):
     loopback (Ray's single-machine mode) unless `_node_ip_address` names an address."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ["RAY_AUTH_MODE"] == "disabled":
+        _warn_once("local Ray cluster without token auth (RAY_AUTH_MODE=disabled): each Serve replica's gRPC "
+                   "port listens on all interfaces and runs what any host sends it while the cluster lives")
     saved = None if "_node_ip_address" in init_kwargs else _single_machine()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:

@@ -248,3 +248,26 @@ def test_the_readmes_cluster_listens_on_loopback_only_and_qos_serve_joins_it(fro
             while cluster() and time.monotonic() < deadline:
                 time.sleep(0.2)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_a_local_cluster_without_token_auth_says_so_once(monkeypatch, capsys):
+    """local_cluster() (tests, `qos demo`) runs without token auth unless told: it warns, once, in
+    one line naming what is exposed (ray.init is stubbed: no cluster starts)."""
+    from runtime import ray_app
+
+    def no_cluster(*args, **kwargs):
+        raise RuntimeError("no cluster in this test")
+
+    monkeypatch.setattr(ray_app.ray, "init", no_cluster)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray_app._warn_once.cache_clear()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no cluster"), ray_app.local_cluster():
+            pass
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RAY_AUTH_MODE=disabled" in err[0] and "all interfaces" in err[0]
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    ray_app._warn_once.cache_clear()
+    with pytest.raises(RuntimeError, match="no cluster"), ray_app.local_cluster():
+        pass
+    assert capsys.readouterr().err == ""
