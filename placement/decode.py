@@ -34,6 +34,7 @@ from placement import fast_layers as fl
 from placement.engine import KERNEL_MAX_TOKENS
 
 log = logging.getLogger(__name__)
+FAST_FALLBACK = True  # a fast-layers step that fails (compiling) turns them off for its decoder (tests: False)
 
 
 def _bucket(n: int, low: int, high: int) -> int:
@@ -397,8 +398,16 @@ class Decoder:
         allowed = self.kv_range[None, :kv_len] <= pos[:, None]  # [B, L]
         self.fast_reason = "off" if self.fast is None else None if self.fast.ready() else self.fast.reason
         if self.fast_reason is None:
-            self.logits[:B].copy_(self.fast.forward(self.tok[:B], pos, self.rows[:B], allowed))
-            return
+            try:
+                self.logits[:B].copy_(self.fast.forward(self.tok[:B], pos, self.rows[:B], allowed))
+                return
+            except Exception as e:  # compiling failed (not in a capture: graphs are warmed up first)
+                if not FAST_FALLBACK or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                    raise
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                log.warning("fast layers off for this decoder, steps run through the model's modules: %s: %s",
+                            type(e).__name__, first)
+                self.fast, self.fast_reason = None, f"failed: {type(e).__name__}"
         logits = self._forward(self.tok[:B, None], pos[:, None], allowed[:, None, None])
         self.logits[:B].copy_(logits[:, -1])
 

@@ -315,6 +315,11 @@ class FastLayers:
             # steps), so "max-autotune-no-cudagraphs" for compile-autotune
             kw = dict(mode="max-autotune-no-cudagraphs") if mode == "compile-autotune" else {}
             self.fns = {name: torch.compile(f, fullgraph=True, **kw) for name, f in fns.items()}
+            # a graph per (batch 1 or more, cache slots 1 or more, attention over the whole cache or
+            # not) and per decoder size can pass dynamo's default of 8 in a process that profiles
+            # several decoders and then serves: on the H200 the server's warm-up hit it (a full graph
+            # cannot fall back, so a step of a bucket not compiled yet would have failed)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # per layer: the fused (q/k/v weight, bias), or None where the projections are other modules
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
         self.reason: str | None = None  # why the last ready() said no
@@ -415,6 +420,9 @@ class FastLayers:
                 _mark_dynamic(h, d1, d2)
         lm = self.model.get_output_embeddings()
         return fns["head"](h, d1, d2, m.norm.weight, lm.weight, lm.bias)
+
+
+RECOMPILE_LIMIT = 64
 
 
 def _mark_dynamic(*tensors) -> None:

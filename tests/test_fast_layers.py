@@ -14,10 +14,12 @@ from placement.plan import build_plan
 from tests.conftest import FAMILIES
 
 @pytest.fixture(autouse=True)
-def _compiled_or_failed():
+def _compiled_or_failed(monkeypatch):
     """A test session compiles the layer functions for several modes and shapes (a server: one
     of each, a few graphs): more than dynamo's default 8 graphs per function, past which it would
-    quietly run them uncompiled. Raise the limit, and fail rather than fall back."""
+    quietly run them uncompiled. Raise the limit, and fail rather than fall back (to uncompiled
+    code, or the decoder to the model's modules)."""
+    monkeypatch.setattr("placement.decode.FAST_FALLBACK", False)
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         yield
 
@@ -250,3 +252,27 @@ def test_bf16_fast_layers_stay_within_bf16_rounding_of_the_model_modules():
     want, got = step_logits(ref, 4, 128).float(), step_logits(fast, 4, 128).float()
     assert fast.fast_reason is None
     assert (got - want).abs().max() <= 0.05 * want.abs().max()  # (bf16 keeps 8 bits of mantissa)
+
+
+def test_a_failing_fast_step_falls_back_to_the_model_modules_once(fresh, monkeypatch, caplog):
+    """A fast-layers step that raises (as a compile past dynamo's recompile limit did on the H200)
+    turns fast layers off for that decoder with one warning; its steps go on, through the model's
+    modules, with the same logits."""
+    monkeypatch.setattr("placement.decode.FAST_FALLBACK", True)
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    ref, dec = pair(model, engine, "eager")
+    for d in (ref, dec):
+        prefill(d, PROMPTS[:2])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Dynamo recompile limit exceeded\nmore lines")
+
+    monkeypatch.setattr(dec.fast, "forward", broken)
+    with caplog.at_level("WARNING", logger="placement.decode"):
+        got = step_logits(dec, 2, 64)
+    assert dec.fast is None and dec.fast_reason == "failed: RuntimeError"
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+    assert "recompile limit" in caplog.records[0].getMessage()
+    torch.testing.assert_close(got, step_logits(ref, 2, 64))
