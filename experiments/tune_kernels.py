@@ -60,7 +60,7 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
                 raise AssertionError(f"{bits}-bit blocks {cfg}: output differs from the default's by {err:.2e}")
             it = iter(range(1 << 62))
             out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
-            ms = kernels._time_ms(lambda: kernels.moe_experts(x, tables[next(it) % copies], ones, layout, out=out),
+            ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(x, tables[next(it) % copies], ones, layout, out=out),
                                   iters)
             rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=ms,
                              gbps=layout.nbytes / ms / 1e6, error=""))

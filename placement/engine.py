@@ -35,9 +35,9 @@ from placement import kernels
 from placement.adapters import adapter_for
 from placement.experts import expert_forward, gated_forward, tensor_bytes
 from placement.fetch import FetchCache
-from placement.packed import Layout
+from placement.packed import Layout, linear_layout, pack_linear
 from placement.plan import PREFETCH_SLOTS_PER_TOP_K, ExpertId, ExpertState, Plan, check_host_budget, diff
-from placement.qlinear import QuantLinear, linear_layout, pack_linear
+from placement.qlinear import QuantLinear
 from placement.store import ExpertStore
 from placement.variants import VariantCache
 from placement.tiers import ACCEL, CPU, FETCH, serving_path

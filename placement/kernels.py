@@ -969,7 +969,17 @@ def random_expert(layout: Layout, device, generator=None) -> torch.Tensor:
     return buf
 
 
-def _time_ms(fn, iters: int) -> float:
+def write_rows(rows: list[dict], path: str) -> None:
+    """A benchmark's rows as a CSV (columns: the first row's keys)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def gpu_time_ms(fn, iters: int) -> float:
     """Mean GPU time of fn() in ms, from `iters` calls captured in one CUDA graph (launch overhead
     excluded, as in a captured decode step); plain back-to-back calls if capture fails."""
     for _ in range(3):
@@ -1019,7 +1029,7 @@ def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, i
     rows = []
 
     def record(name, layout, n, fn):
-        ms = _time_ms(fn, iters)
+        ms = gpu_time_ms(fn, iters)
         rows.append(dict(path=name, bits=layout.bits, tokens=n, ms=ms, gbps=layout.nbytes / ms / 1e6,
                          ms_per_token=ms / n, mb=layout.nbytes / 1e6))
 
@@ -1060,12 +1070,7 @@ def bench(hidden: int = 4096, intermediate: int = 14336, group_size: int = 64, i
         print(f"{r['path']:30s} {r['bits']:4d} {r['tokens']:6d} {r['mb']:8.1f} {r['ms']:8.4f} {r['gbps']:8.0f} "
               f"{r['ms_per_token']:9.4f}")
     if csv_path:
-        import csv
-
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(rows, csv_path)
     return rows
 
 

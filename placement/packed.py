@@ -107,3 +107,38 @@ def pack_into(layout: Layout, tensors: dict[str, torch.Tensor], buf: torch.Tenso
         assert tuple(src.shape) == f.shape and src.dtype == f.dtype, (f, src.shape, src.dtype)
         views[f.name].copy_(src)
     return buf
+
+
+# --- one quantized matrix (attention projections, placement/qlinear.py) -------------------------------
+QLINEAR_BITS = (8, 4)  # precisions of quantized projections (16: the model's own nn.Linear)
+
+
+@functools.lru_cache(maxsize=None)
+def linear_layout(out_features: int, in_features: int, bits: int, dtype: torch.dtype, group_size: int = 64) -> Layout:
+    """Layout of one [out, in] matrix named "weight" at `bits` (8 or 4), as packed.py lays out experts."""
+    if bits not in QLINEAR_BITS:
+        raise ValueError(f"bits={bits} is not a quantized linear precision; choose one of "
+                         f"{', '.join(map(str, QLINEAR_BITS))}")
+    check_shape(out_features, in_features, bits, group_size)
+    fields, offset = [], 0
+    for name, fdtype, shape in _quant_fields("weight", (out_features, in_features), bits, group_size, dtype):
+        fields.append(Field(name, fdtype, tuple(shape), offset))
+        offset = _align(offset + fields[-1].nbytes)
+    return Layout(bits, group_size, dtype, (("weight", (out_features, in_features)),), tuple(fields), offset)
+
+
+def check_shape(out_features: int, in_features: int, bits: int, group_size: int) -> None:
+    """A one-line ValueError when an [out, in] matrix cannot be quantized with these groups: groups
+    must tile each row (so a group never spans two rows) and 4-bit packs rows n and n + out/2."""
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the input dimension ({in_features}) of a "
+                         f"{out_features}x{in_features} projection")
+    if bits == 4 and out_features % 2:
+        raise ValueError(f"4-bit packs two rows per byte: the {out_features}x{in_features} projection has an odd "
+                         "number of rows")
+
+
+def pack_linear(layout: Layout, quantized: dict[str, torch.Tensor], device) -> torch.Tensor:
+    """One buffer of `layout` on `device` from hqq_backend.quantize's W_q, scale and zero."""
+    tensors = {f"weight.{k}": v for k, v in quantized.items()}
+    return pack_into(layout, tensors, torch.empty(layout.nbytes, dtype=torch.uint8, device=device))

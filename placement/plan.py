@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from catalog.knobs import ATTN_BITS, BITS, OFFLOAD_MODES, Knobs, check_group_size, choice_error
 from placement.packed import expert_layout
-from placement.qlinear import check_shape, linear_layout
+from placement.packed import check_shape, linear_layout
 from placement.spec import ModelSpec
 
 TIERS = ("accel", "host")

@@ -27,83 +27,25 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from placement.packed import Field, Layout, _align, _quant_fields, pack_into
+from placement.packed import QLINEAR_BITS, Layout, linear_layout, pack_linear
 
-QLINEAR_BITS = (8, 4)  # precisions of quantized projections (16: the model's own nn.Linear)
 KERNEL_MAX_TOKENS = 64  # rows of x up to which the kernels run (the engine's decode/prefill-chunk limit)
 ROWS_MAX_TOKENS = 4  # up to this many rows the matrix-vector kernel, above it the tl.dot one (see bench)
 
-try:
-    import triton
-    import triton.language as tl
-
-    # As in kernels.py: the interpreter is chosen when the kernels are defined; without CUDA nothing
-    # else could run them, so no CUDA implies the interpreter, env var or not.
-    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
-    if _INTERPRET:
-        from triton.runtime.interpreter import InterpretedFunction as _jit
-    else:
-        _jit = triton.jit
-    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-except ImportError:  # the module still imports; available() says False and the eager path runs
-    triton = None
-    _INTERPRET = False
-    _TL_DTYPES = {}
-
-    class tl:  # noqa: N801 - stands in for triton.language in the kernels' annotations
-        constexpr = None
-
-    def _jit(fn):
-        return fn
-
-
-def available(device) -> bool:
-    """Whether the kernels can run on `device`: triton and CUDA, or Triton's CPU interpreter."""
-    if triton is None:
-        return False
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_available()
-    return _INTERPRET
+# Triton, its CPU interpreter and the helpers the expert kernels use (reductions that work in the
+# interpreter, the code unpacking of kernels._fcodes, tl.dot with a per-group scale): shared.
+from placement.kernels import (  # noqa: E402
+    _FAST_CODES, _MAGIC_OFF, _TL_DTYPES, _codes4, _fcodes, _group_mma, _jit, _pow2_block, _put, _qdot,
+    _rsum, _sm_count, available, tl, triton,
+)
 
 
 # --- the layout -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def linear_layout(out_features: int, in_features: int, bits: int, dtype: torch.dtype, group_size: int = 64) -> Layout:
-    """Layout of one [out, in] matrix named "weight" at `bits` (8 or 4), as packed.py lays out experts."""
-    if bits not in QLINEAR_BITS:
-        raise ValueError(f"bits={bits} is not a quantized linear precision; choose one of "
-                         f"{', '.join(map(str, QLINEAR_BITS))}")
-    check_shape(out_features, in_features, bits, group_size)
-    fields, offset = [], 0
-    for name, fdtype, shape in _quant_fields("weight", (out_features, in_features), bits, group_size, dtype):
-        fields.append(Field(name, fdtype, tuple(shape), offset))
-        offset = _align(offset + fields[-1].nbytes)
-    return Layout(bits, group_size, dtype, (("weight", (out_features, in_features)),), tuple(fields), offset)
-
-
-def check_shape(out_features: int, in_features: int, bits: int, group_size: int) -> None:
-    """A one-line ValueError when an [out, in] matrix cannot be quantized with these groups: groups
-    must tile each row (so a group never spans two rows) and 4-bit packs rows n and n + out/2."""
-    if group_size <= 0 or in_features % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the input dimension ({in_features}) of a "
-                         f"{out_features}x{in_features} projection")
-    if bits == 4 and out_features % 2:
-        raise ValueError(f"4-bit packs two rows per byte: the {out_features}x{in_features} projection has an odd "
-                         "number of rows")
-
-
-def pack_linear(layout: Layout, quantized: dict[str, torch.Tensor], device) -> torch.Tensor:
-    """One buffer of `layout` on `device` from hqq_backend.quantize's W_q, scale and zero."""
-    tensors = {f"weight.{k}": v for k, v in quantized.items()}
-    return pack_into(layout, tensors, torch.empty(layout.nbytes, dtype=torch.uint8, device=device))
-
-
 def dequantize(layout: Layout, buf: torch.Tensor) -> torch.Tensor:
     """W [N, K] in the layout's dtype from its packed buffer, as hqq's Quantizer.dequantize computes
     it ((q - zero) * scale in the compute dtype), in plain torch."""
@@ -120,42 +62,16 @@ def supports(layout: Layout) -> bool:
     """Whether the kernels run matrices of `layout` (else the dequantize path)."""
     (_, (N, K)), = layout.matrices
     gs = layout.group_size
-    return (layout.bits in QLINEAR_BITS and layout.dtype in _TL_DTYPES and gs >= 16 and gs & (gs - 1) == 0
+    return (layout.bits in QLINEAR_BITS and _TL_DTYPES.get(layout.dtype) is not None and gs >= 16 and gs & (gs - 1) == 0
             and K % gs == 0 and N % (8 // layout.bits if layout.bits < 8 else 1) == 0)
 
 
 # --- kernels ----------------------------------------------------------------------------------------
-# (Copied in spirit from kernels.py, which is being rewritten: triton.language's own jitted helpers
-# break the interpreter, so reductions go through tl.reduce with the builtin combine function.)
-@_jit
-def _rsum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@_jit
-def _qdot(q, x, xs, scale_ptr, zero_ptr, grp, rmask):
-    """Per row of q [BN, NG, GS] (integer codes): sum over the chunk of (q - zero) * scale * x, with
-    x [NG, GS] (fp32) and its group sums xs [NG]; grp [BN, NG] indexes the rows' groups."""
-    s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
-    qx = _rsum(q.to(tl.float32) * x[None, :, :], 2)
-    return _rsum(s * (qx - z * xs[None, :]), 1)
-
-
-@_jit
-def _put(ptr, val, mask, ADD: tl.constexpr):
-    """Store val (cast to the output's dtype), or add it atomically (K splits add to one place)."""
-    if ADD:
-        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
-    else:
-        tl.store(ptr, val, mask=mask)
-
-
 @_jit
 def _rows_kernel(
     x_ptr, wq_ptr, scale_ptr, zero_ptr, out_ptr,
     N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
 ):
     """out[m, rows] (+)= x[m] @ W[rows].T for byte rows j of program_id(0)'s block (4-bit: W rows j
     and j + N/2), token m = program_id(1), K split program_id(2)."""
@@ -176,13 +92,14 @@ def _rows_kernel(
     for k0 in range(kstart, kstart + KS, BLOCK_K):
         x = tl.load(x_ptr + m * K + k0 + cols).to(tl.float32)  # [NG, GS]
         xs = _rsum(x, 1)  # [NG]
-        b = tl.load(wq_ptr + j[:, None, None] * K + k0 + cols[None, :, :], mask=wmask, other=0).to(tl.int32)
+        b = tl.load(wq_ptr + j[:, None, None] * K + k0 + cols[None, :, :], mask=wmask, other=0)  # uint8
         grp = j[:, None] * ROWG + k0 // GS + tl.arange(0, NG)[None, :]  # [BN, NG]
         if BITS == 8:
-            a0 += _qdot(b, x, xs, scale_ptr, zero_ptr, grp, rmask)
+            a0 += _qdot(_fcodes(b, 8, FAST), x, xs, scale_ptr, zero_ptr, grp, rmask, BITS, FAST)
         else:  # byte [j, k] = W[j, k] << 4 | W[j + N/2, k]
-            a0 += _qdot(b >> 4, x, xs, scale_ptr, zero_ptr, grp, rmask)
-            a1 += _qdot(b & 15, x, xs, scale_ptr, zero_ptr, grp + R * ROWG, rmask)
+            hi, lo = _fcodes(b, 4, FAST)
+            a0 += _qdot(hi, x, xs, scale_ptr, zero_ptr, grp, rmask, BITS, FAST)
+            a1 += _qdot(lo, x, xs, scale_ptr, zero_ptr, grp + R * ROWG, rmask, BITS, FAST)
     orow = out_ptr + m * N + j
     _put(orow, a0, jm, SPLIT_K > 1)
     if P == 2:
@@ -190,29 +107,11 @@ def _rows_kernel(
 
 
 @_jit
-def _mma(a, b, IEEE: tl.constexpr):
-    """a [M, K] @ b [K, N] in fp32; IEEE: fp32 operands multiplied as fp32 (no TF32)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@_jit
-def _group_mma(q, xt, xs, scale_ptr, zero_ptr, grp, jm, IEEE: tl.constexpr):
-    """One group of each row: scale * (q @ xt - zero * sum(xt)) [BN, BM], from codes q [BN, GS]
-    (DOT), the tokens' chunk xt [GS, BM] (DOT), its column sums xs [BM] and the rows' groups grp [BN]."""
-    s = tl.load(scale_ptr + grp, mask=jm, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + grp, mask=jm, other=0.0).to(tl.float32)
-    return s[:, None] * (_mma(q, xt, IEEE) - z[:, None] * xs[None, :])
-
-
-@_jit
 def _mma_kernel(
     x_ptr, wq_ptr, scale_ptr, zero_ptr, out_ptr, M,
     N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr, OFF: tl.constexpr,
 ):
     """out[tokens, rows] (+)= x[tokens] @ W[rows].T for token block program_id(0), byte-row block
     program_id(1) (4-bit: W rows j and j + N/2), K split program_id(2); one group per K step. The
@@ -235,11 +134,11 @@ def _mma_kernel(
         b = tl.load(wq_ptr + j[:, None] * K + k0 + kk[None, :], mask=jm[:, None], other=0)  # [BN, GS] uint8
         grp = j * ROWG + k0 // GS  # [BN]
         if BITS == 8:
-            a0 += _group_mma(b.to(DOT), xt, xs, scale_ptr, zero_ptr, grp, jm, IEEE)
+            a0 += _group_mma(b.to(DOT), xt, xs, scale_ptr, zero_ptr, grp, jm, 0.0, IEEE)
         else:
-            b = b.to(tl.int32)
-            a0 += _group_mma((b >> 4).to(DOT), xt, xs, scale_ptr, zero_ptr, grp, jm, IEEE)
-            a1 += _group_mma((b & 15).to(DOT), xt, xs, scale_ptr, zero_ptr, grp + R * ROWG, jm, IEEE)
+            hi, lo = _codes4(b, DOT, FAST)
+            a0 += _group_mma(hi, xt, xs, scale_ptr, zero_ptr, grp, jm, OFF, IEEE)
+            a1 += _group_mma(lo, xt, xs, scale_ptr, zero_ptr, grp + R * ROWG, jm, OFF, IEEE)
     orow = out_ptr + t[None, :] * N + j[:, None]  # [BN, BM]
     omask = jm[:, None] & tm[None, :]
     _put(orow, a0, omask, SPLIT_K > 1)
@@ -248,19 +147,6 @@ def _mma_kernel(
 
 
 # --- launch -----------------------------------------------------------------------------------------
-def _pow2_block(n: int, cap: int) -> int:
-    """The largest power of two <= cap that divides n."""
-    b = 1
-    while b * 2 <= cap and n % (b * 2) == 0:
-        b *= 2
-    return b
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # GPU blocks, first guesses after the expert kernels' H100/H200 tuning (few rows, long K chunks for
 # the matrix-vector kernel; 64 rows, one warpgroup, for tl.dot): `python -m placement.qlinear` checks them.
 _GPU = dict(rows_n={8: 8, 4: 16}, rows_k=1024, rows_warps=4, mma_n=64, mma_warps=4, mma_stages=3)
@@ -338,13 +224,16 @@ def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | N
     common = dict(N=N, K=K, BITS=layout.bits, GS=layout.group_size, BLOCK_N=cfg["bn"], SPLIT_K=split)
     if path == "rows":
         launch = {"num_warps": _GPU["rows_warps"]} if on_gpu else {}
-        _rows_kernel[(triton.cdiv(R, cfg["bn"]), M, split)](x, wq, scale, zero, out, BLOCK_K=cfg["bk"],
+        fast = _FAST_CODES[layout.bits] if on_gpu else 0  # codes unpacked as the expert kernels do
+        _rows_kernel[(triton.cdiv(R, cfg["bn"]), M, split)](x, wq, scale, zero, out, BLOCK_K=cfg["bk"], FAST=fast,
                                                              **common, **launch)
     else:
         dot = _TL_DTYPES[layout.dtype] if on_gpu else tl.float32  # (the interpreter's dot: fp32)
         launch = {"num_warps": _GPU["mma_warps"], "num_stages": _GPU["mma_stages"]} if on_gpu else {}
+        fast = on_gpu and dot == tl.bfloat16 and layout.bits == 4  # bf16 codes by inline PTX (kernels._codes4)
         _mma_kernel[(triton.cdiv(M, cfg["bm"]), triton.cdiv(R, cfg["bn"]), split)](
-            x, wq, scale, zero, out, M, BLOCK_M=cfg["bm"], DOT=dot, IEEE=dot == tl.float32, **common, **launch)
+            x, wq, scale, zero, out, M, BLOCK_M=cfg["bm"], DOT=dot, IEEE=dot == tl.float32, FAST=fast,
+            OFF=_MAGIC_OFF if fast else 0.0, **common, **launch)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -408,32 +297,6 @@ def quantize_linear(weight: torch.Tensor, bits: int, group_size: int, dtype: tor
 
 
 # --- benchmark (GPU) --------------------------------------------------------------------------------
-def _time_ms(fn, iters: int) -> float:
-    """Mean GPU time of fn() in ms over `iters` calls captured in one CUDA graph (launch overhead
-    excluded, as in a captured decode step); plain back-to-back calls if capture fails."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(iters):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        start.record()
-        graph.replay()
-        end.record()
-    except RuntimeError:
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def random_packed(layout: Layout, device, generator=None) -> torch.Tensor:
     """A buffer of `layout` with random codes, small scales and mid-range zeros: the bytes and the
     compute of a quantized real matrix."""
@@ -456,13 +319,15 @@ def bench(shapes=BENCH_SHAPES, tokens=BENCH_TOKENS, group_size: int = 64, iters:
     (GB/s: the matrix's bytes over the time, as if read once) and returns it, also written to
     `csv_path` if given. Each variant cycles through enough copies to exceed twice the L2 cache, so
     every call reads its weights from HBM, as at decode."""
+    from placement.kernels import gpu_time_ms, write_rows  # (the expert kernels' timer: one CUDA graph of `iters` calls)
+
     dev = torch.device("cuda")
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
 
     def record(name, N, K, bits, M, nbytes, fn):
-        ms = _time_ms(fn, iters)
+        ms = gpu_time_ms(fn, iters)
         rows.append(dict(path=name, n=N, k=K, bits=bits, tokens=M, mb=nbytes / 1e6, ms=ms, gbps=nbytes / ms / 1e6))
 
     for N, K in shapes:
@@ -491,12 +356,7 @@ def bench(shapes=BENCH_SHAPES, tokens=BENCH_TOKENS, group_size: int = 64, iters:
         print(f"{r['path']:22s} {r['n']:5d} {r['k']:5d} {r['bits']:4d} {r['tokens']:6d} {r['mb']:7.2f} "
               f"{r['ms']:8.4f} {r['gbps']:7.0f}")
     if csv_path:
-        import csv
-
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(rows, csv_path)
     return rows
 
 
