@@ -248,13 +248,14 @@ def _asm_qcodes(bits: int) -> str:
 # H200, one Mixtral expert at batch 1 (experiments/tune_kernels.py), modes 0 / 1 / 2: 4-bit 0.0545 /
 # 0.0525 / 0.0499 ms, 2-bit 0.0512 / 0.0440 / 0.0458, 8-bit 0.0714 / 0.0703 / 0.0703.
 _FAST_CODES = {8: 1, 4: 2, 2: 1}
-_ASM_F = {m: {b: _constexpr(f(b)) for b in (8, 4, 2)} for m, f in ((1, _asm_fcodes), (2, _asm_qcodes))}
-_ASM_F8_1, _ASM_F4_1, _ASM_F2_1 = _ASM_F[1][8], _ASM_F[1][4], _ASM_F[1][2]
-_ASM_F8_2, _ASM_F4_2, _ASM_F2_2 = _ASM_F[2][8], _ASM_F[2][4], _ASM_F[2][2]
+# (globals a kernel reads must be constexpr, one name each)
+_ASM_F8_1, _ASM_F4_1, _ASM_F2_1 = (_constexpr(_asm_fcodes(b)) for b in (8, 4, 2))
+_ASM_F8_2, _ASM_F4_2, _ASM_F2_2 = (_constexpr(_asm_qcodes(b)) for b in (8, 4, 2))
 
 
 @_jit
 def _asm_codes(b, ASM: tl.constexpr, BITS: tl.constexpr):
+    """Every code of bytes b (uint8) as fp32, by the PTX `ASM` on 4 bytes at a time."""
     if BITS == 8:
         return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
     elif BITS == 4:
