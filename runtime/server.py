@@ -172,8 +172,10 @@ class Server:
         plan, now = self.plans[plan_id], self.engine.plan
         if now is None:
             return 0
-        return sum(plan.expert_nbytes(self.engine.spec, s.bits) for eid, s in plan.items()
-                   if s.tier == "accel" and now.state(eid) != s)
+        spec = self.engine.spec
+        experts = sum(plan.expert_nbytes(spec, s.bits) for eid, s in plan.items() if s.tier == "accel" and now.state(eid) != s)
+        # a change of attention precision swaps every layer's projections: their bytes move too
+        return experts + (plan.attn_nbytes(spec) if plan.attn_bits != now.attn_bits else 0)
 
     def reconfigure(self, config: dict) -> dict:
         """Live configuration (a Serve deployment's user_config, see slos_of): serve these SLOs from

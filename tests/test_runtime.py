@@ -111,3 +111,24 @@ def test_controller_keeps_desired_state_apart_and_a_quiet_tick_changes_nothing(t
     assert c.rejected_total == 62 and len(c.rejections) == 50 and c.slos.prefer == "quality"
     assert {r["error"].split(": ", 1)[1][:20] for r in list(c.rejections)[-2:]} == {
         "not UTF-8 text (byte", "tenants[0].min_decod"}
+
+
+def test_a_switch_of_attention_precision_is_charged_its_bytes(fresh):
+    """The controller's move cost: experts loaded onto the accelerator, and every projection when
+    the attention precision changes (an attention-only switch used to cost nothing but hysteresis)."""
+    import types
+
+    from catalog.knobs import Knobs
+    from placement.engine import Engine
+    from placement.plan import build_plan
+
+    model, _ = fresh()
+    spec = Engine(model).spec
+    same, attn4 = build_plan(spec, Knobs()), build_plan(spec, Knobs(attn_bits=4))
+    half4 = build_plan(spec, Knobs(quantized=8, bits=4))
+    fake = types.SimpleNamespace(plans={p.plan_id: p for p in (same, attn4, half4)},
+                                 engine=types.SimpleNamespace(spec=spec, plan=same))
+    cost = lambda plan: Server._switch_bytes(fake, plan.plan_id)  # noqa: E731
+    assert cost(same) == 0
+    assert cost(attn4) == attn4.attn_nbytes(spec) > 0
+    assert cost(half4) == 8 * half4.expert_nbytes(spec, 4)
