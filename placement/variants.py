@@ -15,6 +15,7 @@ copied to the accelerator and checksummed there), by a few threads ahead of the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,6 +84,55 @@ def read_into(fh, dest: torch.Tensor) -> int:
 def layout_meta(layout: Layout) -> str:
     return json.dumps([[f.name, str(f.dtype).removeprefix("torch."), list(f.shape), f.offset] for f in layout.fields]
                       + [layout.nbytes])
+
+
+TEMP_GRACE_S = 3600  # a writer's temporary file older than this belongs to a process that died
+
+
+def cache_files(root: Path | None = None) -> list[dict]:
+    """Every variant file under `root` (default cache_root()): its path, bytes, when it was last used
+    (its mtime: written, or read by a load) and the model fingerprint and quantizer folder it is in;
+    most recently used first."""
+    base = (root or cache_root()) / "variants"
+    files = []
+    for path in base.glob("*/*/*.safetensors") if base.is_dir() else ():
+        try:
+            st = path.stat()
+        except OSError:  # (removed meanwhile)
+            continue
+        files.append({"path": str(path), "bytes": st.st_size, "used": st.st_mtime, "model": path.parent.parent.name,
+                      "quantizer": path.parent.name})
+    return sorted(files, key=lambda f: -f["used"])
+
+
+def prune(max_bytes: int, root: Path | None = None, *, dry_run: bool = False) -> dict:
+    """Delete the least recently used variant files until the cache holds at most `max_bytes` (0:
+    empty it), and temporary files writers left (older than TEMP_GRACE_S). A file being read while
+    it goes is read to the end (POSIX); a later start makes it again. `dry_run`: only say what would
+    go. Returns the files and bytes kept and removed."""
+    if max_bytes < 0:
+        raise ValueError(f"the cache's size limit must be >= 0 bytes, got {max_bytes}")
+    kept = removed = kept_bytes = removed_bytes = 0
+    for f in cache_files(root):  # newest first: keep while they fit
+        if kept_bytes + f["bytes"] <= max_bytes:
+            kept, kept_bytes = kept + 1, kept_bytes + f["bytes"]
+            continue
+        if not dry_run:
+            Path(f["path"]).unlink(missing_ok=True)
+        removed, removed_bytes = removed + 1, removed_bytes + f["bytes"]
+    base = (root or cache_root()) / "variants"
+    now = time.time()
+    for tmp in base.glob("*/*/.*.tmp") if base.is_dir() else ():
+        try:
+            if now - tmp.stat().st_mtime > TEMP_GRACE_S:
+                size = tmp.stat().st_size
+                if not dry_run:
+                    tmp.unlink(missing_ok=True)
+                removed, removed_bytes = removed + 1, removed_bytes + size
+        except OSError:
+            continue
+    return {"kept_files": kept, "kept_bytes": kept_bytes, "removed_files": removed, "removed_bytes": removed_bytes,
+            "dry_run": dry_run}
 
 
 class VariantCache:
@@ -175,6 +225,8 @@ class VariantCache:
                 dest = out if out.device.type == "cpu" else torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=pin)
                 if read_into(fh, dest) != layout.nbytes:
                     return None, "ends early", None
+            with contextlib.suppress(OSError):  # (a read-only cache is still read)
+                os.utime(path)  # last used: what `prune` keeps the newest of
         except FileNotFoundError:
             return None
         except (OSError, ValueError, UnicodeDecodeError, AttributeError) as err:

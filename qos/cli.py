@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("qos")
@@ -357,6 +358,27 @@ def cmd_stop(args) -> dict:
     return {"stopped": args.name}
 
 
+def cmd_cache(args) -> dict:
+    """The on-disk variant cache: what it holds by model and quantizer, and pruning it to a size."""
+    from placement import variants
+
+    root = Path(args.dir) if args.dir else variants.cache_root()
+    out = {"cache_dir": str(root)}
+    if args.prune_to is not None:
+        out["prune"] = variants.prune(args.prune_to, root, dry_run=args.dry_run)
+    files = variants.cache_files(root)
+    groups: dict[tuple[str, str], dict] = {}
+    for f in files:
+        g = groups.setdefault((f["model"], f["quantizer"]), {"model": f["model"], "quantizer": f["quantizer"],
+                                                             "files": 0, "bytes": 0, "last_used": f["used"]})
+        g["files"] += 1
+        g["bytes"] += f["bytes"]
+    out.update(files=len(files), bytes=sum(f["bytes"] for f in files),
+               folders=[{**g, "last_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(g["last_used"]))}
+                        for g in groups.values()])
+    return out
+
+
 def cmd_demo(args) -> dict:
     """The whole loop: profile, front, serve, two tenants' jobs, an SLO change, a memory squeeze."""
     from placement.models import REFERENCE_DIR
@@ -562,6 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="the pictures' title (default: the model and the device)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("cache", parents=[common], help="what the on-disk variant cache holds; prune it to a size")
+    p.add_argument("--dir", help="the cache folder (default: $QOS_CACHE_DIR, else ~/.cache/moe-qos)")
+    p.add_argument("--prune-to", type=_bytes, metavar="BYTES",
+                   help="delete the least recently used variants until the cache holds at most BYTES (0: all)")
+    p.add_argument("--dry-run", action="store_true", help="with --prune-to: say what would go, delete nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", parents=[common], help="the whole loop on the reference model")
     p.add_argument("--model", help="default: the bundled reference model (tiny-random if absent)")
