@@ -538,9 +538,15 @@ class Engine:
             if bits == 16:
                 setattr(parent, name, master.to(self.accel))  # (the QuantLinear it replaces is freed)
                 del self.attn_masters[i]
+                if self.host_budget is not None:
+                    for other in [k for k in self.attn_variants if k[0] == i]:
+                        del self.attn_variants[other]
                 continue
             layout = linear_layout(master.out_features, master.in_features, bits, self.dtype, group_size)
             host = self.attn_variants.get((i, bits, group_size))
+            if self.host_budget is not None:  # under a host budget only the served precision's variants stay
+                for other in [k for k in self.attn_variants if k[0] == i and k[1:] != (bits, group_size)]:
+                    del self.attn_variants[other]
             if host is None:
                 q = quantizer.quantize(master.weight, bits, group_size, self.dtype, on)
                 host = self.attn_variants[(i, bits, group_size)] = pack_linear(layout, q, on).to(self.host)
@@ -562,19 +568,24 @@ class Engine:
     def memory(self) -> dict:
         """Bytes per tier, summed over the tensors the engine really holds. `host_bytes` is what
         the plan keeps resident in host memory (its host-tier experts, pinned when there is CUDA,
-        and for `cpu` offload the dequantized matrices made so far; Plan.host_bytes is its bound);
+        for `cpu` offload the dequantized matrices made so far, and with quantized attention the
+        16-bit projections set aside and the served precision's packed ones; Plan.host_bytes is
+        its bound);
         `host_store_bytes` everything the engine holds on the host, with variants kept in memory
         (no disk cache) and the masters' own tensors (none for checkpoints and seeded built-ins)."""
         resident = tensor_bytes(buf for _, buf, _ in self.resident.values())
         slots = self.cache.nbytes()
-        attn_host = tensor_bytes([*(p for m in self.attn_masters.values() for p in m.parameters()),
-                                  *self.attn_variants.values()])
+        masters = [p for m in self.attn_masters.values() for p in m.parameters()]
+        bits, gs = self.attn_key
+        served = tensor_bytes(v for (_, b, g), v in self.attn_variants.items() if (b, g) == (bits, gs))
+        set_aside = tensor_bytes(m.weight for m in self.attn_masters.values())  # (biases, a few kB: host_attn_bytes)
+        attn_host = tensor_bytes(masters) + tensor_bytes(self.attn_variants.values())
         return {
             "gpu_bytes": self.nonexpert_bytes + resident + slots,
             "gpu_expert_bytes": resident,
             "gpu_slot_bytes": slots,
             "nonexpert_bytes": self.nonexpert_bytes,
-            "host_bytes": self.store.host_bytes(),
+            "host_bytes": self.store.host_bytes() + set_aside + served,
             "host_pinned_bytes": self.store.pinned_bytes(),
             "host_dequant_bytes": self.store.dequantized_bytes(),
             "host_master_bytes": self.store.source.resident_bytes(),

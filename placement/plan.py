@@ -197,9 +197,13 @@ class Plan:
 
     def host_bytes(self, spec: ModelSpec) -> int:
         """Host memory the plan keeps resident: its host-tier experts at their precision (the
-        fetch source, pinned) and, with `cpu` offload, quantized host experts' dequantized 16-bit
-        matrices (made on first use: a bound)."""
-        return self.host_packed_bytes(spec) + self.host_dequant_bytes(spec)
+        fetch source, pinned), with `cpu` offload quantized host experts' dequantized 16-bit
+        matrices (made on first use: a bound), and with quantized attention the 16-bit projections
+        set aside (to go back exactly) and their packed variants (to return without quantizing)."""
+        return self.host_packed_bytes(spec) + self.host_dequant_bytes(spec) + self.host_attn_bytes(spec)
+
+    def host_attn_bytes(self, spec: ModelSpec) -> int:
+        return 0 if self.attn_bits == 16 else self.attn_nbytes(spec, 16) + self.attn_nbytes(spec)
 
     def host_packed_bytes(self, spec: ModelSpec) -> int:
         return sum(self.expert_nbytes(spec, s.bits) for _, s in self.items() if s.tier == "host")
@@ -358,10 +362,13 @@ def check_host_budget(plan: Plan, spec: ModelSpec, host_budget: int | None) -> N
         return
     need = plan.host_bytes(spec)
     if need > host_budget:
+        attn = (f", and the 16-bit attention projections set aside for {plan.attn_bits}-bit ones"
+                if plan.host_attn_bytes(spec) else "")
         raise ValueError(
-            f"the plan keeps {need / 1e9:.4g} GB of experts in host memory ({plan.host_experts} host experts"
-            f"{', dequantized for --offload cpu' if plan.host_dequant_bytes(spec) else ''}), over the host budget "
-            f"of {host_budget / 1e9:.4g} GB: put more experts on the accelerator, quantize more, or raise --host-budget")
+            f"the plan keeps {need / 1e9:.4g} GB in host memory ({plan.host_experts} host experts"
+            f"{', dequantized for --offload cpu' if plan.host_dequant_bytes(spec) else ''}{attn}), over the host "
+            f"budget of {host_budget / 1e9:.4g} GB: put more experts on the accelerator, quantize more, keep attention "
+            f"at 16 bits, or raise --host-budget")
 
 
 def _fit_budget(spec: ModelSpec, budget: int, make, total: int) -> Plan:

@@ -40,7 +40,7 @@ def test_host_bytes_count_dequantized_matrices_of_cpu_offload_and_a_host_budget_
     dequant = sum(s.bits != 16 for s in on_host) * 3 * 64 * 128 * 4  # 16-bit matrices of quantized host experts
     assert cpu.host_bytes(SPEC) == fetch.host_bytes(SPEC) + dequant == cpu.host_packed_bytes(SPEC) + dequant
     assert build_plan(SPEC, Knobs(gpu_experts=20, host_budget=12 * E16)).host_bytes(SPEC) == 12 * E16
-    with pytest.raises(ValueError, match=r"keeps 0.00118 GB of experts in host memory \(12 host experts\), over the "
+    with pytest.raises(ValueError, match=r"keeps 0.00118 GB in host memory \(12 host experts\), over the "
                                          r"host budget of 0.001 GB"):
         build_plan(SPEC, Knobs(gpu_experts=20, host_budget=1_000_000))
     with pytest.raises(ValueError, match="host_budget=-1 must be >= 0 bytes"):

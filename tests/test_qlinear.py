@@ -185,6 +185,8 @@ def test_engine_swaps_attention_there_and_back_exactly(fresh, tokens, family):
             got = model(tokens).logits
         assert _close(got, ref, rel), ((got - ref).norm() / ref.norm()).item()
         assert engine.memory()["gpu_bytes"] == plan.gpu_bytes(spec) < mem16["gpu_bytes"]
+        # on the host: the 16-bit projections set aside and the served precision's packed ones
+        assert engine.memory()["host_bytes"] == plan.host_bytes(spec) == plan.attn_nbytes(spec, 16) + plan.attn_nbytes(spec)
         engine.configure(use_kernels=False)  # the dequantize path agrees with the kernels
         with torch.no_grad():
             eager = model(tokens).logits
@@ -301,3 +303,19 @@ def test_decode_graphs_are_captured_again_after_an_attention_swap():
         got = steps(graphs)
         assert graphs.reason is None and graphs.graphs and graphs.signature == engine.kernel_signature
         torch.testing.assert_close(got, steps(eager), atol=2e-2, rtol=2e-2)  # a replay reads the new projections
+
+
+def test_a_host_budget_counts_set_aside_attention_and_keeps_one_precision(fresh):
+    """Quantized attention keeps the 16-bit projections (and packed ones) in host memory: the plan's
+    host bytes count them, a host budget below them refuses the plan in one line, and under a
+    budget only the served precision's packed projections are kept."""
+    spec = Engine(fresh()[0]).spec
+    a8, a4 = build_plan(spec, Knobs(attn_bits=8)), build_plan(spec, Knobs(attn_bits=4))
+    with pytest.raises(ValueError, match="attention projections set aside for 4-bit"):
+        Engine(fresh()[0], host_budget=a4.host_bytes(spec) - 1).apply(a4)
+    engine = Engine(fresh()[0], host_budget=max(a8.host_bytes(spec), a4.host_bytes(spec)))
+    for plan in (a8, a4):
+        engine.apply(plan)
+        assert engine.memory()["host_attn_bytes"] >= engine.memory()["host_bytes"] == plan.host_bytes(spec)
+    engine.apply(build_plan(spec, Knobs()))
+    assert engine.memory()["host_attn_bytes"] == engine.memory()["host_bytes"] == 0
