@@ -46,3 +46,22 @@ def profile_tiny(path, grid: str):
 def tokens():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 512, (2, 24), generator=g)  # [batch, seq]
+
+
+def stop_processes(find) -> list[int]:
+    """SIGTERM the processes `find()` lists, wait up to 10 s for them to go, then SIGKILL what is
+    left and wait up to 5 s more; returns those still there."""
+    import os
+    import signal
+    import time
+
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in find():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while find() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return list(find())

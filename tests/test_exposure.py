@@ -14,12 +14,10 @@ import ipaddress
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +29,7 @@ from qos.cli import main
 from tests.test_faults import shared_front
 from tests.test_http import slos
 from tests.test_profiler import needs_data
+from tests.conftest import stop_processes
 from tests.test_readme import BLOCKS, ROOT, _port_taken, commands
 
 psutil = pytest.importorskip("psutil")
@@ -238,15 +237,7 @@ def test_the_readmes_cluster_listens_on_loopback_only_and_qos_serve_joins_it(fro
         (replica,) = beyond_loopback(found, replicas=1)
         assert probe(replica.port) in (None, "UNAUTHENTICATED")  # token auth on: a caller without it is refused
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in cluster():
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + wait_s
-            while cluster() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        stop_processes(cluster)
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 

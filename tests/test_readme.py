@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from catalog.data import DATASETS, data_dir
+from tests.conftest import stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -182,16 +182,7 @@ def _stop_processes_with(env_entry: bytes) -> None:
                     pass
         return pids
 
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in ours():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while ours() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    assert not ours(), "processes of the README's Ray cluster outlived SIGKILL"
+    assert not stop_processes(ours), "processes of the README's Ray cluster outlived SIGKILL"
 
 
 @pytest.mark.skipif(not HAVE_DATA, reason="evaluation text not found (set QOS_DATA_DIR)")
