@@ -534,19 +534,16 @@ class Engine:
             return 0
         quantizer, on = self.store.quantizer, self.store.quantize_on
         for i, (parent, name) in enumerate(self.attn_sites):
+            if self.host_budget is not None:  # under a host budget only the served precision's variants stay
+                for other in [k for k in self.attn_variants if k[0] == i and k[1:] != (bits, group_size)]:
+                    del self.attn_variants[other]
             master = self.attn_masters.get(i, getattr(parent, name))  # the 16-bit nn.Linear
             if bits == 16:
                 setattr(parent, name, master.to(self.accel))  # (the QuantLinear it replaces is freed)
                 del self.attn_masters[i]
-                if self.host_budget is not None:
-                    for other in [k for k in self.attn_variants if k[0] == i]:
-                        del self.attn_variants[other]
                 continue
             layout = linear_layout(master.out_features, master.in_features, bits, self.dtype, group_size)
             host = self.attn_variants.get((i, bits, group_size))
-            if self.host_budget is not None:  # under a host budget only the served precision's variants stay
-                for other in [k for k in self.attn_variants if k[0] == i and k[1:] != (bits, group_size)]:
-                    del self.attn_variants[other]
             if host is None:
                 q = quantizer.quantize(master.weight, bits, group_size, self.dtype, on)
                 host = self.attn_variants[(i, bits, group_size)] = pack_linear(layout, q, on).to(self.host)

@@ -16,12 +16,11 @@ when an earlier run made them. What stays resident in host memory is:
 from __future__ import annotations
 
 import ctypes
-import mmap
-import weakref
-
 import logging
 import math
+import mmap
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
@@ -238,9 +237,9 @@ class ExpertStore:
             return 1
         if self.max_batch is not None:
             return self.max_batch
-        largest = max(math.prod(shape) for _, shape in layout.matrices)
         if self.quantize_on.type != "cuda":
             return 1
+        largest = max(math.prod(shape) for _, shape in layout.matrices)
         free, _ = torch.cuda.mem_get_info(self.quantize_on)
         return max(1, min(64, free // 2 // (self.SOLVER_BYTES_PER_WEIGHT * largest)))
 

@@ -168,8 +168,8 @@ class Server:
                 self._last_status = (time.monotonic(), status)  # (a replica's report reads it: recent_status)
                 if self.metrics is not None:
                     self.metrics.observe(status)
-            except Exception:  # nor a metrics problem
-                log.exception("updating metrics failed")
+            except Exception:  # nor a status or metrics problem
+                log.exception("taking the tick's status or updating metrics failed")
 
     def recent_status(self, max_age_s: float) -> dict:
         """status() as the control loop took it after its last tick, if that is at most `max_age_s`
@@ -195,8 +195,9 @@ class Server:
         try:
             slos = slos_of(config)
         except Exception as err:  # SLOError, or what a hostile value provokes (an int too large for a float)
-            self.controller.reject(_error_line(err, "user_config"))
-            raise SLOError(_error_line(err, "user_config")) from None
+            line = _error_line(err, "user_config")
+            self.controller.reject(line)
+            raise SLOError(line) from None
         with self.lock:
             try:
                 self.controller.use_slos(slos)  # (a file it refuses, it records)
