@@ -205,7 +205,7 @@ class QosServer:
         """Every tick: this replica's status to the registry; a free-memory value set since, applied."""
         while self.server is not None and self.server.executor.serving:
             try:
-                status = self.status(fresh=False)
+                status = self.status()
                 given = ray.get(self.registry.beat.remote(self.replica, status), timeout=30)
                 if given is not None and given[0] > self.applied:
                     self.server.set_free_memory(given[1])
@@ -221,13 +221,10 @@ class QosServer:
             raise RuntimeError("the serving loop has stopped")
 
     # --- handle methods (qos submit/status, Python clients) ---------------------------------------
-    def status(self, fresh: bool = True) -> dict:
-        """This replica's status; `fresh=False`: the one the control loop took after its last tick,
-        if recent (the report each tick sends the registry)."""
+    def status(self) -> dict:
         if self.server is None:
             raise ValueError("the replica is starting (no SLOs configured yet)")
-        status = self.server.status() if fresh else self.server.recent_status(self.server.tick_s)
-        return status | {"replica": self.replica, "app": self.app_name,
+        return self.server.status() | {"replica": self.replica, "app": self.app_name,
                                        "rank": _rank(serve.get_replica_context()),
                                        "free_memory_version": self.applied,
                                        "free_memory_changes": self.free_memory_changes, "restored": self.restored}

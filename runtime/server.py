@@ -101,7 +101,6 @@ class Server:
         self.serve_thread = threading.Thread(target=self.executor.serve_forever, args=(self._reconcile,),
                                              daemon=True, name="serve")
         self.serve_thread.start()
-        self._last_status: tuple[float, dict] | None = None  # (when, status) after the last tick
         threading.Thread(target=self._control, daemon=True, name="control").start()
 
     @property
@@ -163,21 +162,11 @@ class Server:
                     self.executor.wake.notify()
             except Exception:  # the controller must outlive a bad tick
                 log.exception("controller tick failed")
-            try:
-                status = self.status()
-                self._last_status = (time.monotonic(), status)  # (a replica's report reads it: recent_status)
-                if self.metrics is not None:
-                    self.metrics.observe(status)
-            except Exception:  # nor a status or metrics problem
-                log.exception("taking the tick's status or updating metrics failed")
-
-    def recent_status(self, max_age_s: float) -> dict:
-        """status() as the control loop took it after its last tick, if that is at most `max_age_s`
-        old (one status per tick serves the metrics and a replica's report), else a fresh one."""
-        taken = self._last_status
-        if taken is not None and time.monotonic() - taken[0] <= max_age_s:
-            return taken[1]
-        return self.status()
+            if self.metrics is not None:
+                try:
+                    self.metrics.observe(self.status())
+                except Exception:  # nor a metrics problem
+                    log.exception("updating metrics failed")
 
     def _switch_bytes(self, plan_id: str) -> int:
         plan, now = self.plans[plan_id], self.engine.plan

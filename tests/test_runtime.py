@@ -132,21 +132,3 @@ def test_a_switch_of_attention_precision_is_charged_its_bytes(fresh):
     assert cost(same) == 0
     assert cost(attn4) == attn4.attn_nbytes(spec) > 0
     assert cost(half4) == 8 * half4.expert_nbytes(spec, 4)
-
-
-@needs_data
-def test_one_status_per_tick_serves_the_metrics_and_a_replicas_report(front, tmp_path):
-    slos = tmp_path / "slos.yaml"
-    slos.write_text(SLOS.format(prefer="quality"))
-    server = Server(str(front), str(slos), device="cpu", tick_s=0.05)
-    try:
-        deadline = time.time() + 30
-        while server._last_status is None and time.time() < deadline:
-            time.sleep(0.01)
-    finally:
-        server.stop()  # (and its control loop, within a tick: nothing replaces the last status below)
-    time.sleep(0.3)
-    taken = server._last_status
-    assert taken is not None and taken[1]["plan_id"]  # the control loop took one after its tick
-    assert server.recent_status(3600) is taken[1]  # recent enough: no second status()
-    assert server.recent_status(0) is not taken[1]  # too old: a fresh one
