@@ -1,7 +1,7 @@
 """Time to first token of a fresh process, with a cold and then a warm variant cache: the second
 start with the same plan should quantize nothing and reach its first token much sooner.
 
-    python -m experiments.cold_start --layers 8 --out experiments/results/cold_start_h200.csv
+    python -m experiments.cold_start --layers 8 --out experiments/results/cold_start_h200_8.csv
     python -m experiments.cold_start --model /path/to/checkpoint --plan 4bit-quarter
 
 Each start is its own process (nothing shared in memory; the operating system's page cache is
@@ -15,6 +15,12 @@ verifying them (read and verify are summed over the reader threads, which overla
 to_first_token: cuda_init to first_token), experts quantized, variants read from disk, peak
 RssAnon + RssShmem; then both starts side by side, one phase a line.
 
+Then, untimed, whether the two starts hold the same bytes (a digest of every accelerator expert's
+checksum: the run exits 1 if not) and how far apart their logits are, beside how far the same
+forward run twice in one start is (on a GPU the kernels' atomic adds sum in a varying order, which
+can flip a near tie in some token's routing on random weights: the noise to read the difference
+against).
+
     python -m experiments.cold_start --layers 32 --out experiments/results/cold_start_h200_32.csv
     python -m experiments.cold_start --layers 8 --quantizer hqq-single   # the solver unbatched
     python -m experiments.cold_start --layers 1 --compare 8              # batched vs one at a time
@@ -27,6 +33,7 @@ both give the same bytes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -92,15 +99,29 @@ def child(args) -> dict:
         t = time.perf_counter()
         with torch.no_grad():
             ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], device=device)
-            first = loaded.model(ids).logits[0, -1].argmax().item()
+            logits = loaded.model(ids).logits[0, -1].float()
+            first = logits.argmax().item()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times["first_token_s"] = time.perf_counter() - t
         times["to_first_token_s"] = time.perf_counter() - t0
+        # untimed checks: the bytes of every expert on the accelerator (a cold and a warm start must
+        # agree) and the same forward again (its logits differ from the first only by the order of
+        # the kernels' atomic adds: the noise a cold/warm difference is to be read against)
+        from placement.variants import checksum
+
+        sums = [f"{eid.layer}.{eid.expert}:{checksum(engine.resident_buffer(eid))}" for eid in sorted(engine.resident)]
+        variants_digest = hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
+        with torch.no_grad():
+            again = loaded.model(ids).logits[0, -1].float()
+        repeat_diff = float((again - logits).abs().max())
+    if args.logits_out:  # the parent compares the two starts' logits
+        torch.save(logits.cpu(), args.logits_out)
     counts = {k: v for k, v in (cache.counts() if cache else {}).items() if not k.endswith("_s")}
     return {"model": args.model, "layers": engine.spec.num_layers, "plan": args.plan, "plan_id": plan.plan_id,
             "quantizer": args.quantizer, **times, "quantized": report.requantized, **counts,
-            "first_token": first, "host_peak_gb": peak.peak / 1e9, "device": str(device)}
+            "first_token": first, "host_peak_gb": peak.peak / 1e9, "device": str(device),
+            "variants_digest": variants_digest, "resident_experts": len(sums), "logits_repeat_diff": repeat_diff}
 
 
 def compare_quantizers(args) -> None:
@@ -155,6 +176,15 @@ def compare_quantizers(args) -> None:
                       "packed_bytes_differing": codes, "max_zero_difference": zero_steps}))
 
 
+def same_logits(cold_path: Path, warm_path: Path) -> dict:
+    """How far the warm start's last logits are from the cold start's."""
+    import torch
+
+    cold, warm = torch.load(cold_path), torch.load(warm_path)
+    return {"logits_max_diff": float((cold - warm).abs().max()), "logits_std": float(cold.std()),
+            "same_first_token": bool(cold.argmax() == warm.argmax())}
+
+
 def breakdown(cold: dict, warm: dict) -> str:
     """The two starts side by side, one phase a line."""
     rows = [k for k in cold if k.endswith("_s") and k != "process_s"] + ["process_s"]
@@ -181,6 +211,7 @@ def main() -> None:
                    "temporary folder, removed afterwards)")
     p.add_argument("--out", type=Path, help="CSV to append the two starts to")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--logits-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be >= 1, got {args.layers}")
@@ -204,14 +235,25 @@ def main() -> None:
         for label in ("cold", "warm"):
             t = time.perf_counter()
             env["QOS_COLD_START_T0"] = repr(time.time())
-            out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+            logits_out = str(Path(tmp) / f"logits-{label}.pt")
+            out = subprocess.run(cmd + ["--logits-out", logits_out], env=env, stdout=subprocess.PIPE, text=True,
+                                 check=True).stdout
             result = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
             result.update(start=label, process_s=time.perf_counter() - t)
             starts.append(result)
             print(json.dumps(result), flush=True)
-    cold, warm = starts
+        cold, warm = starts
+        same = same_logits(Path(tmp) / "logits-cold.pt", Path(tmp) / "logits-warm.pt")
+    for start in starts:
+        start.update(same)
     print(breakdown(cold, warm))
     ratio = cold["to_first_token_s"] / warm["to_first_token_s"]
+    same_bytes = cold["variants_digest"] == warm["variants_digest"]
+    print(f"experts on the accelerator: {warm['resident_experts']}, the same bytes in both starts: {same_bytes}; "
+          f"logits of the warm start against the cold one: max |difference| {same['logits_max_diff']:.3g} "
+          f"(the same forward twice in one start: {cold['logits_repeat_diff']:.3g} and "
+          f"{warm['logits_repeat_diff']:.3g}; logits' std {same['logits_std']:.3g}); same first token: "
+          f"{same['same_first_token']}")
     print(f"first token: cold {cold['to_first_token_s']:.1f}s ({cold['quantized']} experts quantized), "
           f"warm {warm['to_first_token_s']:.1f}s ({warm['quantized']} quantized, "
           f"{warm.get('variants_loaded', 0)} read from disk): {ratio:.1f}x sooner; from the process's start "
@@ -223,6 +265,8 @@ def main() -> None:
         df = pd.DataFrame(starts).assign(speedup=ratio)
         df.to_csv(args.out, mode="a", header=not args.out.exists(), index=False)
         print(f"wrote {args.out}")
+    if not same_bytes:
+        raise SystemExit("the warm start's experts are not the bytes the cold start quantized: the cache is wrong")
 
 
 if __name__ == "__main__":

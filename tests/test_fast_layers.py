@@ -240,18 +240,31 @@ def test_cuda_graphs_of_fast_layers_equal_the_model_modules_through_plan_switche
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_fast_layers_stay_within_bf16_rounding_of_the_model_modules():
+def test_fast_layers_on_cuda_compute_the_model_modules_logits_in_fp32_and_stay_near_them_in_bf16():
+    """fp32: the same logits as the model's modules (the math is the same). bf16: each path rounds in
+    its own places, and a token whose router is near a tie can take another expert in one of them
+    (seen on an H200: one row of four 16x further from fp32 than the modules' own rounding), so
+    the check is on the typical row (median error against fp32 within 2x the modules') and a bound
+    on the worst."""
     from placement.models import load_model
 
-    loaded = load_model("tiny-random", device="cuda", dtype=torch.bfloat16)
-    engine = Engine(loaded.model)
-    engine.apply(build_plan(engine.spec, Knobs()))
-    ref, fast = pair(loaded.model, engine, "compile")
-    for d in (ref, fast):
-        prefill(d, PROMPTS)
-    want, got = step_logits(ref, 4, 128).float(), step_logits(fast, 4, 128).float()
-    assert fast.fast_reason is None
-    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # (bf16 keeps 8 bits of mantissa)
+    def logits(dtype):
+        loaded = load_model("tiny-random", device="cuda", dtype=dtype)
+        engine = Engine(loaded.model)
+        engine.apply(build_plan(engine.spec, Knobs()))
+        ref, fast = pair(loaded.model, engine, "compile")
+        for d in (ref, fast):
+            prefill(d, PROMPTS)
+        want, got = step_logits(ref, 4, 128).float(), step_logits(fast, 4, 128).float()
+        assert fast.fast_reason is None
+        return want, got
+
+    truth, got = logits(torch.float32)
+    torch.testing.assert_close(got, truth, rtol=1e-5, atol=1e-5)
+    want, got = logits(torch.bfloat16)
+    modules_err, fast_err = (want - truth).abs().amax(1), (got - truth).abs().amax(1)
+    assert fast_err.median() <= 2 * modules_err.median()
+    assert fast_err.max() <= 0.15 * truth.abs().max()
 
 
 def test_a_failing_fast_step_falls_back_to_the_model_modules_once(fresh, monkeypatch, caplog):
