@@ -334,10 +334,23 @@ class Decoder:
 
     def prefill_all(self, slot: int, ids: list[int]) -> torch.Tensor:
         """prefill() of a whole prompt, in chunks of prefill_chunk; the logits after its last token."""
-        chunk = self.prefill_chunk
-        for start in range(0, len(ids), chunk):
-            logits = self.prefill(slot, ids[start:start + chunk], start)
-        return logits
+        return self.prefill_prompts({slot: ids})[slot]
+
+    def prefill_prompts(self, prompts: dict[int, list[int]], on_done=None) -> dict[int, torch.Tensor]:
+        """prefill() of whole prompts (slot -> ids), as the server prefills a burst: their tokens
+        packed into forwards of up to prefill_chunk rows, several prompts each (a forward reads every
+        expert once however many prompts it carries), a prompt that overflows a forward going on in
+        the next. Returns each slot's logits after its last token; `on_done(slot, logits)` runs as
+        soon as the forward that completes a prompt is queued."""
+        last = {}
+        for pack in pack_chunks([(slot, 0, len(ids)) for slot, ids in prompts.items()], self.prefill_chunk):
+            logits = self.prefill_many([(slot, prompts[slot][a:b], a) for slot, a, b in pack])
+            for (slot, _, b), row in zip(pack, logits):
+                if b == len(prompts[slot]):
+                    last[slot] = row
+                    if on_done is not None:
+                        on_done(slot, row)
+        return last
 
     def feed(self, slot: int, token: int | torch.Tensor, position: int) -> None:
         """The open slot joins the decode steps: the next step feeds `token` at `position`."""
@@ -545,8 +558,9 @@ class Decoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling = GREEDY,
                  eos_token_id: int | list[int] | None = None, fixed_length: bool = False,
                  between_steps=None) -> BatchTiming:
-        """Decode every prompt (one slot each, all at once) to `max_new_tokens` or its end of
-        sequence (never with `fixed_length`), timed: per sequence its time to first token and decode
+        """Decode every prompt (one slot each, all at once; the prompts prefilled together, packed as
+        the server prefills a burst) to `max_new_tokens` or its end of sequence (never with
+        `fixed_length`), timed: per sequence its time to first token and decode
         speed, and the batch's aggregate decode speed. `between_steps()` runs after each step."""
         if not prompts or len(prompts) > self.max_seqs:
             raise ValueError(f"give 1 to {self.max_seqs} prompts, got {len(prompts)}")
@@ -567,16 +581,19 @@ class Decoder:
         out: dict[int, list[int]] = {}
         first_at: dict[int, float] = {}
         done_at: dict[int, float] = {}
-        for slot, p in enumerate(prompts):
-            self.open(slot, sampling)
-            first = int(self.sample(slot, self.prefill_all(slot, p)))
+        def prefilled(slot: int, logits: torch.Tensor) -> None:
+            first = int(self.sample(slot, logits))
             first_at[slot] = time.perf_counter()  # (int() synced)
             out[slot] = [first]
             if max_new_tokens > 1 and first not in stop:
-                self.feed(slot, first, len(p))
+                self.feed(slot, first, len(prompts[slot]))
             else:
                 self.close(slot)
                 done_at[slot] = first_at[slot]
+
+        for slot in range(len(prompts)):
+            self.open(slot, sampling)
+        self.prefill_prompts(dict(enumerate(prompts)), prefilled)  # packed, as the server prefills
         before = asdict(self.engine.stats)
         t1 = time.perf_counter()
         decode_tokens, step_s, last = 0, [], t1
@@ -607,6 +624,24 @@ class Decoder:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def pack_chunks(chunks: list[tuple], rows: int) -> list[list[tuple]]:
+    """Chunks (key, start, end) of token ranges cut into forwards of at most `rows` tokens, in
+    order; a chunk that overflows a forward goes on in the next one, so a key appears at most once
+    per forward when it appears once among the chunks."""
+    packs, pack, room = [], [], rows
+    for key, start, end in chunks:
+        while start < end:
+            n = min(room, end - start)
+            pack.append((key, start, start + n))
+            start, room = start + n, room - n
+            if room == 0:
+                packs.append(pack)
+                pack, room = [], rows
+    if pack:
+        packs.append(pack)
+    return packs
 
 
 def eos_ids(eos: int | list[int] | None) -> list[int]:

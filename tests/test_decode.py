@@ -273,3 +273,36 @@ def test_quantized_prefill_forwards_stay_within_the_fused_kernels_limit(fresh):
     assert decoder.prefill_chunk == KERNEL_MAX_TOKENS
     decoder.quantized_prefill_rows = 512
     assert decoder.prefill_chunk == 512
+
+
+def test_pack_chunks_fills_each_forward_and_carries_an_overflowing_chunk_into_the_next():
+    from placement.decode import pack_chunks
+
+    assert pack_chunks([("a", 0, 5), ("b", 2, 9), ("c", 0, 1)], 4) == [
+        [("a", 0, 4)], [("a", 4, 5), ("b", 2, 5)], [("b", 5, 9)], [("c", 0, 1)]]
+    assert pack_chunks([("a", 0, 3)], 8) == [[("a", 0, 3)]] and pack_chunks([], 8) == []
+
+
+def test_generate_prefills_its_prompts_together_as_the_server_does(fresh, monkeypatch):
+    """generate() packs its prompts into forwards of prefill_chunk rows (what `qos profile` times
+    is what a server's burst does), and each sequence's tokens are those of generating it alone."""
+    model, _ = fresh()
+    engine = Engine(model)
+    engine.apply(build_plan(engine.spec, Knobs()))
+    decoder = Decoder(model, engine, max_seqs=4, max_len=64)
+    alone = [decoder.generate([p], 6, fixed_length=True).sequences[0].ids for p in PROMPTS]
+    forwards, prefill_many = [], decoder.prefill_many
+
+    def counted(chunks):
+        forwards.append([(slot, len(ids)) for slot, ids, _ in chunks])
+        return prefill_many(chunks)
+
+    monkeypatch.setattr(decoder, "prefill_many", counted)
+    monkeypatch.setattr(Decoder, "prefill_chunk", property(lambda self: 8))
+    run = decoder.generate(PROMPTS, 6, fixed_length=True)
+    assert [g.ids for g in run.sequences] == alone
+    total = sum(map(len, PROMPTS))
+    assert [sum(n for _, n in f) for f in forwards] == [8] * (total // 8) + ([total % 8] if total % 8 else [])
+    assert max(len(f) for f in forwards) > 1  # several prompts in one forward
+    # a prompt's first token comes with the forward that completes it, not after every other prompt's
+    assert run.sequences[0].ttft_s < run.sequences[-1].ttft_s
