@@ -12,7 +12,9 @@ shaped like the engine's decode path:
 - host experts: a cost per call computed on the host (`cpu`), or per call on a fetch slot plus,
   on a miss, one copy (a fixed cost plus bytes over the measured host-to-accelerator bandwidth);
 - a router trace (which experts each token picks in each layer) from calibration text, on which
-  each plan's LRU of fetch slots is simulated to count misses.
+  each plan's LRU of fetch slots is simulated to count misses;
+- attention projections at 8 or 4 bits (Plan.attn_bits): what a decode with them takes beside
+  one with the 16-bit ones, per token (faster or slower: their own kernels, or dequantizing).
 
 Which path serves each expert and which layers leave the kernels come from `placement.tiers`, the
 table the engine serves by. Speculative prefetch is not modelled: a plan with it is predicted as the
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from catalog.knobs import ATTN_BITS
 from placement import kernels
 from placement.decode import Decoder
 from placement.plan import BITS, ExpertId, ExpertState, Plan
@@ -47,6 +50,7 @@ class CostModel:
     fused_bits: tuple = ()  # precisions run as fused kernels on the accelerator (CUDA)
     launch_s: float = 0.0  # per (layer, fused precision the layer's plan holds)
     eager_layer_s: float = 0.0  # per layer whose plan holds experts outside the fused kernels
+    attn_s: dict = field(default_factory=dict)  # attention bits -> seconds per token beside 16-bit attention
 
     def copy_s(self, bits: int) -> float:
         return self.copy_fixed_s + self.expert_bytes[bits] / self.copy_bytes_per_s
@@ -84,7 +88,7 @@ class CostModel:
                             if len(lru) > slots:
                                 lru.popitem(last=False)
                         total += self.fetch_s.get(s.bits, self.accel_s[s.bits])
-        return self.nonexpert_s + fixed + total / len(self.trace)
+        return self.nonexpert_s + self.attn_s.get(plan.attn_bits, 0.0) + fixed + total / len(self.trace)
 
     def predict_tok_s(self, plan: Plan) -> float:
         return 1.0 / self.predict_s(plan)
@@ -107,19 +111,21 @@ def decode_s(engine, plan: Plan, prompt: list[int], new_tokens: int, repeats: in
     return statistics.median(1.0 / r.decode_tok_s for r in runs), engine.stats.fetch_misses / (repeats * new_tokens)
 
 
-def uniform_plan(spec, bits: int, tier: str, offload: str = "fetch", cache_slots: int = 0) -> Plan:
+def uniform_plan(spec, bits: int, tier: str, offload: str = "fetch", cache_slots: int = 0, attn_bits: int = 16
+                 ) -> Plan:
     states = tuple(tuple(ExpertState(bits, tier) for _ in range(spec.num_experts)) for _ in range(spec.num_layers))
-    return Plan(states, offload, cache_slots)
+    return Plan(states, offload, cache_slots, attn_bits=attn_bits)
 
 
 @torch.no_grad()
 def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new_tokens: int = 32,
-              group_size: int = 64, trace_tokens: int = 256) -> CostModel:
+              group_size: int = 64, trace_tokens: int = 256, attn_bits=ATTN_BITS) -> CostModel:
     """Fit the constants from real decodes of uniform plans (every expert at each precision on the
     accelerator; every expert on the host, computed there or fetched through slots that always hit
     or through one slot that always misses) and from timing the expert calls alone, which splits
     a decode into its non-expert and expert parts. Costs are decode-time differences divided by
-    the calls (or layers) per token."""
+    the calls (or layers) per token. Each quantized precision in `attn_bits` costs a decode of the
+    all-16-bit plan with its attention projections at that precision."""
     spec = engine.spec
     L, calls = spec.num_layers, spec.num_layers * spec.top_k  # routed calls per decoded token at batch 1
     sizes = {b: engine.layout(b, group_size).nbytes for b in bits}
@@ -130,6 +136,8 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
         return decode_s(engine, uniform_plan(spec, b, tier, offload, slots), prompt, new_tokens)
 
     base, _ = decode(16, "accel")
+    attn_s = {b: decode_s(engine, uniform_plan(spec, 16, "accel", attn_bits=b), prompt, new_tokens)[0] - base
+              for b in attn_bits if b != 16}
     if not fused:
         # Non-expert time: the all-16-bit decode less its expert calls, timed alone (two GEMMs each).
         call16 = _time(_eager_call(engine, group_size), 50, sync)
@@ -139,7 +147,7 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
         t, misses = decode(16, "host", "fetch", 1)
         copy_s = max((t - base) / max(misses, 1e-9), 1e-9)  # each miss adds one copy of a 16-bit expert
         trace = router_trace(engine, trace_ids[:trace_tokens])
-        return CostModel(nonexpert, accel_s, host_s, sizes[16] / copy_s, trace, sizes)
+        return CostModel(nonexpert, accel_s, host_s, sizes[16] / copy_s, trace, sizes, attn_s=attn_s)
 
     # Fused kernels: a layer's accelerator experts at one precision cost a launch plus a term per
     # routed call; both come from timing the layer's kernels alone, on the experts the uniform plan
@@ -184,7 +192,7 @@ def calibrate(engine, prompt: list[int], trace_ids: list[int], *, bits=BITS, new
     host_s = {b: max((decode(b, "host", "cpu")[0] - nonexpert - L * eager_layer) / calls, 0.0) for b in bits}
     return CostModel(nonexpert, accel_s, host_s, bw, router_trace(engine, trace_ids[:trace_tokens]), sizes,
                      fetch_s=fetch_s, copy_fixed_s=fixed, fused_bits=fused, launch_s=launch,
-                     eager_layer_s=eager_layer)
+                     eager_layer_s=eager_layer, attn_s=attn_s)
 
 
 def _eager_call(engine, group_size: int):

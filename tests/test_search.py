@@ -167,6 +167,11 @@ def test_fused_cost_model_charges_launches_per_precision_and_the_eager_layer_onc
     # a precision without a kernel (3-bit) runs in the loop too: eager layer, per-call cost
     three = Plan(((s(3, "accel"),) * 3, (s(16, "accel"),) * 3))
     assert model.predict_s(three) == pytest.approx(1.0 + 2.0 + 2 * 0.4 + 0.01 + 2 * 0.1)
+    # quantized attention adds its own per-token difference (here: faster at 4 bits)
+    attn = CostModel(**{**model.__dict__, "attn_s": {4: -0.25, 8: 0.5}})
+    plain = Plan(((s(16, "accel"),) * 3,) * 2)
+    for bits, extra in ((16, 0.0), (8, 0.5), (4, -0.25)):
+        assert attn.predict_s(Plan(plain.states, attn_bits=bits)) == pytest.approx(model.predict_s(plain) + extra)
 
 
 def test_calibration_fits_every_constant_on_a_real_decode(fresh):
@@ -178,6 +183,8 @@ def test_calibration_fits_every_constant_on_a_real_decode(fresh):
     ids = list(range(5, 100))
     cost = calibrate(engine, ids[:8], ids, bits=(16, 4), new_tokens=4, trace_tokens=16)
     assert cost.fused_bits == () and cost.launch_s == 0.0 and cost.eager_layer_s == 0.0
+    assert set(cost.attn_s) == {8, 4}  # a decode with quantized attention each, against the 16-bit one
+    assert engine.plan.attn_bits == 16  # (calibration ends on the router trace's plan)
     assert cost.nonexpert_s > 0 and cost.copy_bytes_per_s > 0
     assert set(cost.accel_s) == set(cost.host_s) == {16, 4} and min(cost.accel_s.values()) >= 0
     assert len(cost.trace) == 16 and all(len(t) == engine.spec.num_layers for t in cost.trace)
