@@ -6,7 +6,8 @@ and p95 time per output token at N running). `Curve` interpolates those points t
 the server has now (running plus waiting sequences, up to its slot count). The server measures each
 decode step (its batch and its time) and each request's time to first token; `Feedback` keeps, per
 plan, the ratio of measured to predicted time per token at the same batch size, smoothed, and
-decays it back to 1 when the plan is no longer measured (the profile's word counts again). Time to
+decays it back to 1 when the plan is no longer measured (the profile's word counts again); a plan
+never measured is assumed as far off as the least corrected plan measured. Time to
 first token under load is mostly waiting (for a slot, for other prompts' prefill), which any plan
 would pay: its measured-over-profiled ratio is one factor for every plan, not a mark against the
 plan that happened to be served. `options_at` hands the
@@ -64,6 +65,7 @@ class Correction:
     factor: float = 1.0  # measured / predicted
     at: float = 0.0  # when last measured
     evidence: str = ""  # the measurement, in words
+    measured: bool = False  # factor comes from decode steps (not the default)
 
     def decayed(self, now: float) -> float:
         return 1 + (self.factor - 1) * 0.5 ** (max(now - self.at, 0.0) / HALF_LIFE_S)
@@ -96,7 +98,7 @@ class Feedback:
         tpot, ttft = c.decayed(now), self.ttft.decayed(now)
         if ratios:
             ratio = math.exp(sum(n * math.log(r) for n, r in ratios) / sum(n for n, _ in ratios))
-            c.factor, c.at = (1 - ALPHA) * tpot + ALPHA * ratio, now
+            c.factor, c.at, c.measured = (1 - ALPHA) * tpot + ALPHA * ratio, now, True
         profiled = self.rows[plan_id].ttft_s[0]
         if ttft_p50_s is not None and profiled:
             self.ttft.factor, self.ttft.at = (1 - ALPHA) * ttft + ALPHA * ttft_p50_s / profiled, now
@@ -108,9 +110,15 @@ class Feedback:
         return c.evidence
 
     def factors(self, plan_id: str, now: float) -> tuple[float, float]:
-        """(time per output token, time to first token) multipliers for the plan now."""
+        """(time per output token, time to first token) multipliers for the plan now. A plan never
+        measured is taken to be as far from its profile as the least corrected plan measured: a
+        machine slower than when it was profiled (a co-tenant of the CPU or GPU) slows every plan,
+        and blaming it on the plan served alone would send the controller to plans no faster."""
         c = self.corrections.get(plan_id)
-        return (1.0 if c is None else c.decayed(now)), self.ttft.decayed(now)
+        if c is None or not c.measured:
+            measured = [k.decayed(now) for k in self.corrections.values() if k.measured]
+            return (min(measured) if measured else 1.0), self.ttft.decayed(now)
+        return c.decayed(now), self.ttft.decayed(now)
 
     def option(self, base: Option, batch: float, now: float) -> Option:
         """`base` as predicted at `batch` sequences, corrected by what was measured."""

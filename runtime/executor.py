@@ -25,7 +25,7 @@ import torch
 from placement.decode import Decoder, Sampling, eos_ids
 from placement.plan import Plan
 from placement.session import Session
-from runtime.controller import Desired, World
+from runtime.controller import RECENT_S, Desired, World
 from runtime.limits import Limits, QueueFull, Rejected, Stopping
 from runtime.window import Window
 
@@ -216,7 +216,8 @@ class Executor:
 
     def world(self) -> World:
         """The state the controller decides on, with what was measured since the last call under the
-        plan served now: its decode steps (batch, seconds) and the median time to first token."""
+        plan served now (its decode steps (batch, seconds) and the median time to first token) and
+        what each tenant's requests finished in the last RECENT_S seconds got."""
         with self.lock:
             plan_id = self._plan_id(self.engine.plan)
             load: dict[str, int] = {}
@@ -229,8 +230,13 @@ class Executor:
             ttfts = sorted(v for p, v in self.measured_ttfts if p == plan_id)
             self.measured_steps.clear()
             self.measured_ttfts.clear()
-            return World(plan_id, self.held_bytes(), frozenset(load), tuple(sorted(load.items())),
-                         self.limits.max_seqs, steps, ttfts[len(ttfts) // 2] if ttfts else None)
+            windows = {name: w.copy() for (kind, name), w in self.windows.items() if kind == "tenant"}
+            held = self.held_bytes()
+        now = time.time()  # (percentiles sorted without holding up the serving loop)
+        recent = tuple((name, summary) for name, w in sorted(windows.items())
+                       if (summary := w.summary(now, RECENT_S))["requests"])
+        return World(plan_id, held, frozenset(load), tuple(sorted(load.items())), self.limits.max_seqs, steps,
+                     ttfts[len(ttfts) // 2] if ttfts else None, recent)
 
     def _plan_id(self, plan: Plan | None) -> str | None:
         """plan.plan_id, hashed once per plan served (plans are immutable; the hash is not cheap)."""
@@ -413,10 +419,11 @@ class Executor:
         2^priority: a priority-2 tenant gets twice a priority-1's), the higher priority on a tie.
         A flood raises only the flooding tenant's share, so it cannot starve another."""
         candidates = [t for t, q in self.waiting.items() if q]
-        # admission control: tenants the controller holds back wait (it lifts the hold once the
-        # tenants it protects are idle)
-        if self.desired is not None and self.desired.hold:
-            candidates = [t for t in candidates if t not in self.desired.hold]
+        # admission control: tenants the controller holds back wait while they run `admit` sequences
+        # between them (it lifts the hold once the tenants it protects are idle or safe)
+        d = self.desired
+        if d is not None and d.hold and sum(r.tenant in d.hold for r in self.running.values()) >= d.admit:
+            candidates = [t for t in candidates if t not in d.hold]
         if not candidates:
             return None
         return min(candidates, key=lambda t: (self.served_share.get(t, 0.0), -self.priority(t)))
@@ -451,9 +458,12 @@ class Executor:
         while budget > 0:
             with self.lock:
                 self._admit()
+                # tenants held back come last, in forwards of their own: a protected tenant's first
+                # token never waits for a held one's long prompt
+                held = self.desired.hold if self.desired is not None else frozenset()
                 prefilling = sorted((r for r in self.running.values()
                                      if r.first_token_at is None and r.prefilled < len(r.prompt_ids)),
-                                    key=lambda r: r.id)
+                                    key=lambda r: (r.tenant in held, r.id))
             chunks = []  # (request, start, end): this round's share of the budget, oldest first
             for req in prefilling:
                 if budget <= 0:
@@ -465,6 +475,9 @@ class Executor:
                 return
             pack, room = [], rows  # a chunk that overflows a forward goes on in the next one
             for req, start, end in chunks:
+                if pack and (pack[-1][0].tenant in held) != (req.tenant in held):
+                    self._prefill_pack(pack)
+                    pack, room = [], rows
                 while start < end:
                     n = min(room, end - start)
                     pack.append((req, start, start + n))
@@ -517,7 +530,8 @@ class Executor:
                 if tok is None:
                     continue
                 req.first_token_at = now
-                self.measured_ttfts.append((self._plan_id(self.engine.plan), now - req.accepted_at))
+                if self.desired is None or req.tenant not in self.desired.hold:  # (a held one's wait is imposed)
+                    self.measured_ttfts.append((self._plan_id(self.engine.plan), now - req.accepted_at))
                 try:
                     if not self._take(req, tok):
                         dec.feed(req.slot, tok, len(req.prompt_ids))

@@ -281,10 +281,12 @@ class Server:
                 "model": self.session.identity.describe(),
                 "plan_id": plan.plan_id if plan else None, "plan": plan.summary(self.engine.spec) if plan else None,
                 "desired_plan_id": c.desired.plan_id if c.desired else None,
-                # closed loop: tenants whose new requests wait (admission control), the latest
-                # measurement that corrected the profile's predictions
+                # closed loop: tenants whose new requests wait (admission control) while they run
+                # `admitted` sequences between them, the latest measurement that corrected the
+                # profile's predictions, the latest changes of the desired state with their reasons
                 "held_back": sorted(c.desired.hold) if c.desired else [], "closed_loop": c.closed_loop,
-                "measured": c.evidence,
+                "admitted": c.desired.admit if c.desired and c.desired.hold else None,
+                "measured": c.evidence, "decisions": list(c.decisions), "decisions_total": c.decisions_total,
                 "free_bytes": free, "budget_bytes": self.budget(free),
                 "reserve_bytes": c.slos.reserve_bytes, "prefer": c.slos.prefer, "tenants": tenants,
                 "queued": self.executor.queued(), "waiting": self.executor.queue_depth(),

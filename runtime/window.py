@@ -31,9 +31,11 @@ class Window:
         other.samples.extend(self.samples)
         return other
 
-    def summary(self, now: float | None = None) -> dict:
+    def summary(self, now: float | None = None, seconds: float | None = None) -> dict:
+        """Percentiles of the requests finished in the last `seconds` (default: the window's)."""
         now = time.time() if now is None else now
-        recent = [s for s in self.samples if now - s[0] <= self.seconds]
+        seconds = self.seconds if seconds is None else seconds
+        recent = [s for s in self.samples if now - s[0] <= seconds]
         if not recent:
             return {"requests": 0}
 
@@ -44,4 +46,4 @@ class Window:
         span = max(now - min(s[0] for s in recent), 1e-9)
         return {"requests": len(recent), "ttft_s": pct(1), "tpot_ms": pct(2), "decode_tok_s": pct(3),
                 # tokens of the requests finished in the window over the time they span (up to the window)
-                "delivered_tok_s": sum(s[4] for s in recent) / min(self.seconds, max(span, 1.0))}
+                "delivered_tok_s": sum(s[4] for s in recent) / min(seconds, max(span, 1.0))}

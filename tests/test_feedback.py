@@ -8,7 +8,7 @@ from catalog.feedback import HALF_LIFE_S, Curve, Feedback
 from catalog.knobs import Knobs
 from catalog.rows import Measured, ModelIdentity
 from catalog.slo import parse_slos
-from runtime.controller import Controller, World
+from runtime.controller import CEILING_S, RECENT_S, RELEASE_S, Controller, World, rank
 
 
 def measured(plan_id, curve, ppl, gpu_bytes=100, ttft=0.05):
@@ -50,9 +50,11 @@ def test_measured_steps_correct_the_plan_served_and_the_correction_decays():
     k_tpot, k_ttft = fb.factors("slow", now=0.0)
     assert k_tpot == pytest.approx(1 + 0.4 * (2 ** 0.5 - 1)) and k_ttft == pytest.approx(1.4)
     assert fb.factors("slow", now=HALF_LIFE_S)[0] == pytest.approx(1 + 0.4 * (2 ** 0.5 - 1) / 2)
-    # never served: its time per token is the profile's word; the wait for a first token is the load's,
-    # which any plan pays
-    assert fb.factors("fast", now=0.0) == (1.0, pytest.approx(1.4))
+    # never served: as far off its profile as the plans measured (the machine's speed, which every plan
+    # pays); the wait for a first token is the load's, which any plan pays too
+    assert fb.factors("fast", now=0.0) == (pytest.approx(k_tpot), pytest.approx(1.4))
+    fb.observe("fast", [(1, 0.006)] * 10, None, now=0.0)  # measured as profiled: its own word counts now
+    assert fb.factors("fast", now=0.0)[0] == pytest.approx(1.0) and fb.factors("slow", now=0.0)[0] == k_tpot
     at8 = fb.option(fb_option(SLOW), batch=8, now=0.0)
     assert at8.tpot_ms[0] == pytest.approx(40.0 * k_tpot) and at8.decode_tok_s == pytest.approx(1000 / (40 * k_tpot))
     assert at8.ttft_s[0] == pytest.approx(0.05 * 1.4)
@@ -79,25 +81,99 @@ def test_closed_loop_switches_when_the_load_breaks_a_latency_slo_and_open_loop_d
     opened, closed = (Controller([SLOW, FAST], SLOS, closed_loop=flag) for flag in (False, True))
     quiet = world("slow", [("chat", 1)])
     assert opened.tick(quiet, 1000).plan_id == closed.tick(quiet, 1000).plan_id == "slow"  # 10 ms: quality wins
-    busy = world("slow", [("chat", 4), ("bulk", 4)], steps=[(8, 0.040)] * 20)  # 40 ms a token at 8
+    busy = world("slow", [("chat", 6), ("bulk", 2)], steps=[(8, 0.040)] * 20)  # 40 ms a token at 8
     assert opened.tick(busy, 1000).plan_id == "slow"  # the batch-1 profile says 10 ms: fine
     decision = closed.tick(busy, 1000)
-    assert decision.plan_id == "fast" and decision.all_met  # 24 ms at 8 meets 30
+    # bulk waits at first (slow start), and at chat's 6 slow's 31 ms still breaks 30, fast's 19 does not
+    assert decision.plan_id == "fast" and decision.all_met and closed.desired.admit == 0
     assert "measured: plan slow: 40.0 ms per step at batch 8 vs 40.0 profiled" in decision.reason
-    assert closed.desired.plan_id == "fast" and not closed.desired.hold
+    assert closed.desired.plan_id == "fast" and closed.desired.hold == {"bulk"}
 
 
 def test_a_slower_than_profiled_plan_is_corrected_and_then_admission_control_holds_the_lower_priority():
-    c = Controller([SLOW, FAST], SLOS)
-    # fast measured at twice its profile at batch 8 (48 ms; x1.4 after one tick): no plan meets chat's 30 ms with 8 running
+    clock = Clock()
+    c = Controller([SLOW, FAST], SLOS, clock=clock)
+    # fast measured at twice its profile at batch 8 (48 ms; x1.4 after one tick): no plan meets chat's
+    # 30 ms with 8 running; with 7 it does (21.4 ms x 1.4): bulk may run 5 at most, and starts at none
     decision = c.tick(world("fast", [("chat", 2), ("bulk", 6)], steps=[(8, 0.048)] * 20), 1000)
-    assert c.desired.hold == frozenset({"bulk"})
-    assert decision.reason.startswith("admission control: new requests of bulk wait so chat meet their SLOs")
+    assert c.desired.hold == frozenset({"bulk"}) and c.desired.admit == 0
+    assert decision.reason.startswith("admission control: bulk may run 0 sequences (new requests wait) so chat "
+                                      "meet their SLOs (predicted: time per output token p50 ")
+    assert "started at none as bulk joined chat" in decision.reason
     assert "measured: plan fast: 48.0 ms per step at batch 8 vs 24.0 profiled" in decision.reason
     assert decision.all_met  # with chat's 2 sequences alone
-    # chat leaves: nothing to protect, the hold ends
+    # chat leaves: once it has been idle RELEASE_S, nothing is left to protect and the hold ends
+    c.tick(world("fast", [("bulk", 6)]), 1000)
+    assert c.desired.hold == frozenset({"bulk"})
+    clock.now += RELEASE_S + 0.1
     c.tick(world("fast", [("bulk", 6)]), 1000)
     assert c.desired.hold == frozenset()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def recent(tpot_ms=None, ttft_s=None, **others):
+    """A tenant's Window.summary of its latest requests."""
+    return {"requests": 5, "tpot_ms": {"p50": tpot_ms, "p95": tpot_ms}, "ttft_s": {"p50": ttft_s, "p95": ttft_s}}
+
+
+def test_admission_grows_while_measured_inside_the_slo_halves_on_a_measured_break_and_remembers_it():
+    clock = Clock()
+    c = Controller([FAST], SLOS, clock=clock)  # FAST meets chat's 30 ms even with 8 running: measurement decides
+
+    def tick(dt, chat_tpot, load=(("bulk", 8), ("chat", 1))):
+        clock.now += dt
+        c.tick(World("fast", 100, frozenset(t for t, _ in load), load, 8,
+                      recent=(("chat", recent(chat_tpot)),) if chat_tpot else ()), 1000)
+        return c.desired
+
+    assert tick(0, 10.0).admit == 0  # slow start
+    assert tick(RECENT_S, 10.0).admit == 1  # 10 ms is 20% inside 30: one more
+    assert tick(0.1, 10.0).admit == 1  # the measurement has not seen the last change yet
+    assert tick(RECENT_S, 10.0).admit == 2
+    assert tick(RECENT_S, 10.0).admit == 3
+    assert tick(RECENT_S, 25.0).admit == 3  # inside, but not by 20%: no more
+    d = tick(RECENT_S, 40.0)  # broken: halved
+    assert d.admit == 1 and "measured: chat's time per output token p50 40 ms over the last 2 s exceeds 30 ms" \
+        in d.reason
+    assert tick(RECENT_S, 10.0).admit == 2  # back up to below where it broke ...
+    assert tick(RECENT_S, 10.0).admit == 2  # ... and no further for a while
+    assert tick(CEILING_S, 10.0).admit == 3
+    assert all("measured" in d["reason"] for d in c.decisions) and c.decisions_total == len(c.decisions) == 7
+
+
+SLOS3 = parse_slos("""
+tenants:
+  - {name: chat, max_tpot_ms: 30, p: 50, priority: 2}
+  - {name: docs, max_ttft_s: 0.5, p: 50, priority: 1}
+  - {name: bulk, priority: 1}
+prefer: quality
+""")
+
+
+def test_a_tenant_without_a_latency_slo_waits_before_its_equals_with_one_and_nobody_waits_for_an_equal():
+    assert rank(SLOS3.tenant("bulk")) < rank(SLOS3.tenant("docs")) < rank(SLOS3.tenant("chat"))
+    clock = Clock()
+    c = Controller([SLOW, FAST], SLOS3, clock=clock)
+    load = (("bulk", 10), ("chat", 1), ("docs", 2))
+    c.tick(World("fast", 100, frozenset(t for t, _ in load), load, 8), 1000)
+    assert c.desired.hold == frozenset({"bulk"}) and c.desired.admit == 0
+    clock.now += RECENT_S
+    c.tick(World("fast", 100, frozenset(t for t, _ in load), load, 8, recent=(("docs", recent(ttft_s=0.1)),)), 1000)
+    assert c.desired.admit == 1
+    # docs' first tokens measured 2x too late (so every plan's predicted too): holding docs as well
+    # would help neither docs nor chat (which meets its SLO with bulk held), so docs is still served
+    clock.now += RECENT_S
+    c.tick(World("fast", 100, frozenset(t for t, _ in load), load, 8, ttft_p50_s=1.0,
+                 recent=(("docs", recent(ttft_s=1.0)),)), 1000)
+    assert c.desired.hold == frozenset({"bulk"}) and c.desired.admit == 0  # halved
+    assert "docs's time to first token p50 1 s over the last 2 s exceeds 0.5 s" in c.desired.reason
 
 
 def test_the_executor_reports_load_and_measured_steps_and_holds_back_whom_the_controller_says():
@@ -126,6 +202,16 @@ def test_the_executor_reports_load_and_measured_steps_and_holds_back_whom_the_co
         assert not bulk.done() and dict(ex.world().load) == {"bulk": 1}  # waits while held
         ex.want(Desired(plan.plan_id, "test", time.time()))  # the hold ends
         assert bulk.result(timeout=60)["new_tokens"] == 4
+        assert {name for name, _ in ex.world().recent} == {"bulk", "chat"}  # what each got lately
+
+        # admitted one at a time: held tenants run `admit` sequences between them
+        ex.want(Desired(plan.plan_id, "test", time.time(), hold=frozenset({"bulk"}), admit=1))
+        bulks, most = [ex.submit("bulk", "a b c", 12) for _ in range(3)], 0
+        while not all(r.done() for r in bulks):
+            most = max(most, ex.running_count("bulk"))
+            time.sleep(0.001)
+        assert most == 1 and all(r.result()["new_tokens"] == 12 for r in bulks)
+        assert ex.world().ttft_p50_s is None  # a held tenant's wait is imposed, not a mark against the plan
 
 
 def test_waiting_for_a_first_token_under_load_does_not_chase_the_load_onto_an_unmeasured_plan():
