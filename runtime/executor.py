@@ -196,6 +196,7 @@ class Executor:
         self.history: deque[dict] = deque(maxlen=HISTORY)  # the latest reconfigurations
         self.reconfigurations = 0  # all of them
         self.serving = True
+        self.warmed = threading.Event()  # set once warm-up (kernels compiled, graphs captured) is over
         self.steps = 0
         self.hook_failures = 0  # serve_forever's between_steps() raised
         # measured since the controller last looked (world()): (plan_id, batch, seconds) per decode
@@ -373,6 +374,7 @@ class Executor:
                 log.info("captured %d decode graphs in %.1f s", n, time.perf_counter() - t)
         except Exception:  # serving eagerly (or compiling and capturing lazily) still works
             log.exception("warming up (compiling kernels, capturing decode graphs) failed")
+        self.warmed.set()
         while self.serving:
             try:
                 start = time.perf_counter()

@@ -23,6 +23,7 @@ from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
 
 log = logging.getLogger(__name__)
+STATUS_DECISIONS = 20  # the latest changes of the desired state that status() shows (all are counted)
 
 
 def latency_met(tenant, delivered: dict) -> bool | None:
@@ -286,7 +287,8 @@ class Server:
                 # profile's predictions, the latest changes of the desired state with their reasons
                 "held_back": sorted(c.desired.hold) if c.desired else [], "closed_loop": c.closed_loop,
                 "admitted": c.desired.admit if c.desired and c.desired.hold else None,
-                "measured": c.evidence, "decisions": list(c.decisions), "decisions_total": c.decisions_total,
+                "measured": c.evidence, "decisions": list(c.decisions)[-STATUS_DECISIONS:],
+                "decisions_total": c.decisions_total, "ready": self.executor.warmed.is_set(),
                 "free_bytes": free, "budget_bytes": self.budget(free),
                 "reserve_bytes": c.slos.reserve_bytes, "prefer": c.slos.prefer, "tenants": tenants,
                 "queued": self.executor.queued(), "waiting": self.executor.queue_depth(),
@@ -300,8 +302,11 @@ class Server:
                 "memory": self.engine.memory() | {"kv_cache_bytes": self.executor.decoder.cache.nbytes()},
             }
 
-    def ready(self) -> bool:
-        return True
+    def ready(self, timeout: float | None = 0.0) -> bool:
+        """Whether the first plan's warm-up is over (on a GPU: kernels compiled at every prefill size,
+        decode graphs captured: seconds to a minute), waiting up to `timeout` seconds (None: until
+        it is). Requests accepted before are answered after it."""
+        return self.executor.warmed.wait(timeout)
 
     def healthy(self) -> bool:
         """Serving: the serving thread is alive and not stopped."""

@@ -47,6 +47,7 @@ def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp
         server.tick()
         results = [f.result(timeout=120) for f in futures]
         assert len(results) == 6 and all(r["new_tokens"] == 12 for r in results)
+        assert server.ready(timeout=0) and server.status()["ready"]  # warmed up before the first step
         server.tick()
         server.executor.reconcile()
         status = server.status()
@@ -73,6 +74,26 @@ def test_requests_are_answered_across_slo_changes_and_memory_squeezes(front, tmp
         server.tick()
         with pytest.raises(Exception, match="unknown tenant 'batch'"):
             server.submit("batch", "hi")
+    finally:
+        server.stop()
+
+
+def test_a_warming_server_is_not_ready_and_answers_what_it_accepted_meanwhile(front, tmp_path, monkeypatch):
+    import threading
+
+    from placement.decode import Decoder
+
+    gate, warm_up = threading.Event(), Decoder.warm_up
+    monkeypatch.setattr(Decoder, "warm_up", lambda self: gate.wait(60) and warm_up(self))  # a long warm-up
+    slos = tmp_path / "slos.yaml"
+    slos.write_text(SLOS.format(prefer="quality"))
+    server = Server(str(front), str(slos), device="cpu", tick_s=3600)
+    try:
+        req = server.submit("interactive", "hello moe", 4)
+        assert not server.ready(timeout=0.2) and server.status()["ready"] is False
+        gate.set()
+        assert server.ready(timeout=60) and server.status()["ready"] is True
+        assert req.result(timeout=60)["new_tokens"] == 4
     finally:
         server.stop()
 
