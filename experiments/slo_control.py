@@ -101,6 +101,10 @@ def run_mode(args, front: Path, slos: dict, closed: bool) -> tuple[list[dict], l
 
     server = Server(str(front), {"slos": slos}, device=args.device, tick_s=args.tick_s, data=args.data,
                     limits=Limits(max_seqs=args.max_seqs), closed_loop=closed, free_bytes=args.free_bytes)
+    # both modes start from a warm server: on a GPU the first plan's warm-up (kernels compiled at
+    # every prefill size, decode graphs captured) took 40 s, which the first mode's trace paid
+    if not server.ready(timeout=900):
+        raise SystemExit("the server did not finish warming up in 900 s")
     ppl = {o.plan_id: o.ppl for o in server.controller.options}
     curves = {m.plan_id: Curve.of(m) for m in read_front(front)}
     base = min(ppl.values())
