@@ -22,7 +22,7 @@ from collections import deque
 
 import torch
 
-from placement.decode import Decoder, Sampling, eos_ids
+from placement.decode import Decoder, Sampling, eos_ids, pack_chunks
 from placement.plan import Plan
 from placement.session import Session
 from runtime.controller import RECENT_S, Desired, World
@@ -475,20 +475,11 @@ class Executor:
                 budget -= n
             if not chunks:
                 return
-            pack, room = [], rows  # a chunk that overflows a forward goes on in the next one
-            for req, start, end in chunks:
-                if pack and (pack[-1][0].tenant in held) != (req.tenant in held):
+            # a chunk that overflows a forward goes on in the next one; held tenants' chunks (sorted
+            # last) go in forwards of their own
+            for group in ([c for c in chunks if c[0].tenant not in held], [c for c in chunks if c[0].tenant in held]):
+                for pack in pack_chunks(group, rows):
                     self._prefill_pack(pack)
-                    pack, room = [], rows
-                while start < end:
-                    n = min(room, end - start)
-                    pack.append((req, start, start + n))
-                    start, room = start + n, room - n
-                    if room == 0:
-                        self._prefill_pack(pack)
-                        pack, room = [], rows
-            if pack:
-                self._prefill_pack(pack)
 
     def _prefill_pack(self, pack: list[tuple[Request, int, int]]) -> None:
         """One prefill forward of the chunks (request, start, end) of `pack`; the requests whose
