@@ -581,6 +581,7 @@ class Decoder:
         out: dict[int, list[int]] = {}
         first_at: dict[int, float] = {}
         done_at: dict[int, float] = {}
+
         def prefilled(slot: int, logits: torch.Tensor) -> None:
             first = int(self.sample(slot, logits))
             first_at[slot] = time.perf_counter()  # (int() synced)
