@@ -292,7 +292,8 @@ def cmd_serve(args) -> dict:
         from runtime.limits import Limits
 
         limits = Limits(max_seqs=args.max_seqs, max_batched_tokens=args.max_batched_tokens,
-                        max_queue=args.max_queue, max_len=args.max_len, max_new_tokens=args.max_new_tokens)
+                        max_queue=args.max_queue, max_len=args.max_len, max_new_tokens=args.max_new_tokens,
+                        cpu_threads=args.cpu_threads)
         rows = read_front(args.front, speed=args.speed)  # a bad front fails here, not inside the cluster
         identity_for(rows[0].identity, model=args.model, layers=args.layers, source=args.front)
         ray_app.connect(args.address)
@@ -549,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     limits.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                         help="the most new tokens a request may ask for")
+    limits.add_argument("--cpu-threads", type=int, default=d.cpu_threads,
+                        help="torch's threads while serving a model on the CPU; 0: torch's default")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", parents=[common, ray_common],

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 
@@ -173,6 +174,20 @@ class Request:
                 fn(self)
             except Exception:
                 log.exception("a done-callback of request %s failed", self.id)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` (0: left as they are) for the block, then put back: the
+    setting is also what threads that start using torch later pick up."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
 
 
 class Executor:
@@ -366,7 +381,12 @@ class Executor:
     def serve_forever(self, between_steps) -> None:
         """Serve until stopped; `between_steps()` runs before every step (where the plan may change).
         Before the first request is served, the first plan's kernels are compiled at every prefill
-        size and its decode graphs captured (Decoder.warm_up)."""
+        size and its decode graphs captured (Decoder.warm_up). With the model on the CPU, torch runs
+        `limits.cpu_threads` threads meanwhile."""
+        with torch_threads(self.limits.cpu_threads if self.engine.accel.type == "cpu" else 0):
+            self._serve(between_steps)
+
+    def _serve(self, between_steps) -> None:
         try:
             between_steps()
             t = time.perf_counter()

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from catalog.knobs import Knobs
 from catalog.rows import ModelIdentity
@@ -305,3 +306,34 @@ def test_streamed_pieces_never_show_text_the_answer_cuts_off(session, plans):
     for p in pieces:
         shown += p
         assert stop not in shown and final.startswith(shown)
+
+
+def test_a_cpu_server_runs_torch_on_limits_cpu_threads_and_puts_torch_s_setting_back(session, plans):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # (whatever the machine has: a setting the server must change and put back)
+
+    def serve(cpu_threads: int) -> set[int]:
+        """torch's threads as the serving loop sees them, step after step."""
+        ex = Executor(session, plans, limits=Limits(cpu_threads=cpu_threads))
+        ex.want(None)
+        session.apply(next(iter(plans.values())))
+        seen = set()
+
+        def between_steps():
+            seen.add(torch.get_num_threads())
+            ex.reconcile()
+
+        thread = threading.Thread(target=ex.serve_forever, args=(between_steps,), daemon=True)
+        thread.start()
+        ex.submit("a", "hello", 2).result(timeout=60)
+        ex.stop()
+        thread.join(30)
+        return seen
+
+    try:
+        assert serve(1) == {1} and torch.get_num_threads() == 2
+        assert serve(0) == {2}  # 0: torch's own setting
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="cpu-threads must be an integer >= 0"):
+        Limits(cpu_threads=-1)
