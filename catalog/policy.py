@@ -75,10 +75,9 @@ def tenant_status(option: Option, tenant: TenantSLO, base_ppl: float) -> TenantS
         if increase > tenant.max_ppl_increase + 1e-12:
             problems.append(f"perplexity {100 * increase:+.1f}% over 16-bit exceeds the allowed "
                             f"{100 * tenant.max_ppl_increase:+.1f}%")
-    for which, limit, unit, what in (("tpot_ms", tenant.max_tpot_ms, "ms", "time per output token"),
-                                     ("ttft_s", tenant.max_ttft_s, "s", "time to first token")):
+    for which, limit, unit, what in tenant.latency_limits():
         value = option.latency(which, tenant.p)
-        if limit is not None and value is not None and value > limit:
+        if value is not None and value > limit:
             problems.append(f"{what} p{tenant.p} {value:.3g} {unit} exceeds {limit:g} {unit}")
     return TenantStatus(tenant.name, not problems, tuple(problems))
 

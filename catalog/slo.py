@@ -53,6 +53,10 @@ class SLOError(ValueError):
     """A bad SLO file; the message names the file, the key and the problem."""
 
 
+# latency SLOs: the key a tenant's limit (max_<key>) and its measured percentiles go by, the unit, in words
+LATENCY_SLOS = (("tpot_ms", "ms", "time per output token"), ("ttft_s", "s", "time to first token"))
+
+
 @dataclass(frozen=True)
 class TenantSLO:
     name: str
@@ -63,6 +67,16 @@ class TenantSLO:
     p: int = 95
     priority: int = 1
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never printed
+
+    def latency_limits(self) -> list[tuple[str, float, str, str]]:
+        """(the key of its percentiles in measurements and profiles, the limit, the unit, in words) of
+        each latency SLO the tenant sets."""
+        return [(key, getattr(self, f"max_{key}"), unit, what) for key, unit, what in LATENCY_SLOS
+                if getattr(self, f"max_{key}") is not None]
+
+    @property
+    def has_latency_slo(self) -> bool:
+        return bool(self.latency_limits())
 
     def __post_init__(self):
         if not self.name:

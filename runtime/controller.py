@@ -73,16 +73,25 @@ class Desired:
 def rank(tenant: TenantSLO) -> tuple[int, bool]:
     """Who waits first under admission control: the lowest priority, and within a priority the
     tenants without a latency SLO (waiting costs them nothing they were promised)."""
-    return tenant.priority, tenant.max_ttft_s is not None or tenant.max_tpot_ms is not None
+    return tenant.priority, tenant.has_latency_slo
+
+
+def measured_latency(tenant: TenantSLO, delivered: dict | None) -> list[tuple[float, float, str, str]]:
+    """(limit, measured percentile, unit, in words) of each latency SLO of the tenant that `delivered`
+    (a Window.summary) has a measurement for."""
+    out = []
+    for key, limit, unit, what in tenant.latency_limits():
+        value = ((delivered or {}).get(key) or {}).get(f"p{tenant.p}")
+        if value is not None:
+            out.append((limit, value, unit, what))
+    return out
 
 
 def measured_breaks(tenant: TenantSLO, recent: dict | None, margin: float = 0.0) -> list[str]:
     """The tenant's latency SLOs its recent requests broke (or came within `margin` of), in words."""
     out = []
-    for key, limit, unit, what in (("tpot_ms", tenant.max_tpot_ms, "ms", "time per output token"),
-                                   ("ttft_s", tenant.max_ttft_s, "s", "time to first token")):
-        value = ((recent or {}).get(key) or {}).get(f"p{tenant.p}")
-        if limit is not None and value is not None and value > limit * (1 - margin):
+    for limit, value, unit, what in measured_latency(tenant, recent):
+        if value > limit * (1 - margin):
             how = "exceeds" if value > limit else f"is within {margin:.0%} of"
             out.append(f"{tenant.name}'s {what} p{tenant.p} {value:.3g} {unit} over the last {RECENT_S:g} s {how} "
                        f"{limit:g} {unit}")
@@ -260,7 +269,7 @@ class Controller:
         running = sum(load.get(n, 0) for n in held)  # (running or waiting: an upper bound of what runs)
         settled = now - self.changed_at >= RECENT_S  # (before, the measurement shows requests from before it)
         ceiling = self.ceiling[0] + (now - self.ceiling[1]) / CEILING_S  # below the last break; +1 per CEILING_S
-        latency = any(t.max_ttft_s is not None or t.max_tpot_ms is not None for t in kept)
+        latency = any(t.has_latency_slo for t in kept)
         if not latency and not predicted and (admit is None or admit >= min(bound, slots)):
             self.hold_state = None  # nothing measured to protect, nothing predicted to break
             return decision, frozenset(), 0

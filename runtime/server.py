@@ -17,7 +17,7 @@ from pathlib import Path
 from catalog.rows import read_front
 from catalog.slo import SLOError, SLOSpec, slos_from_mapping
 from placement.session import identity_for, open_session
-from runtime.controller import KEPT, MAX_ERROR, Controller, Desired
+from runtime.controller import KEPT, MAX_ERROR, Controller, Desired, measured_latency
 from runtime.executor import Executor, IncrementalText, streamable
 from runtime.limits import Limits, Rejected
 from runtime.memory import CudaMemory, SimulatedMemory, Unlimited
@@ -29,9 +29,7 @@ STATUS_DECISIONS = 20  # the latest changes of the desired state that status() s
 def latency_met(tenant, delivered: dict) -> bool | None:
     """Whether the latency percentiles the tenant's requests got lately are within its SLO (None:
     no latency SLO, or nothing measured yet)."""
-    checks = [(delivered.get(key) or {}).get(f"p{tenant.p}") <= limit
-              for key, limit in (("ttft_s", tenant.max_ttft_s), ("tpot_ms", tenant.max_tpot_ms))
-              if limit is not None and (delivered.get(key) or {}).get(f"p{tenant.p}") is not None]
+    checks = [value <= limit for limit, value, _, _ in measured_latency(tenant, delivered)]
     return all(checks) if checks else None
 
 
