@@ -176,7 +176,7 @@ def compare_quantizers(args) -> None:
                       "packed_bytes_differing": codes, "max_zero_difference": zero_steps}))
 
 
-def same_logits(cold_path: Path, warm_path: Path) -> dict:
+def logits_difference(cold_path: Path, warm_path: Path) -> dict:
     """How far the warm start's last logits are from the cold start's."""
     import torch
 
@@ -243,17 +243,17 @@ def main() -> None:
             starts.append(result)
             print(json.dumps(result), flush=True)
         cold, warm = starts
-        same = same_logits(Path(tmp) / "logits-cold.pt", Path(tmp) / "logits-warm.pt")
+        diff = logits_difference(Path(tmp) / "logits-cold.pt", Path(tmp) / "logits-warm.pt")
     for start in starts:
-        start.update(same)
+        start.update(diff)
     print(breakdown(cold, warm))
     ratio = cold["to_first_token_s"] / warm["to_first_token_s"]
     same_bytes = cold["variants_digest"] == warm["variants_digest"]
     print(f"experts on the accelerator: {warm['resident_experts']}, the same bytes in both starts: {same_bytes}; "
-          f"logits of the warm start against the cold one: max |difference| {same['logits_max_diff']:.3g} "
+          f"logits of the warm start against the cold one: max |difference| {diff['logits_max_diff']:.3g} "
           f"(the same forward twice in one start: {cold['logits_repeat_diff']:.3g} and "
-          f"{warm['logits_repeat_diff']:.3g}; logits' std {same['logits_std']:.3g}); same first token: "
-          f"{same['same_first_token']}")
+          f"{warm['logits_repeat_diff']:.3g}; logits' std {diff['logits_std']:.3g}); same first token: "
+          f"{diff['same_first_token']}")
     print(f"first token: cold {cold['to_first_token_s']:.1f}s ({cold['quantized']} experts quantized), "
           f"warm {warm['to_first_token_s']:.1f}s ({warm['quantized']} quantized, "
           f"{warm.get('variants_loaded', 0)} read from disk): {ratio:.1f}x sooner; from the process's start "
