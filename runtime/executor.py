@@ -254,6 +254,10 @@ class Executor:
         return World(plan_id, held, frozenset(load), tuple(sorted(load.items())), self.limits.max_seqs, steps,
                      ttfts[len(ttfts) // 2] if ttfts else None, recent)
 
+    def _held(self) -> frozenset[str]:
+        """The tenants the controller holds back (admission control)."""
+        return self.desired.hold if self.desired is not None else frozenset()
+
     def _plan_id(self, plan: Plan | None) -> str | None:
         """plan.plan_id, hashed once per plan served (plans are immutable; the hash is not cheap)."""
         if plan is None:
@@ -443,9 +447,9 @@ class Executor:
         candidates = [t for t, q in self.waiting.items() if q]
         # admission control: tenants the controller holds back wait while they run `admit` sequences
         # between them (it lifts the hold once the tenants it protects are idle or safe)
-        d = self.desired
-        if d is not None and d.hold and sum(r.tenant in d.hold for r in self.running.values()) >= d.admit:
-            candidates = [t for t in candidates if t not in d.hold]
+        held = self._held()
+        if held and sum(r.tenant in held for r in self.running.values()) >= self.desired.admit:
+            candidates = [t for t in candidates if t not in held]
         if not candidates:
             return None
         return min(candidates, key=lambda t: (self.served_share.get(t, 0.0), -self.priority(t)))
@@ -482,7 +486,7 @@ class Executor:
                 self._admit()
                 # tenants held back come last, in forwards of their own: a protected tenant's first
                 # token never waits for a held one's long prompt
-                held = self.desired.hold if self.desired is not None else frozenset()
+                held = self._held()
                 prefilling = sorted((r for r in self.running.values()
                                      if r.first_token_at is None and r.prefilled < len(r.prompt_ids)),
                                     key=lambda r: (r.tenant in held, r.id))
@@ -543,7 +547,7 @@ class Executor:
                 if tok is None:
                     continue
                 req.first_token_at = now
-                if self.desired is None or req.tenant not in self.desired.hold:  # (a held one's wait is imposed)
+                if req.tenant not in self._held():  # (a held one's wait is imposed)
                     self.measured_ttfts.append((self._plan_id(self.engine.plan), now - req.accepted_at))
                 try:
                     if not self._take(req, tok):
