@@ -59,9 +59,10 @@ TARGET = 0.95  # the issue's: each tenant's SLO held this share of the windows w
 
 
 def build_front(args, work: Path) -> Path:
-    """Profile in a process of its own: a server sharing the profiler's process served tiny-random
-    2 to 3 times slower on the CPU (what the profiler leaves behind keeps the cores busy), so the
-    served speed had little to do with the profiled one."""
+    """Profile in a process of its own, with the server's torch threads (OMP_NUM_THREADS, see main):
+    a server sharing the profiler's process served tiny-random 2 to 3 times slower on the CPU (its
+    serving thread's torch ran slower once the main thread had run multi-threaded work; README), so
+    the served speed had little to do with the profiled one."""
     out = work / "front.csv"
     argv = ["profile", "--model", args.model, "--grid", args.grid, "--batch-sizes", "1,4,8", "--out", str(out),
             "--datasets", "wikitext2", "--max-windows", "1", "--seqlen", "64", "--new-tokens", "16",
@@ -100,7 +101,7 @@ def run_mode(args, front: Path, slos: dict, closed: bool) -> tuple[list[dict], l
     from runtime.server import Server
 
     server = Server(str(front), {"slos": slos}, device=args.device, tick_s=args.tick_s, data=args.data,
-                    limits=Limits(max_seqs=args.max_seqs), closed_loop=closed, free_bytes=args.free_bytes)
+                    limits=Limits(max_seqs=args.max_seqs, cpu_threads=args.cpu_threads), closed_loop=closed, free_bytes=args.free_bytes)
     # both modes start from a warm server: on a GPU the first plan's warm-up (kernels compiled at
     # every prefill size, decode graphs captured) took 40 s, which the first mode's trace paid
     if not server.ready(timeout=900):
@@ -312,8 +313,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     import torch
 
     if args.device == "cpu" or (args.device is None and not torch.cuda.is_available()):
-        torch.set_num_threads(args.cpu_threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.cpu_threads)  # (the profiling process's)
+        os.environ["OMP_NUM_THREADS"] = str(args.cpu_threads)  # the profiling process's; the server's: Limits
 
     work = Path(tempfile.mkdtemp(prefix="slo-control-"))
     front = Path(args.front) if args.front else build_front(args, work)
