@@ -83,14 +83,6 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
             ms = timed(cfg, "stages")
             if ms is not None and ms < best_ms:
                 best, best_ms = cfg, ms
-        chosen = kernels._FAST_CODES.get(bits)
-        for mode in (0, 1, 2) if bits < 16 else ():  # the same blocks, codes unpacked each way (kernels._fcodes)
-            if mode != chosen:
-                kernels._FAST_CODES[bits] = mode
-                try:
-                    timed(best, f"best, codes mode {mode}")
-                finally:
-                    kernels._FAST_CODES[bits] = chosen
         rows.append(dict(gpu=name, bits=bits, stage="best", blocks=list(best), ms=best_ms,
                          gbps=layout.nbytes / best_ms / 1e6, error=""))
         return rows

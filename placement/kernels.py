@@ -2,17 +2,22 @@
 
 At decode a layer runs a few (token, expert) pairs, each a matrix-vector product, so an expert costs
 the time to read its bytes. These kernels read each expert straight from its packed buffer (see
-packed.py), dequantizing in registers, so a lower precision costs less time. Measured on an H200
-(`python -m placement.kernels`, Mixtral expert, batch 1): 16-bit 0.088 ms (eager F.linear 0.093),
-8-bit 0.069, 4-bit 0.049 (hqq dequantize-then-matmul 1.58), 2-bit 0.044. Low-bit codes are unpacked
-to floats by integer/float bit tricks (_fcodes), not int->float conversions, which had bound 4- and
-2-bit at the same 0.058 ms; they are still bound by instructions per weight, not bytes.
-One launch pair covers every slot of a layer at one precision; expert addresses come from a device
-table, so nothing syncs with the host and a decode step can be captured in a CUDA graph.
+packed.py), so a lower precision costs less time. One launch pair covers every slot of a layer at
+one precision; expert addresses come from a device table, so nothing syncs with the host and a
+decode step can be captured in a CUDA graph.
+
+- 16-bit: the weights are multiplied in fp32 as they are read.
+- 8/4/2-bit: the activations are quantized per quantization group to int16 (exact to about 5e-5 of
+  the output; a small kernel, once per call) and meet the codes as integers: a 32-bit word of 4
+  codes and two words of int16 activations in one dp2a.lo and one dp2a.hi. Turning every code into
+  a float and multiplying it had cost about three instructions per weight and bound these kernels.
+  Measured on an H200 (experiments/bench_dp4a.py at ec88c02, one Mixtral expert, one slot / the two
+  slots of a decode token, ms): 4-bit 0.048 -> 0.041 / 0.087 -> 0.066, 2-bit 0.043 -> 0.041 /
+  0.071 -> 0.054, against bf16 0.088 / 0.172.
 
 - kernel 1, grid (slot, row block): h = silu(x @ gate.T) * (x @ up.T) for a block of I rows, into
   an fp32 scratch [S, I]. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
-  one byte (2-bit: gate rows j, j+I/2 and up rows j, j+I/2), so one byte load feeds both products.
+  one byte (2-bit: gate rows j, j+I/2 and up rows j, j+I/2), so one load feeds both products.
 - kernel 2, grid (slot, row block, K split): y = down @ h, out[token] += weight * y (atomic adds,
   so the K dimension can be split to fill the GPU when H is small).
 
@@ -21,13 +26,15 @@ slot. `moe_experts_grouped` groups the (token, expert) slots by expert on the de
 host sync, a grid from shapes only) and reads each expert once per block of up to 32 of its tokens,
 multiplying with tl.dot (tensor cores) on the integer codes. Measured on an H200 (one Mixtral
 expert, bf16), at 1 / 4 / 16 / 32 tokens: 16-bit 0.100 / 0.111 / 0.115 / 0.130 ms (slot kernels
-0.088 / 0.201 / 0.756 / 1.53), 4-bit 0.089 / 0.095 / 0.096 / 0.151 (slots 0.058 / 0.186 / 0.685 /
-1.35), 2-bit 0.083 / 0.089 / 0.090 / 0.134 (slots 0.058 / 0.180 / 0.665 / 1.31). Quantized, they
-read about 1 TB/s against the slot kernels' 1.7 (unpacking codes for tl.dot costs instructions),
-so one token per expert stays with the slot kernels (the engine's GROUPED_MIN_TOKENS_PER_EXPERT).
+0.088 / 0.201 / 0.756 / 1.53), 4-bit 0.089 / 0.095 / 0.096 / 0.151 (slots, float codes: 0.058 /
+0.186 / 0.685 / 1.35), 2-bit 0.083 / 0.089 / 0.090 / 0.134. Quantized, they read about 1 TB/s
+(unpacking codes for tl.dot costs instructions; dequantizing whole [rows, K] tiles to bf16 before
+one dot was slower still, experiments/bench_grouped.py at ec88c02), so one token per expert stays
+with the slot kernels (the engine's GROUPED_MIN_TOKENS_PER_EXPERT).
 
-Accumulation is fp32. Within a quantization group, sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)),
-so scale and zero cost one multiply per group, not per weight.
+Accumulation is fp32 (int32 within a group). Within a quantization group,
+sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)), so scale and zero cost one multiply per group,
+not per weight.
 
 Without CUDA the same kernels run in Triton's interpreter (slow; for tests).
 """
@@ -109,8 +116,10 @@ def supports(layout: Layout, act_fn) -> bool:
     if layout.bits == 16:
         return hidden % 16 == 0 and inter % 16 == 0
     # groups must tile both K dimensions; 2-bit packs quarters of rows, so the quarter boundaries
-    # must fall on whole rows (gate_up has 2I rows, down H)
+    # must fall on whole rows (gate_up has 2I rows, down H); a group's sum of codes times int16
+    # activations must fit in int32 (8-bit: groups of up to 256)
     return (gs >= 16 and gs & (gs - 1) == 0 and hidden % gs == 0 and inter % gs == 0
+            and ((1 << layout.bits) - 1) * 32767 * gs < 2 ** 31
             and (layout.bits != 2 or (inter % 2 == 0 and hidden % 4 == 0)))
 
 
@@ -243,6 +252,8 @@ def _asm_qcodes(bits: int) -> str:
     return ("{\n.reg .b32 t, hi;\nshr.u32 hi, $X, 16;\n" + "\n".join(lines) + "\n}").replace("$X", f"${n}")
 
 
+# Codes as floats (_fcodes, _qdot): what qlinear's quantized attention projections multiply by; the
+# expert slot kernels moved to integer activations (below), which took fewer instructions per weight.
 # How the GPU unpacks codes, by precision: 2 (inline PTX, q itself by a lop3 and a subtraction), 1
 # (inline PTX, 1 + q / 2^bits by a shift and a lop3) or 0 (plain Triton ops, as in the interpreter).
 # H200, one Mixtral expert at batch 1 (experiments/tune_kernels.py), modes 0 / 1 / 2: 4-bit 0.0545 /
@@ -312,10 +323,10 @@ def _qdot(v, x, xs, scale_ptr, zero_ptr, grp, rmask, BITS: tl.constexpr, FAST: t
 @_jit
 def _gate_up_kernel(
     x_ptr, ptr_tab, tok_tab, h_ptr,
-    H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
-    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
+    H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """16-bit experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of rows, t = tok_tab[s]."""
     s = tl.program_id(0)
     addr = tl.load(ptr_tab + s)
     if addr != 0:  # 0: an empty slot
@@ -323,53 +334,191 @@ def _gate_up_kernel(
         # fields are 64-byte aligned; said on the pointer itself (a hint on the integer is lost in the
         # cast), or every load is a single byte
         base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jm = j < I
+        kk = tl.arange(0, BLOCK_K)
+        g = tl.full([BLOCK_J], 0.0, tl.float32)
+        u = tl.full([BLOCK_J], 0.0, tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            x = tl.load(x_ptr + t * H + k0 + kk).to(tl.float32)
+            offs = j[:, None] * H + k0 + kk[None, :]
+            g += _rsum(tl.load(w + offs, mask=jm[:, None], other=0.0).to(tl.float32) * x[None, :], 1)
+            u += _rsum(tl.load(w + I * H + offs, mask=jm[:, None], other=0.0).to(tl.float32) * x[None, :], 1)
+        tl.store(h_ptr + s * I + j, _silu_mul(g, u), mask=jm)
+
+
+@_jit
+def _down_kernel(
+    h_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
+    H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """16-bit experts: out[t] += weight * (down @ h[s]) for a block of rows and a K split (atomic
+    adds, so K can be split to fill the GPU when H is small)."""
+    s = tl.program_id(0)
+    addr = tl.load(ptr_tab + s)
+    if addr != 0:
+        t = tl.load(tok_tab + s)
+        weight = tl.load(wt_tab + s).to(tl.float32)
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        KS: tl.constexpr = I // SPLIT_K
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jm = j < H
+        kk = tl.arange(0, BLOCK_K)
+        a = tl.full([BLOCK_J], 0.0, tl.float32)
+        kstart = tl.program_id(2) * KS
+        for k0 in range(kstart, kstart + KS, BLOCK_K):
+            hv = tl.load(h_ptr + s * I + k0 + kk)
+            wv = tl.load(w + j[:, None] * I + k0 + kk[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
+            a += _rsum(wv * hv[None, :], 1)
+        tl.atomic_add(out_ptr + t * H + j, weight * a, mask=jm, sem="relaxed")
+
+
+# --- quantized slot kernels: integer activations ------------------------------------------------
+# The activations are quantized per quantization group to int16 (scale max|x| / 32767, by
+# _quantize_kernel once per call: quantizing inside every program made the L1 the bottleneck), and a
+# 32-bit word of 4 codes (bytes) meets two words of two int16 activations in one dp2a.lo and one
+# dp2a.hi. A word of 4-bit codes holds 8 weights (the gate's in the high nibbles, the up's in the
+# low): a shift, two ands and four dp2a. Per group and row: s * sx * (sum(q * xq) - z * sum(xq)), in
+# int32 then fp32. int8 activations (dp4a, as llama.cpp's q8_1) were no faster on the H200 and
+# 1-2% off. In the interpreter, dp2a is emulated by integer ops.
+
+
+@_jit
+def _rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@_jit
+def _ubyte(w, i: tl.constexpr):
+    """Unsigned byte i of int32 words w."""
+    return (w >> (8 * i)) & 0xFF
+
+
+@_jit
+def _idot(codes, xa, xb, FAST: tl.constexpr):
+    """Per int32 word of 4 codes (unsigned bytes; column 4w + i in byte i): the codes times their
+    columns' int16 activations (xa: columns 4w, 4w + 1 in its low and high half; xb: 4w + 2, 4w + 3),
+    summed in int32. FAST: dp2a.lo and dp2a.hi (GPU); else integer ops."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "{.reg .s32 t; mov.s32 t, 0; dp2a.lo.s32.u32 t, $1, $3, t; dp2a.hi.s32.u32 $0, $2, $3, t;}",
+            "=r,r,r,r", [xa, xb, codes], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (_ubyte(codes, 0) * ((xa << 16) >> 16) + _ubyte(codes, 1) * (xa >> 16)
+                + _ubyte(codes, 2) * ((xb << 16) >> 16) + _ubyte(codes, 3) * (xb >> 16))
+
+
+@_jit
+def _round(v):
+    return tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+
+
+@_jit
+def _quantize_kernel(x_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K: tl.constexpr, GS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Row program_id(0) of x [rows, K], columns program_id(1) * BLOCK_K + [0, BLOCK_K), quantized per
+    group of GS to int16 (scale max|x| / 32767): the words _idot takes (qa, qb int32 [rows, K/4]),
+    the groups' scales (qs fp32 [rows, K/GS]) and sums of their integers (qn int32)."""
+    r = tl.program_id(0)
+    k0 = tl.program_id(1) * BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GS
+    GW: tl.constexpr = GS // 4
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, GW)
+    c = r * K + k0 + gi[:, None, None] * GS + wi[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    v = tl.load(x_ptr + c).to(tl.float32)  # [NG, GW, 4]: column 4w + i at [g, w, i]
+    a, b = tl.split(tl.reshape(v, (NG, GW, 2, 2)))  # a: columns 4w, 4w + 2; b: 4w + 1, 4w + 3
+    v0, v2 = tl.split(a)
+    v1, v3 = tl.split(b)
+    amax = _rmax(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))), 1)
+    inv = (32767.0 / tl.maximum(amax, 1e-30))[:, None]  # (a group of zeros stays zeros)
+    q0 = _round(v0 * inv)
+    q1 = _round(v1 * inv)
+    q2 = _round(v2 * inv)
+    q3 = _round(v3 * inv)
+    w = r * (K // 4) + k0 // 4 + gi[:, None] * GW + wi[None, :]
+    tl.store(qa_ptr + w, (q0 & 0xFFFF) | (q1 << 16))
+    tl.store(qb_ptr + w, (q2 & 0xFFFF) | (q3 << 16))
+    g = r * (K // GS) + k0 // GS + gi
+    tl.store(qs_ptr + g, amax / 32767.0)
+    tl.store(qn_ptr + g, _rsum(q0 + q1 + q2 + q3, 1))
+
+
+@_jit
+def _int_group_dot(codes, xa, xb, sx, xn, scale_ptr, zero_ptr, grp, rmask, FAST: tl.constexpr):
+    """Per row: sum over the chunk's groups of s * sx * (sum(q * xq) - z * sum(xq)); codes [BJ, NG, GW]
+    (words of 4 codes as bytes), xa, xb [NG, GW], sx, xn [NG] from _quantize_kernel, grp [BJ, NG]."""
+    qx = _rsum(_idot(codes, xa[None, :, :], xb[None, :, :], FAST), 2).to(tl.float32)  # [BJ, NG]
+    s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
+    return _rsum(s * sx[None, :] * (qx - z * xn.to(tl.float32)[None, :]), 1)
+
+
+@_jit
+def _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, row, K: tl.constexpr, k0, gi, wi, GS: tl.constexpr):
+    """_quantize_kernel's output for row `row`, columns k0 + [0, NG * GS)."""
+    GW: tl.constexpr = GS // 4
+    w = row * (K // 4) + k0 // 4 + gi[:, None] * GW + wi[None, :]
+    g = row * (K // GS) + k0 // GS + gi
+    return tl.load(qa_ptr + w), tl.load(qb_ptr + w), tl.load(qs_ptr + g), tl.load(qn_ptr + g)
+
+
+@_jit
+def _gate_up_int_kernel(
+    qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, tok_tab, h_ptr,
+    H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
+):
+    """Quantized experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of I rows, x[t] as
+    _quantize_kernel wrote it. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
+    one byte (2-bit: gate rows j, j + I/2 and up rows j, j + I/2), so one word feeds both."""
+    s = tl.program_id(0)
+    addr = tl.load(ptr_tab + s)
+    if addr != 0:
+        t = tl.load(tok_tab + s)
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        wq = (base + W_OFF).to(tl.pointer_type(tl.int32), bitcast=True)
+        sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
         NG: tl.constexpr = BLOCK_K // GS
+        GW: tl.constexpr = GS // 4
         HALF: tl.constexpr = I // 2
+        ROWG: tl.constexpr = H // GS  # groups per row
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # gate rows (2-bit: also j + I/2)
-        # rows beyond the matrix: 2-bit covers I/2 rows per program family, the rest I
         if BITS == 2:
             jm = j < HALF
         else:
             jm = j < I
         rmask = jm[:, None]
-        cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # [NG, GS]
+        gi = tl.arange(0, NG)
+        wi = tl.arange(0, GW)
         g0 = tl.full([BLOCK_J], 0.0, tl.float32)
         u0 = tl.full([BLOCK_J], 0.0, tl.float32)
         g1 = tl.full([BLOCK_J], 0.0, tl.float32)  # 2-bit: rows j + I/2
         u1 = tl.full([BLOCK_J], 0.0, tl.float32)
-        wmask = rmask[:, :, None]
         for k0 in range(0, H, BLOCK_K):
-            x = tl.load(x_ptr + t * H + k0 + cols).to(tl.float32)
-            offs = j[:, None, None] * H + k0 + cols[None, :, :]
-            if BITS == 16:
-                w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-                wg = tl.load(w + offs, mask=wmask, other=0.0).to(tl.float32)
-                wu = tl.load(w + I * H + offs, mask=wmask, other=0.0).to(tl.float32)
-                g0 += _rsum(_rsum(wg * x[None, :, :], 2), 1)
-                u0 += _rsum(_rsum(wu * x[None, :, :], 2), 1)
-            else:
-                wq = base + W_OFF
-                sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-                zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-                xs = _rsum(x, 1)
-                # group of row r, columns k0 + [0, BLOCK_K): r * H/GS + k0/GS + [0, NG)
-                grp = j[:, None] * (H // GS) + k0 // GS + tl.arange(0, NG)[None, :]
-                ROWG: tl.constexpr = H // GS  # groups per row
-                b = tl.load(wq + offs, mask=wmask, other=0)
-                if BITS == 8:  # one byte per weight; up rows start at row I
-                    bu = tl.load(wq + I * H + offs, mask=wmask, other=0)
-                    g0 += _qdot(_fcodes(b, 8, FAST), x, xs, sc, zr, grp, rmask, BITS, FAST)
-                    u0 += _qdot(_fcodes(bu, 8, FAST), x, xs, sc, zr, grp + I * ROWG, rmask, BITS, FAST)
-                elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
-                    cg, cu = _fcodes(b, 4, FAST)
-                    g0 += _qdot(cg, x, xs, sc, zr, grp, rmask, BITS, FAST)
-                    u0 += _qdot(cu, x, xs, sc, zr, grp + I * ROWG, rmask, BITS, FAST)
-                else:  # 2-bit, byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
-                    c0, c1, c2, c3 = _fcodes(b, 2, FAST)
-                    g0 += _qdot(c0, x, xs, sc, zr, grp, rmask, BITS, FAST)
-                    g1 += _qdot(c1, x, xs, sc, zr, grp + HALF * ROWG, rmask, BITS, FAST)
-                    u0 += _qdot(c2, x, xs, sc, zr, grp + I * ROWG, rmask, BITS, FAST)
-                    u1 += _qdot(c3, x, xs, sc, zr, grp + (I + HALF) * ROWG, rmask, BITS, FAST)
+            xa, xb, sx, xn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, t, H, k0, gi, wi, GS)
+            words = j[:, None, None] * (H // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :]
+            codes = tl.load(wq + words, mask=rmask[:, :, None], other=0)  # [BJ, NG, GW]
+            grp = j[:, None] * ROWG + k0 // GS + gi[None, :]  # [BJ, NG]
+            if BITS == 8:  # a byte per weight; up rows start at row I
+                up = tl.load(wq + I * (H // 4) + words, mask=rmask[:, :, None], other=0)
+                g0 += _int_group_dot(codes, xa, xb, sx, xn, sc, zr, grp, rmask, FAST)
+                u0 += _int_group_dot(up, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, FAST)
+            elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
+                g0 += _int_group_dot((codes >> 4) & 0x0F0F0F0F, xa, xb, sx, xn, sc, zr, grp, rmask, FAST)
+                u0 += _int_group_dot(codes & 0x0F0F0F0F, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, FAST)
+            else:  # byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
+                g0 += _int_group_dot((codes >> 6) & 0x03030303, xa, xb, sx, xn, sc, zr, grp, rmask, FAST)
+                g1 += _int_group_dot((codes >> 4) & 0x03030303, xa, xb, sx, xn, sc, zr, grp + HALF * ROWG, rmask,
+                                     FAST)
+                u0 += _int_group_dot((codes >> 2) & 0x03030303, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, FAST)
+                u1 += _int_group_dot(codes & 0x03030303, xa, xb, sx, xn, sc, zr, grp + (I + HALF) * ROWG, rmask,
+                                     FAST)
         hrow = h_ptr + s * I
         tl.store(hrow + j, _silu_mul(g0, u0), mask=jm)
         if BITS == 2:
@@ -377,59 +526,56 @@ def _gate_up_kernel(
 
 
 @_jit
-def _down_kernel(
-    h_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
+def _down_int_kernel(
+    qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
 ):
+    """Quantized experts: out[t] += weight * (down @ h[s]), h[s] as _quantize_kernel wrote it, for a
+    block of rows and a K split (atomic adds)."""
     s = tl.program_id(0)
     addr = tl.load(ptr_tab + s)
     if addr != 0:
         t = tl.load(tok_tab + s)
         weight = tl.load(wt_tab + s).to(tl.float32)
         base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        wq = (base + W_OFF).to(tl.pointer_type(tl.int32), bitcast=True)
+        sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
         NG: tl.constexpr = BLOCK_K // GS
-        # a byte holds P weights, of rows j, j + H/P, ...: programs cover the first H/P rows
-        P: tl.constexpr = 1 if BITS >= 8 else 8 // BITS
+        GW: tl.constexpr = GS // 4
+        # a byte holds P weights, of rows r, r + H/P, ... (high bits first): programs cover H/P rows
+        P: tl.constexpr = 8 // BITS
         R: tl.constexpr = H // P
         ROWG: tl.constexpr = I // GS
         KS: tl.constexpr = I // SPLIT_K
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         jm = j < R
         rmask = jm[:, None]
-        wmask = rmask[:, :, None]
-        cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]
+        gi = tl.arange(0, NG)
+        wi = tl.arange(0, GW)
         a0 = tl.full([BLOCK_J], 0.0, tl.float32)
         a1 = tl.full([BLOCK_J], 0.0, tl.float32)
         a2 = tl.full([BLOCK_J], 0.0, tl.float32)
         a3 = tl.full([BLOCK_J], 0.0, tl.float32)
         kstart = tl.program_id(2) * KS
         for k0 in range(kstart, kstart + KS, BLOCK_K):
-            hv = tl.load(h_ptr + s * I + k0 + cols)
-            offs = j[:, None, None] * I + k0 + cols[None, :, :]
-            if BITS == 16:
-                w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-                wv = tl.load(w + offs, mask=wmask, other=0.0).to(tl.float32)
-                a0 += _rsum(_rsum(wv * hv[None, :, :], 2), 1)
-            else:
-                b = tl.load(base + W_OFF + offs, mask=wmask, other=0)
-                sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-                zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-                hs = _rsum(hv, 1)
-                grp = j[:, None] * ROWG + k0 // GS + tl.arange(0, NG)[None, :]
-                if BITS == 8:
-                    a0 += _qdot(_fcodes(b, 8, FAST), hv, hs, sc, zr, grp, rmask, BITS, FAST)
-                elif BITS == 4:  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
-                    c0, c1 = _fcodes(b, 4, FAST)
-                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, BITS, FAST)
-                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, BITS, FAST)
-                else:  # 2-bit: rows r, r + H/4, r + H/2, r + 3H/4 from high bits to low
-                    c0, c1, c2, c3 = _fcodes(b, 2, FAST)
-                    a0 += _qdot(c0, hv, hs, sc, zr, grp, rmask, BITS, FAST)
-                    a1 += _qdot(c1, hv, hs, sc, zr, grp + R * ROWG, rmask, BITS, FAST)
-                    a2 += _qdot(c2, hv, hs, sc, zr, grp + 2 * R * ROWG, rmask, BITS, FAST)
-                    a3 += _qdot(c3, hv, hs, sc, zr, grp + 3 * R * ROWG, rmask, BITS, FAST)
+            ha, hb, sh, hn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, s, I, k0, gi, wi, GS)
+            codes = tl.load(wq + j[:, None, None] * (I // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :],
+                            mask=rmask[:, :, None], other=0)
+            grp = j[:, None] * ROWG + k0 // GS + gi[None, :]
+            if BITS == 8:
+                a0 += _int_group_dot(codes, ha, hb, sh, hn, sc, zr, grp, rmask, FAST)
+            elif BITS == 4:  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
+                a0 += _int_group_dot((codes >> 4) & 0x0F0F0F0F, ha, hb, sh, hn, sc, zr, grp, rmask, FAST)
+                a1 += _int_group_dot(codes & 0x0F0F0F0F, ha, hb, sh, hn, sc, zr, grp + R * ROWG, rmask, FAST)
+            else:  # 2-bit: rows r, r + H/4, r + H/2, r + 3H/4 from high bits to low
+                a0 += _int_group_dot((codes >> 6) & 0x03030303, ha, hb, sh, hn, sc, zr, grp, rmask, FAST)
+                a1 += _int_group_dot((codes >> 4) & 0x03030303, ha, hb, sh, hn, sc, zr, grp + R * ROWG, rmask, FAST)
+                a2 += _int_group_dot((codes >> 2) & 0x03030303, ha, hb, sh, hn, sc, zr, grp + 2 * R * ROWG, rmask,
+                                     FAST)
+                a3 += _int_group_dot(codes & 0x03030303, ha, hb, sh, hn, sc, zr, grp + 3 * R * ROWG, rmask, FAST)
         orow = out_ptr + t * H + j
         tl.atomic_add(orow, weight * a0, mask=jm, sem="relaxed")
         if P >= 2:
@@ -723,15 +869,15 @@ def _pow2_block(n: int, cap: int) -> int:
 
 
 # GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps[, pipeline
-# stages, 3 if not given]) for a
-# Mixtral expert (H=4096, I=14336, gs=64) at batch 1. These defaults were tuned on an H100 with the
-# earlier int->float unpacking; GPUs swept by `python -m experiments.tune_kernels` have their own in
-# kernel_blocks.json (by device name), read once per device: no autotuning at start.
+# stages, 3 if not given]) for a Mixtral expert (H=4096, I=14336, gs=64) at batch 1: 16-bit tuned on
+# an H100, the integer-activation kernels (8, 4, 2) on an H200 at two slots (experiments/bench_dp4a.py).
+# GPUs swept by `python -m experiments.tune_kernels` have their own in kernel_blocks.json (by device
+# name), read once per device: no autotuning at start.
 _GPU_BLOCKS = {
     16: (8, 256, 8, 8, 512, 4),
-    8: (8, 1024, 4, 8, 1024, 4),
-    4: (16, 1024, 4, 16, 512, 4),
-    2: (8, 1024, 4, 16, 512, 4),
+    8: (64, 512, 4, 32, 512, 4, 3),
+    4: (16, 512, 4, 16, 512, 4, 2),
+    2: (64, 512, 8, 16, 512, 4, 2),
 }
 TUNED_BLOCKS = Path(__file__).with_name("kernel_blocks.json")
 
@@ -817,26 +963,41 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     cfg = _config(layout, not on_gpu, *((_sm_count(index), _device_blocks(index)) if on_gpu else ()))
     bits = layout.bits
     offs = _offsets(layout)
-    if bits == 16:
-        gs_gu, gs_dn = cfg["gu_k"], cfg["dn_k"]  # no groups: one "group" per K chunk
-    else:
-        gs_gu = gs_dn = layout.group_size
     dtype = _TL_DTYPES[layout.dtype]
-    fast = _FAST_CODES[bits] if on_gpu and bits < 16 else 0  # codes by inline PTX
+    launch = lambda warps: {"num_warps": warps, "num_stages": cfg["stages"]} if on_gpu else {}  # noqa: E731
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
+    if bits == 16:
+        _gate_up_kernel[(S, triton.cdiv(I, cfg["gu_j"]))](
+            x, slot_ptrs, slot_token, h, H=H, I=I, DTYPE=dtype, W_OFF=offs[0][0], BLOCK_J=cfg["gu_j"],
+            BLOCK_K=cfg["gu_k"], **launch(cfg["gu_warps"]))
+        _down_kernel[(S, triton.cdiv(H, cfg["dn_j"]), cfg["dn_split"])](
+            h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, DTYPE=dtype, W_OFF=offs[1][0],
+            BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **launch(cfg["dn_warps"]))
+        return out
+    gs = layout.group_size
+    common = dict(H=H, I=I, BITS=bits, GS=gs, DTYPE=dtype, FAST=on_gpu)  # FAST: dp2a in inline PTX
     rows = I // 2 if bits == 2 else I
-    _gate_up_kernel[(S, triton.cdiv(rows, cfg["gu_j"]))](
-        x, slot_ptrs, slot_token, h, H=H, I=I, BITS=bits, GS=gs_gu, DTYPE=dtype,
-        W_OFF=offs[0][0], S_OFF=offs[0][1], Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"],
-        FAST=fast, **({"num_warps": cfg["gu_warps"], "num_stages": cfg["stages"]} if on_gpu else {}),
-    )
-    vals = 1 if bits >= 8 else 8 // bits
-    _down_kernel[(S, triton.cdiv(H // vals, cfg["dn_j"]), cfg["dn_split"])](
-        h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, BITS=bits, GS=gs_dn, DTYPE=dtype,
-        W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"],
-        SPLIT_K=cfg["dn_split"], FAST=fast, **({"num_warps": cfg["dn_warps"], "num_stages": cfg["stages"]} if on_gpu else {}),
-    )
+    _gate_up_int_kernel[(S, triton.cdiv(rows, cfg["gu_j"]))](
+        *quantize_activations(x, gs), slot_ptrs, slot_token, h, W_OFF=offs[0][0], S_OFF=offs[0][1],
+        Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], **common, **launch(cfg["gu_warps"]))
+    _down_int_kernel[(S, triton.cdiv(H // (8 // bits), cfg["dn_j"]), cfg["dn_split"])](
+        *quantize_activations(h, gs), slot_ptrs, slot_token, slot_weights, out, W_OFF=offs[1][0],
+        S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"],
+        **common, **launch(cfg["dn_warps"]))
     return out
+
+
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """x [rows, K] quantized per group of `group_size` to int16 for the quantized slot kernels:
+    (words int32 [rows, K/4] twice, scales fp32 [rows, K/group_size], sums int32 [rows, K/group_size])."""
+    R, K = x.shape
+    qa = torch.empty(R, K // 4, dtype=torch.int32, device=x.device)
+    qb = torch.empty_like(qa)
+    qs = torch.empty(R, K // group_size, dtype=torch.float32, device=x.device)
+    qn = torch.empty(R, K // group_size, dtype=torch.int32, device=x.device)
+    block = max(_pow2_block(K, 512 if x.device.type == "cuda" else 4096), group_size)
+    _quantize_kernel[(R, K // block)](x, qa, qb, qs, qn, K=K, GS=group_size, BLOCK_K=block)
+    return qa, qb, qs, qn
 
 
 class TokenGroups(NamedTuple):

@@ -74,6 +74,38 @@ def test_slots_match_the_eager_expert(bits, dtype):
     torch.testing.assert_close(got, expected, **tol)
 
 
+@pytest.mark.parametrize("bits", [16, 8, 4, 2])
+def test_slot_kernels_loop_over_k_chunks_row_blocks_and_k_splits(bits, monkeypatch):
+    # the interpreter's blocks cover a matrix in one program; the GPU's loop over K chunks, tile
+    # rows in blocks (the last one masked: 2-bit has I/2 = 48 gate rows per program family) and
+    # split down's K (atomic adds)
+    config = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda layout, *args, **kwargs: {
+        **config(layout, *args, **kwargs), "gu_j": 32, "gu_k": 32, "dn_j": 16, "dn_k": 32, "dn_split": 3})
+    layout, buf = make_expert(64, 96, bits, torch.float32, 32, seed=4)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    buf = buf.to(DEVICE)
+    got = kernels.moe_experts(x, kernels.expert_table([buf, buf]), torch.tensor([1.0, 0.5], device=DEVICE), layout)
+    expected = reference(layout, buf, x) * torch.tensor([[1.0], [0.5]], device=DEVICE)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_activations_quantize_to_int16_per_group_in_the_kernels_word_order():
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 256)
+    x[1, :64] = 0  # a group of zeros stays zeros
+    qa, qb, qs, qn = (t.cpu() for t in kernels.quantize_activations(x.to(DEVICE), 64))
+    assert qa.shape == qb.shape == (3, 64) and qs.shape == qn.shape == (3, 4)
+    lo = lambda w: ((w << 16) >> 16).long()  # noqa: E731 - signed halves of the int32 words
+    hi = lambda w: (w >> 16).long()  # noqa: E731
+    q = torch.stack([lo(qa), hi(qa), lo(qb), hi(qb)], dim=-1).reshape(3, 256)  # columns 4w, 4w + 1, 4w + 2, 4w + 3
+    groups = x.view(3, 4, 64)
+    torch.testing.assert_close(qs, groups.abs().amax(-1) / 32767)
+    assert q.abs().max() <= 32767 and torch.equal(qn.long(), q.view(3, 4, 64).sum(-1))
+    err = (q.view(3, 4, 64) * qs[..., None] - groups).abs()
+    assert (err <= qs[..., None] / 2 * (1 + 1e-5)).all()  # rounded to the nearest step
+    assert torch.equal(q[1, :64], torch.zeros(64, dtype=torch.long))
+
+
 def test_default_slots_are_the_tokens_and_out_starts_at_zero():
     layout, buf = make_expert(64, 128, 4, torch.float32, 64, seed=1)
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
@@ -91,6 +123,10 @@ def test_supports_only_the_packings_and_activation_it_implements():
     assert not kernels.supports(expert_layout(64, 128, 3, torch.bfloat16, 64), silu)
     assert not kernels.supports(expert_layout(64, 128, 4, torch.bfloat16, 64), nn.GELU())
     assert not kernels.supports(expert_layout(64, 96, 4, torch.bfloat16, 64), silu)  # I % gs
+    # 8-bit codes times int16 activations over a group of 512 could overflow int32
+    assert kernels.supports(expert_layout(512, 1024, 8, torch.bfloat16, 256), silu)
+    assert not kernels.supports(expert_layout(512, 1024, 8, torch.bfloat16, 512), silu)
+    assert kernels.supports(expert_layout(512, 1024, 4, torch.bfloat16, 512), silu)
 
 
 def test_expert_table_holds_addresses_and_zero_for_none():
@@ -182,8 +218,9 @@ def test_group_tokens_sorts_slots_by_expert_stably():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_mixtral_size_4bit_expert_on_cuda():
-    layout, buf = make_expert(4096, 14336, 4, torch.bfloat16, 64, seed=0, device="cuda", optimize=False)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_mixtral_size_quantized_expert_on_cuda(bits):
+    layout, buf = make_expert(4096, 14336, bits, torch.bfloat16, 64, seed=0, device="cuda", optimize=False)
     x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
     got = kernels.moe_experts(x, kernels.expert_table([buf, buf]), torch.ones(2, device="cuda"), layout)
     torch.testing.assert_close(got, reference(layout, buf, x), rtol=2e-2, atol=2e-2)
