@@ -434,7 +434,8 @@ def _quantize_kernel(x_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K: tl.constexpr, GS:
     v0, v2 = tl.split(a)
     v1, v3 = tl.split(b)
     amax = _rmax(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))), 1)
-    inv = (32767.0 / tl.maximum(amax, 1e-30))[:, None]  # (a group of zeros stays zeros)
+    amax = tl.maximum(amax, 1e-30)  # (a group of zeros stays zeros)
+    inv = (32767.0 / amax)[:, None]
     q0 = _round(v0 * inv)
     q1 = _round(v1 * inv)
     q2 = _round(v2 * inv)
