@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over a Server: the one module that imports FastAPI.
 
     POST /v1/completions, /v1/chat/completions   (stream: true answers in server-sent events)
-    GET  /v1/models, /health, /qos/status
+    GET  /v1/models, /health, /ready, /qos/status
 
 The tenant is the one whose API key the `Authorization: Bearer KEY` header carries (keys are mapped
 to tenants in the SLO file, `api_keys:`); a missing or unknown key is refused with 401 unless the
@@ -320,6 +320,17 @@ def make_app(get_server: Callable, *, model_name: Callable[[], str] | str,
         if srv is None or not srv.healthy():
             return JSONResponse({"status": "unavailable"}, 503)
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        # readiness, for a load balancer's probe: 503 while the first plan warms up (kernels
+        # compiled, graphs captured), though requests sent meanwhile are accepted and answered after
+        srv = get_server()
+        if srv is None or not srv.healthy():
+            return JSONResponse({"status": "unavailable"}, 503)
+        if not srv.ready():
+            return JSONResponse({"status": "warming"}, 503, headers={"Retry-After": "1"})
+        return {"status": "ready"}
 
     @app.get("/qos/status")
     async def status(request: Request):

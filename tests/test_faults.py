@@ -278,7 +278,8 @@ def test_a_tenant_key_reaches_no_control_call(web):
 
     routes = sorted((r.path, tuple(sorted(r.methods))) for r in make_app(lambda: None, model_name="m").routes
                     if getattr(r, "methods", None))
-    assert routes == [("/health", ("GET",)), ("/qos/status", ("GET",)), ("/v1/chat/completions", ("POST",)),
+    assert routes == [("/health", ("GET",)), ("/qos/status", ("GET",)), ("/ready", ("GET",)),
+                      ("/v1/chat/completions", ("POST",)),
                       ("/v1/completions", ("POST",)), ("/v1/models", ("GET",))]
     port, s, _ = web
     before = s.status()

@@ -202,6 +202,18 @@ def test_health_status_and_metrics(api):
     url, server = api
     with urllib.request.urlopen(url + "/health", timeout=30) as r:
         assert json.loads(r.read()) == {"status": "ok"}
+    assert server.ready(timeout=60)
+    with urllib.request.urlopen(url + "/ready", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ready"}
+    server.executor.warmed.clear()  # as while the first plan warms up: alive, not ready
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "/ready", timeout=30)
+        assert err.value.code == 503 and json.loads(err.value.read()) == {"status": "warming"}
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        server.executor.warmed.set()
     req = urllib.request.Request(url + "/qos/status", headers={"Authorization": f"Bearer {KEYS['batch']}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         status = json.loads(r.read())
