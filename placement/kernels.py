@@ -252,56 +252,35 @@ def _asm_qcodes(bits: int) -> str:
     return ("{\n.reg .b32 t, hi;\nshr.u32 hi, $X, 16;\n" + "\n".join(lines) + "\n}").replace("$X", f"${n}")
 
 
-# Codes as floats (_fcodes, _qdot): what qlinear's quantized attention projections multiply by; the
-# expert slot kernels moved to integer activations (below), which took fewer instructions per weight.
-# How the GPU unpacks codes, by precision: 2 (inline PTX, q itself by a lop3 and a subtraction), 1
-# (inline PTX, 1 + q / 2^bits by a shift and a lop3) or 0 (plain Triton ops, as in the interpreter).
-# H200, one Mixtral expert at batch 1 (experiments/tune_kernels.py), modes 0 / 1 / 2: 4-bit 0.0545 /
-# 0.0525 / 0.0499 ms, 2-bit 0.0512 / 0.0440 / 0.0458, 8-bit 0.0714 / 0.0703 / 0.0703.
-_FAST_CODES = {8: 1, 4: 2, 2: 1}
+# Codes as floats (_fcodes, _qdot): what qlinear's quantized attention projections (8 and 4 bits)
+# multiply by; the expert slot kernels moved to integer activations (below), which take fewer
+# instructions per weight. How the GPU unpacks codes, by precision: 2 (inline PTX, q itself by a
+# lop3 and a subtraction), 1 (inline PTX, 1 + q / 2^bits by a shift and a lop3) or 0 (plain Triton
+# ops, as in the interpreter). H200, one Mixtral expert at batch 1 with the float-code expert kernels
+# (experiments/tune_kernels.py before 11b790f), modes 0 / 1 / 2: 4-bit 0.0545 / 0.0525 / 0.0499 ms,
+# 8-bit 0.0714 / 0.0703 / 0.0703.
+_FAST_CODES = {8: 1, 4: 2}
 # (globals a kernel reads must be constexpr, one name each)
-_ASM_F8_1, _ASM_F4_1, _ASM_F2_1 = (_constexpr(_asm_fcodes(b)) for b in (8, 4, 2))
-_ASM_F8_2, _ASM_F4_2, _ASM_F2_2 = (_constexpr(_asm_qcodes(b)) for b in (8, 4, 2))
-
-
-@_jit
-def _asm_codes(b, ASM: tl.constexpr, BITS: tl.constexpr):
-    """Every code of bytes b (uint8) as fp32, by the PTX `ASM` on 4 bytes at a time."""
-    if BITS == 8:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
-    elif BITS == 4:
-        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b], dtype=(tl.float32, tl.float32),
-                                         is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(ASM, "=r," * 16 + "r", [b], dtype=(tl.float32,) * 4, is_pure=True, pack=4)
+_ASM_F8_1 = _constexpr(_asm_fcodes(8))
+_ASM_F4_2 = _constexpr(_asm_qcodes(4))
 
 
 @_jit
 def _fcodes(b, BITS: tl.constexpr, FAST: tl.constexpr):
-    """All codes of bytes b (uint8), high bits first, as fp32: q itself (FAST 2) or 1 + q / 2^BITS
-    (FAST 1 and 0, see _fcode); FAST 1 and 2: inline PTX on 4 bytes at a time (GPU only)."""
+    """All codes of bytes b (uint8; BITS 8 or 4), high bits first, as fp32: q itself (FAST 2, 4-bit)
+    or 1 + q / 2^BITS (FAST 1, 8-bit, and FAST 0, see _fcode); FAST 1 and 2: inline PTX on 4 bytes at
+    a time (GPU only)."""
     if FAST == 2:
-        if BITS == 8:
-            return _asm_codes(b, _ASM_F8_2, 8)
-        elif BITS == 4:
-            return _asm_codes(b, _ASM_F4_2, 4)
-        else:
-            return _asm_codes(b, _ASM_F2_2, 2)
+        return tl.inline_asm_elementwise(_ASM_F4_2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
     elif FAST == 1:
-        if BITS == 8:
-            return _asm_codes(b, _ASM_F8_1, 8)
-        elif BITS == 4:
-            return _asm_codes(b, _ASM_F4_1, 4)
-        else:
-            return _asm_codes(b, _ASM_F2_1, 2)
+        return tl.inline_asm_elementwise(_ASM_F8_1, "=r,=r,=r,=r,r", [b], dtype=tl.float32, is_pure=True, pack=4)
     else:
         b = b.to(tl.int32)
         if BITS == 8:
             return _fcode(b, 8, 0)
-        elif BITS == 4:
-            return _fcode(b, 4, 0), _fcode(b, 4, 1)
         else:
-            return _fcode(b, 2, 0), _fcode(b, 2, 1), _fcode(b, 2, 2), _fcode(b, 2, 3)
+            return _fcode(b, 4, 0), _fcode(b, 4, 1)
 
 
 @_jit

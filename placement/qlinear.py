@@ -224,7 +224,7 @@ def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | N
     common = dict(N=N, K=K, BITS=layout.bits, GS=layout.group_size, BLOCK_N=cfg["bn"], SPLIT_K=split)
     if path == "rows":
         launch = {"num_warps": _GPU["rows_warps"]} if on_gpu else {}
-        fast = _FAST_CODES[layout.bits] if on_gpu else 0  # codes unpacked as the expert kernels do
+        fast = _FAST_CODES[layout.bits] if on_gpu else 0  # codes unpacked by inline PTX (kernels._fcodes)
         _rows_kernel[(triton.cdiv(R, cfg["bn"]), M, split)](x, wq, scale, zero, out, BLOCK_K=cfg["bk"], FAST=fast,
                                                              **common, **launch)
     else:

@@ -270,12 +270,11 @@ def _run_ptx(asm: str, word: int) -> list[float]:
     return [out[i] for i in range(len(out))]
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("bits, mode", sorted(kernels._FAST_CODES.items()))
 def test_ptx_codes_unpack_every_code_in_order(bits, mode):
     """The GPU's inline-PTX unpacking (never run on the CPU) gives, for every code q of 4 packed
     bytes, 1 + q / 2^bits (mode 1) or q (mode 2), in the order the kernels unpack: codes from the
-    high bits down, bytes low first."""
+    high bits down, bytes low first (for the precisions and modes the quantized projections use)."""
     from placement.kernels import _asm_fcodes, _asm_qcodes
 
     rng = random.Random(bits)
