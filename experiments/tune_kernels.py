@@ -1,5 +1,5 @@
-"""Sweep the slot kernels' block sizes on this GPU, one Mixtral expert at batch 1, and keep the fastest
-per precision in placement/kernel_blocks.json under the GPU's name (read by placement.kernels at
+"""Sweep the slot kernels' block sizes on this GPU, at the two Mixtral experts of one decode token
+(batch 1, top-2: the slots decode runs), and keep the fastest per precision in placement/kernel_blocks.json under the GPU's name (read by placement.kernels at
 its first launch on that GPU: tuned once per GPU model, never at start).
 
     python -m experiments.tune_kernels --out experiments/results/tune_kernels_h200.csv
@@ -22,7 +22,7 @@ import torch
 from placement import kernels
 from placement.packed import expert_layout
 
-GATE_UP = list(itertools.product((8, 16, 32), (256, 512, 1024, 2048), (4, 8)))
+GATE_UP = list(itertools.product((8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8)))
 DOWN = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))
 
 
@@ -33,9 +33,11 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
     copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
     buffers = [kernels.random_expert(layout, dev, gen) for _ in range(copies)]  # (alive: the tables hold addresses)
-    tables = [kernels.expert_table([b]) for b in buffers]
+    # the two slots of one decode token (top-2): two different experts, each call the next pair
+    tables = [kernels.expert_table([buffers[i], buffers[(i + 1) % copies]]) for i in range(copies)]
     x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
-    ones = torch.ones(1, device=dev)
+    ones = torch.ones(2, device=dev)
+    token = torch.zeros(2, dtype=torch.int64, device=dev)
     name = torch.cuda.get_device_name(dev)
     default = kernels.tuned_blocks(name)[bits]  # where the search starts: this GPU's current choice
     blocks = dict(kernels._GPU_BLOCKS)
@@ -45,13 +47,13 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
     kernels._device_blocks = lambda index: blocks
     try:
         blocks[bits] = default
-        reference = kernels.moe_experts(x, tables[0], ones, layout)
+        reference = kernels.moe_experts(x, tables[0], ones, layout, slot_token=token)
         rows = []
 
         def timed(cfg, stage):
             blocks[bits] = cfg
             try:
-                out = kernels.moe_experts(x, tables[0], ones, layout)
+                out = kernels.moe_experts(x, tables[0], ones, layout, slot_token=token)
             except Exception as e:  # a block that does not compile (too many registers, shared memory)
                 rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=None, error=str(e)[:120]))
                 return None
@@ -60,10 +62,10 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
                 raise AssertionError(f"{bits}-bit blocks {cfg}: output differs from the default's by {err:.2e}")
             it = iter(range(1 << 62))
             out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
-            ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(x, tables[next(it) % copies], ones, layout, out=out),
-                                  iters)
+            ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(x, tables[next(it) % copies], ones, layout,
+                                                                 slot_token=token, out=out), iters)
             rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=ms,
-                             gbps=layout.nbytes / ms / 1e6, error=""))
+                             gbps=2 * layout.nbytes / ms / 1e6, error=""))
             return ms
 
         best = default
