@@ -55,7 +55,9 @@ KERNEL_MAX_TOKENS = 64
 # Mixtral layer (8 experts, top-2, bf16): the slot kernels are faster up to 4 tokens (1.46 per
 # expert; up to 1.3x at 4 and 2 bits), the grouped ones from 6 at 16 and 2 bits (1.82 per expert)
 # and from 8 at 4 bits (1.3-1.7x faster at 8, 6.5x at 64). Batch 1 (1 per expert) keeps the slot
-# kernels, so it is no slower than before.
+# kernels, so it is no slower than before. (Measured with the float-code slot kernels; the integer-
+# activation ones are 15-25% faster at 4 and 2 bits, which likely moves the quantized crossover up to
+# 2.5-3.5 tokens per expert by one-expert timings; not re-measured per layer yet.)
 GROUPED_MIN_TOKENS_PER_EXPERT = 1.6
 
 
