@@ -396,12 +396,16 @@ def _round(v):
 
 
 @_jit
-def _quantize_kernel(x_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K: tl.constexpr, GS: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+def _quantize_kernel(x_ptr, skip_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K: tl.constexpr, GS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SKIP: tl.constexpr):
     """Row program_id(0) of x [rows, K], columns program_id(1) * BLOCK_K + [0, BLOCK_K), quantized per
     group of GS to int16 (scale max|x| / 32767): the words _idot takes (qa, qb int32 [rows, K/4]),
-    the groups' scales (qs fp32 [rows, K/GS]) and sums of their integers (qn int32)."""
+    the groups' scales (qs fp32 [rows, K/GS]) and sums of their integers (qn int32). SKIP: rows
+    whose entry in skip_ptr (int64 [rows]) is 0 are left alone (empty slots: nothing wrote them)."""
     r = tl.program_id(0)
+    if SKIP:
+        if tl.load(skip_ptr + r) == 0:
+            return
     k0 = tl.program_id(1) * BLOCK_K
     NG: tl.constexpr = BLOCK_K // GS
     GW: tl.constexpr = GS // 4
@@ -961,22 +965,25 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
         *quantize_activations(x, gs), slot_ptrs, slot_token, h, W_OFF=offs[0][0], S_OFF=offs[0][1],
         Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], **common, **launch(cfg["gu_warps"]))
     _down_int_kernel[(S, triton.cdiv(H // (8 // bits), cfg["dn_j"]), cfg["dn_split"])](
-        *quantize_activations(h, gs), slot_ptrs, slot_token, slot_weights, out, W_OFF=offs[1][0],
+        *quantize_activations(h, gs, skip=slot_ptrs), slot_ptrs, slot_token, slot_weights, out, W_OFF=offs[1][0],
         S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"],
         **common, **launch(cfg["dn_warps"]))
     return out
 
 
-def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+def quantize_activations(x: torch.Tensor, group_size: int,
+                         skip: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """x [rows, K] quantized per group of `group_size` to int16 for the quantized slot kernels:
-    (words int32 [rows, K/4] twice, scales fp32 [rows, K/group_size], sums int32 [rows, K/group_size])."""
+    (words int32 [rows, K/4] twice, scales fp32 [rows, K/group_size], sums int32 [rows, K/group_size]).
+    skip: int64 [rows]; rows where it is 0 are not read (their outputs are left unset)."""
     R, K = x.shape
     qa = torch.empty(R, K // 4, dtype=torch.int32, device=x.device)
     qb = torch.empty_like(qa)
     qs = torch.empty(R, K // group_size, dtype=torch.float32, device=x.device)
     qn = torch.empty(R, K // group_size, dtype=torch.int32, device=x.device)
     block = max(_pow2_block(K, 512 if x.device.type == "cuda" else 4096), group_size)
-    _quantize_kernel[(R, K // block)](x, qa, qb, qs, qn, K=K, GS=group_size, BLOCK_K=block)
+    _quantize_kernel[(R, K // block)](x, x if skip is None else skip, qa, qb, qs, qn, K=K, GS=group_size,
+                                      BLOCK_K=block, SKIP=skip is not None)
     return qa, qb, qs, qn
 
 

@@ -5,6 +5,7 @@ Without CUDA the kernels run in Triton's CPU interpreter, asked for before trito
 
 import os
 import random
+import warnings
 
 import torch
 
@@ -104,6 +105,15 @@ def test_activations_quantize_to_int16_per_group_in_the_kernels_word_order():
     err = (q.view(3, 4, 64) * qs[..., None] - groups).abs()
     assert (err <= qs[..., None] / 2 * (1 + 1e-5)).all()  # rounded to the nearest step
     assert torch.equal(q[1, :64], torch.zeros(64, dtype=torch.long))
+    # rows whose skip entry is 0 (empty slots, never written) are not read: NaN there raises nothing
+    # (in the interpreter, numpy would warn casting it) and the other rows come out as alone
+    rows = x.clone()
+    rows[0] = rows[2] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = kernels.quantize_activations(rows.to(DEVICE), 64, skip=torch.tensor([0, 7, 0]).to(DEVICE))
+    for full, part in zip((qa, qb, qs, qn), got):
+        assert torch.equal(part.cpu()[1], full[1])
 
 
 def test_default_slots_are_the_tokens_and_out_starts_at_zero():
