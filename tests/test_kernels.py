@@ -252,6 +252,65 @@ def test_grouped_mixtral_size_experts_on_cuda(bits):
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
+# Compiled for an H100/H200 (sm_90) without one: the slot and grouped kernels are defined as on a GPU
+# (triton.jit, not the interpreter) and ptxas assembles them, inline PTX included, which CI never
+# runs otherwise.
+_CROSS_COMPILE = """
+import torch
+torch.cuda.is_available = lambda: True  # placement.kernels then defines its kernels with triton.jit
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from placement import kernels as K
+assert not K._INTERPRET
+
+def compile_(fn, pointers, constexprs):
+    sig = {**pointers, **{name: "constexpr" for name in constexprs}}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 2})
+    return k.asm["ptx"]
+
+act = {"qa_ptr": "*i32", "qb_ptr": "*i32", "qs_ptr": "*fp32", "qn_ptr": "*i32"}
+for skip in (True, False):
+    compile_(K._quantize_kernel, {"x_ptr": "*bf16", "skip_ptr": "*i64", **act}, dict(K=14336, GS=64, BLOCK_K=512, SKIP=skip))
+expert = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, BLOCK_J=16, BLOCK_K=512, FAST=True)
+for bits in (8, 4, 2):
+    ptx = compile_(K._gate_up_int_kernel, {**act, "ptr_tab": "*i64", "tok_tab": "*i64", "h_ptr": "*fp32"},
+                   dict(expert, BITS=bits))
+    assert "dp2a.hi" in ptx
+    ptx = compile_(K._down_int_kernel, {**act, "ptr_tab": "*i64", "tok_tab": "*i64", "wt_tab": "*fp32", "out_ptr": "*fp32"},
+                   dict(expert, BITS=bits, SPLIT_K=4))
+    assert "dp2a.lo" in ptx
+compile_(K._gate_up_kernel, {"x_ptr": "*bf16", "ptr_tab": "*i64", "tok_tab": "*i64", "h_ptr": "*fp32"},
+         dict(H=4096, I=14336, DTYPE=K.tl.bfloat16, W_OFF=0, BLOCK_J=8, BLOCK_K=256))
+grouped = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, TOP_K=2, BLOCK_M=16,
+               BLOCK_J=64, BLOCK_K=64, SPLIT_K=4, DOT=K.tl.bfloat16, IEEE=False, FAST=True, OFF=K._MAGIC_OFF)
+slots = {"table_ptr": "*i64", "order_ptr": "*i64", "bounds_ptr": "*i64"}
+for bits in (4, 2):  # codes to bf16 by inline PTX (_codes4, _codes2)
+    ptx = compile_(K._gate_up_grouped_kernel, {"x_ptr": "*bf16", **slots, "gu_ptr": "*fp32"}, dict(grouped, BITS=bits))
+    assert "prmt" in ptx
+    compile_(K._down_grouped_kernel, {"gu_ptr": "*fp32", **slots, "wt_ptr": "*bf16", "out_ptr": "*fp32"},
+             dict(grouped, BITS=bits))
+print("compiled")
+"""
+
+
+def test_gpu_kernels_compile_for_sm90_with_their_inline_ptx(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton has no NVIDIA backend with ptxas here")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "TRITON_CACHE_DIR": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _CROSS_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 def _run_ptx(asm: str, word: int) -> list[float]:
     """Interpret the PTX that kernels._asm_fcodes / _asm_qcodes write, on one 32-bit input."""
     import re
