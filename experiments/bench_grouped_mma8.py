@@ -7,7 +7,8 @@ kernels' are, go in as two int8 halves (q = 256 * hi + lo, |q| <= 32512), so two
 the exact sum(code * q) in int32; per group and row then s * sx * (that - z * sum(q)).
 
 Not yet run on a GPU (written when the session had no device time left); checked in Triton's
-interpreter against moe_experts_grouped (tests would belong with the kernels if it wins).
+interpreter against moe_experts_grouped, and compiled for sm_90 on the CPU, where its dots become
+wgmma m64n16k32 s8 instructions (tests would belong with the kernels if it wins).
 
     python -m experiments.bench_grouped_mma8 --out bench_grouped_mma8.csv
 """
