@@ -451,6 +451,16 @@ def _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, row, K: tl.constexpr, k0, gi, wi, 
 
 
 @_jit
+def _int_fields(addr, W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """A quantized expert's codes (as int32 words of 4 bytes), scales and zeros in the buffer at addr
+    (fields 64-byte aligned, said on the pointer so the loads are wide)."""
+    base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+    return ((base + W_OFF).to(tl.pointer_type(tl.int32), bitcast=True),
+            (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True),
+            (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True))
+
+
+@_jit
 def _gate_up_int_kernel(
     qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, tok_tab, h_ptr,
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
@@ -464,10 +474,7 @@ def _gate_up_int_kernel(
     addr = tl.load(ptr_tab + s)
     if addr != 0:
         t = tl.load(tok_tab + s)
-        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
-        wq = (base + W_OFF).to(tl.pointer_type(tl.int32), bitcast=True)
-        sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-        zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        wq, sc, zr = _int_fields(addr, W_OFF, S_OFF, Z_OFF, DTYPE)
         NG: tl.constexpr = BLOCK_K // GS
         GW: tl.constexpr = GS // 4
         HALF: tl.constexpr = I // 2
@@ -523,10 +530,7 @@ def _down_int_kernel(
     if addr != 0:
         t = tl.load(tok_tab + s)
         weight = tl.load(wt_tab + s).to(tl.float32)
-        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
-        wq = (base + W_OFF).to(tl.pointer_type(tl.int32), bitcast=True)
-        sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-        zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        wq, sc, zr = _int_fields(addr, W_OFF, S_OFF, Z_OFF, DTYPE)
         NG: tl.constexpr = BLOCK_K // GS
         GW: tl.constexpr = GS // 4
         # a byte holds P weights, of rows r, r + H/P, ... (high bits first): programs cover H/P rows
