@@ -17,13 +17,18 @@ from placement.plan import Plan, build_plan
 from placement.spec import ModelSpec
 
 needs_triton = pytest.mark.skipif(ql.triton is None, reason="triton is not installed")
+# the kernels run where the tensors are: on the GPU when there is one (Triton's interpreter takes CPU
+# tensors only when no CUDA device is present, as in CI)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU model's kernels run in Triton's interpreter, "
+                                 "which a CUDA machine does not use (the cuda tests below cover the GPU)")
 HAVE_WIKI = (data_dir() / DATASETS["wikitext2"]).is_file()
 
 
-def _matrix(N, K, bits, dtype, seed=0, group_size=64):
+def _matrix(N, K, bits, dtype, seed=0, group_size=64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(N, K, generator=g) * 0.05
-    return ql.quantize_linear(W.to(dtype), bits, group_size, dtype, hqq_backend, "cpu")
+    return ql.quantize_linear(W.to(dtype), bits, group_size, dtype, hqq_backend, device, on="cpu")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -54,9 +59,9 @@ def _dequantize_fp32(layout, buf):
 def test_kernel_equals_dequantize_then_matmul(bits, M, path):
     # 96 rows: 48 byte rows at 4 bits, not a power of two, so row masks are exercised
     for dtype, split in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 2)):
-        layout, buf = _matrix(96, 256, bits, dtype, seed=M)
-        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M + 1)).to(dtype)
-        want = x.float() @ _dequantize_fp32(layout, buf).T  # [M, 96]
+        layout, buf = _matrix(96, 256, bits, dtype, seed=M, device=DEV)
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M + 1)).to(dtype).to(DEV)
+        want = (x.float().cpu() @ _dequantize_fp32(layout, buf).cpu().T).to(DEV)  # [M, 96], fp32 on the CPU
         got = ql.qlinear(x, buf, layout, path=path, split=split)
         assert got.shape == (M, 96) and got.dtype == dtype
         # fp32: summation order only; bf16: the output's rounding (8 bits of mantissa)
@@ -66,33 +71,34 @@ def test_kernel_equals_dequantize_then_matmul(bits, M, path):
 
 @needs_triton
 def test_quant_linear_module_takes_the_kernels_up_to_the_limit_and_dequantizes_beyond():
-    layout, buf = _matrix(64, 128, 4, torch.float32)
-    bias = torch.randn(64)
+    layout, buf = _matrix(64, 128, 4, torch.float32, device=DEV)
+    bias = torch.randn(64, device=DEV)
     mod = ql.QuantLinear(layout, buf, bias)
     assert mod.kernel_ok and mod.use_kernel
     w = ql.dequantize(layout, buf)
     for shape in ((1, 1, 128), (2, 3, 128), (1, ql.KERNEL_MAX_TOKENS + 1, 128)):
-        x = torch.randn(shape)
-        torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        x = torch.randn(shape, device=DEV)
+        want = torch.nn.functional.linear(x.cpu(), w.cpu(), bias.cpu()).to(DEV)
+        torch.testing.assert_close(mod(x), want, atol=1e-5, rtol=1e-5)
     calls = []
     real = ql.qlinear
     try:
         ql.qlinear = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
-        mod(torch.randn(1, ql.KERNEL_MAX_TOKENS, 128))
-        mod(torch.randn(1, ql.KERNEL_MAX_TOKENS + 1, 128))  # prefill past the limit: dequantize + F.linear
+        mod(torch.randn(1, ql.KERNEL_MAX_TOKENS, 128, device=DEV))
+        mod(torch.randn(1, ql.KERNEL_MAX_TOKENS + 1, 128, device=DEV))  # prefill past the limit: dequantize + F.linear
         mod.use_kernel = False
-        mod(torch.randn(1, 2, 128))
+        mod(torch.randn(1, 2, 128, device=DEV))
     finally:
         ql.qlinear = real
     assert calls == [ql.KERNEL_MAX_TOKENS]
 
 
 def test_bad_input_is_one_line_naming_the_problem():
-    layout, buf = _matrix(64, 128, 8, torch.float32)
+    layout, buf = _matrix(64, 128, 8, torch.float32, device=DEV)
     checks = [
-        (lambda: ql.qlinear(torch.zeros(1, 64), buf, layout), "x has 64 columns but the quantized matrix is 64x128"),
-        (lambda: ql.qlinear(torch.zeros(1, 128), buf, layout, path="tiles"), "path='tiles' is not a kernel"),
-        (lambda: ql.qlinear(torch.zeros(1, 128), buf, layout, split=3), "split=3 does not cut K=128"),
+        (lambda: ql.qlinear(torch.zeros(1, 64, device=DEV), buf, layout), "x has 64 columns but the quantized matrix is 64x128"),
+        (lambda: ql.qlinear(torch.zeros(1, 128, device=DEV), buf, layout, path="tiles"), "path='tiles' is not a kernel"),
+        (lambda: ql.qlinear(torch.zeros(1, 128, device=DEV), buf, layout, split=3), "split=3 does not cut K=128"),
         (lambda: ql.linear_layout(64, 96, 4, torch.float32, 64), "group_size=64 does not divide the input dimension"),
         (lambda: ql.linear_layout(63, 128, 4, torch.float32, 64), "odd number of rows"),
         (lambda: ql.linear_layout(64, 128, 2, torch.float32, 64), "bits=2 is not a quantized linear precision"),
@@ -160,6 +166,7 @@ def _close(a, b, rel):
 
 
 @needs_triton
+@interpreted
 @pytest.mark.parametrize("family", ["tiny-random", "tiny-random-qwen2_moe"])  # qwen2_moe: q, k, v with bias
 def test_engine_swaps_attention_there_and_back_exactly(fresh, tokens, family):
     model, _ = fresh(family)
