@@ -35,7 +35,7 @@ from placement.plan import build_plan
 
 # kernel name -> what it does (first match wins)
 KINDS = [
-    ("experts", r"gate_up|down_kernel|_down_grouped|grouped_kernel"),
+    ("experts", r"gate_up|_down_|grouped_kernel|_quantize_kernel"),
     ("fused (inductor)", r"^triton_(poi|red|per|tem)_"),
     ("expert grouping", r"sort|searchsorted|radix|Sort"),
     ("matmul (attention, router, LM head)", r"gemm|gemv|cutlass|sm90_xmma|nvjet|cublas|Gemm|splitK"),

@@ -121,43 +121,52 @@ class EngineExperts(nn.Module):
         self.layer = layer
         self.num_experts = num_experts
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        # hidden_states [T, H]; top_k_index, top_k_weights [T, k]
+    def forward(self, hidden_states, top_k_index, top_k_weights, *, out_dtype=None):
+        # hidden_states [T, H]; top_k_index, top_k_weights [T, k]. out_dtype: of the result (default
+        # hidden_states'; torch.float32: the kernels' sum as it is, for a caller that casts it in a
+        # kernel of its own, as fast_layers' compiled functions do)
         eng, layer = self.engine, self.layer
         flat = top_k_index.flatten()
-        eng.routed[layer].index_add_(0, flat, torch.ones_like(flat))  # no host sync (CUDA-graph safe)
         if eng._trace is not None:  # routing per token, for cache simulations
             eng._trace.append((layer, top_k_index.detach().cpu()))
-        if not eng.kernel_path(hidden_states.shape[0]):
+        T, k = top_k_index.shape
+        kernel_path = eng.kernel_path(T)
+        fast_bits = eng.kernel_tables.fast_bits[layer] if kernel_path else ()
+        slots = fast_bits and tokens_per_expert(T, k, self.num_experts) < GROUPED_MIN_TOKENS_PER_EXPERT  # (shapes)
+        if not slots:  # (the slot kernels count while they run: no launches of its own at decode)
+            eng.routed[layer].index_add_(0, flat, torch.ones_like(flat))  # no host sync (CUDA-graph safe)
+        if not kernel_path:
             out = torch.zeros_like(hidden_states)
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, None)
-            return out
+            return out if out_dtype is None else out.to(out_dtype)
         # Decode: accelerator experts run as fused kernels, one launch pair per precision present in
         # the layer, reading expert addresses from a device table (no host sync, so the step can be
         # a CUDA graph); only host experts and precisions without a kernel go through the
         # per-expert loop. A few tokens run per (token, expert) slot; more are grouped by expert on
         # the device, so an expert chosen by n tokens is read once per block of them, not n times.
         eng.stats.kernel_layers += 1
-        T, k = top_k_index.shape
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
         tables = eng.kernel_tables
-        if tokens_per_expert(T, k, self.num_experts) < GROUPED_MIN_TOKENS_PER_EXPERT:  # (shapes only)
-            tokens = torch.arange(T, device=flat.device).repeat_interleave(k)  # [T*k] token of each slot
-            for bits in tables.fast_bits[layer]:
-                kernels.moe_experts(hidden_states, tables.tables[bits][layer][flat], top_k_weights.flatten(),
-                                    eng.layout(bits, eng.plan.group_size), slot_token=tokens, out=out)
-        elif tables.fast_bits[layer]:
-            groups = kernels.group_tokens(top_k_index, self.num_experts)  # one grouping for every precision
-            for bits in tables.fast_bits[layer]:
-                kernels.moe_experts_grouped(hidden_states, tables.tables[bits][layer], top_k_index, top_k_weights,
-                                            eng.layout(bits, eng.plan.group_size), out=out, groups=groups)
+        if slots:  # the first precision's kernels also zero out and count the routing
+            out = torch.empty(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
+            for i, bits in enumerate(fast_bits):
+                kernels.moe_experts(hidden_states, tables.tables[bits][layer], top_k_weights.flatten(),
+                                    eng.layout(bits, eng.plan.group_size), slot_index=flat, out=out,
+                                    count=eng.routed[layer] if i == 0 else None, zero_out=i == 0)
+        else:
+            out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+            if fast_bits:
+                groups = kernels.group_tokens(top_k_index, self.num_experts)  # one grouping for every precision
+                for bits in fast_bits:
+                    kernels.moe_experts_grouped(hidden_states, tables.tables[bits][layer], top_k_index,
+                                                top_k_weights, eng.layout(bits, eng.plan.group_size), out=out,
+                                                groups=groups)
         if tables.layer_eager[layer]:
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, tables.eager_mask[layer])
         else:
             guesses = eng.guess_next(layer, hidden_states)
             if guesses is not None:
                 eng.prefetch(layer + 1, guesses.tolist())
-        return out.to(hidden_states.dtype)
+        return out.to(hidden_states.dtype if out_dtype is None else out_dtype)
 
     def _per_expert(self, hidden_states, top_k_index, top_k_weights, out, only):
         """Run each routed expert (those in the mask `only`, if given) on its rows, adding into out."""

@@ -149,10 +149,16 @@ def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float,
             return y if b is None else y + b
         return F.linear(x, w, b)
 
+    def residual(h, d1, d2):
+        """h [B, H] the residual stream plus d1 (and d2) [B, H], the previous layer's MLP output(s).
+        The routed experts' d1 comes in fp32 (the kernels' sum) and is rounded to h's dtype here, as
+        the experts module would have: the same numbers, without a launch of its own."""
+        d1 = d1.to(h.dtype)
+        return h + (d1 if d2 is None else d1 + d2)
+
     def pre(h, d1, d2, ln1):
-        """h [B, H] the residual stream plus d1 (and d2) [B, H], the previous layer's MLP output(s);
-        the sum and its norm."""
-        h = h + (d1 if d2 is None else d1 + d2)
+        """The residual stream after the previous layer's MLP output(s) and its norm."""
+        h = residual(h, d1, d2)
         return h, _rms(h, ln1, eps)
 
     def core(q, k, v, qn, kn, cos, sin, kc, vc, rows, pos, allowed):
@@ -243,8 +249,7 @@ def _make_functions(*, heads: int, kv_heads: int, head_dim: int, scaling: float,
 
     def head(h, d1, d2, norm, lm, lm_b):
         """The last residual add, the final norm and the LM head: logits [B, V]."""
-        h = h + (d1 if d2 is None else d1 + d2)
-        return linear(_rms(h, norm, eps), lm, lm_b)
+        return linear(_rms(residual(h, d1, d2), norm, eps), lm, lm_b)
 
     return dict(moe_layer=moe_layer, dense_layer=dense_layer, head=head, pre=pre, core=core,
                 moe_post=moe_post, dense_post=dense_post)
@@ -411,7 +416,7 @@ class FastLayers:
                 out = fns["moe_post" if moe else "dense_post"](h, o, ln2, *mlp_w)
             if moe:
                 h, x, idx, w, s = out
-                d1 = mlp.experts(x, idx, w)  # the engine's experts, eagerly: [B, H]
+                d1 = mlp.experts(x, idx, w, out_dtype=torch.float32)  # the engine's experts, eagerly: [B, H]
                 d2 = s if d2 is not None else None
             else:
                 h, d1 = out

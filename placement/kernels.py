@@ -299,17 +299,60 @@ def _qdot(v, x, xs, scale_ptr, zero_ptr, grp, rmask, BITS: tl.constexpr, FAST: t
         return _rsum(s * (D * vx - (D + z) * xs[None, :]), 1)
 
 
+# A slot kernel's slot s reads its expert's address from ptr_tab[s], or with INDEXED from the
+# layer's table of addresses ptr_tab[idx_tab[s]] (idx_tab: the router's top-k index, flattened),
+# and its token from tok_tab[s], or with TOKEN_DIV > 0 as s // TOKEN_DIV (top-k slots in token
+# order). A decode layer so launches no gather or arange of its own; the gate_up kernels may also
+# count the routing (COUNT: cnt_ptr[idx_tab[s]] += 1) and zero the output rows the down kernels add
+# into (ZERO_BLOCK > 0), the small kernels a layer call would otherwise launch around the experts
+# (several µs each in a CUDA graph at batch 1).
+
+
+@_jit
+def _slot_addr(ptr_tab, idx_tab, s, INDEXED: tl.constexpr):
+    if INDEXED:
+        addr = tl.load(ptr_tab + tl.load(idx_tab + s))
+    else:
+        addr = tl.load(ptr_tab + s)
+    return addr
+
+
+@_jit
+def _slot_token(tok_tab, s, TOKEN_DIV: tl.constexpr):
+    if TOKEN_DIV > 0:
+        t = s // TOKEN_DIV
+    else:
+        t = tl.load(tok_tab + s)
+    return t
+
+
+@_jit
+def _slot_side_work(idx_tab, cnt_ptr, out_ptr, s, t, H: tl.constexpr, COUNT: tl.constexpr,
+                    ZERO_BLOCK: tl.constexpr):
+    """Before a gate_up program's expert work, empty slot or not: the routing count of slot s (by its
+    first program) and, ZERO_BLOCK > 0, its share of token t's output row set to zero (the programs
+    of a slot cover the row; the down kernels, launched after, add into it)."""
+    if COUNT:
+        if tl.program_id(1) == 0:
+            tl.atomic_add(cnt_ptr + tl.load(idx_tab + s), 1, sem="relaxed")
+    if ZERO_BLOCK > 0:
+        c = tl.program_id(1) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+        tl.store(out_ptr + t * H + c, tl.full([ZERO_BLOCK], 0.0, tl.float32), mask=c < H)
+
+
 @_jit
 def _gate_up_kernel(
-    x_ptr, ptr_tab, tok_tab, h_ptr,
+    x_ptr, ptr_tab, idx_tab, tok_tab, cnt_ptr, out_ptr, h_ptr,
     H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
 ):
-    """16-bit experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of rows, t = tok_tab[s]."""
+    """16-bit experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of rows, t slot s's token."""
     s = tl.program_id(0)
-    addr = tl.load(ptr_tab + s)
+    t = _slot_token(tok_tab, s, TOKEN_DIV)
+    _slot_side_work(idx_tab, cnt_ptr, out_ptr, s, t, H, COUNT, ZERO_BLOCK)
+    addr = _slot_addr(ptr_tab, idx_tab, s, INDEXED)
     if addr != 0:  # 0: an empty slot
-        t = tl.load(tok_tab + s)
         # fields are 64-byte aligned; said on the pointer itself (a hint on the integer is lost in the
         # cast), or every load is a single byte
         base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
@@ -329,16 +372,17 @@ def _gate_up_kernel(
 
 @_jit
 def _down_kernel(
-    h_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
+    h_ptr, ptr_tab, idx_tab, tok_tab, wt_tab, out_ptr,
     H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr,
 ):
     """16-bit experts: out[t] += weight * (down @ h[s]) for a block of rows and a K split (atomic
     adds, so K can be split to fill the GPU when H is small)."""
     s = tl.program_id(0)
-    addr = tl.load(ptr_tab + s)
+    addr = _slot_addr(ptr_tab, idx_tab, s, INDEXED)
     if addr != 0:
-        t = tl.load(tok_tab + s)
+        t = _slot_token(tok_tab, s, TOKEN_DIV)
         weight = tl.load(wt_tab + s).to(tl.float32)
         base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
         w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
@@ -396,15 +440,16 @@ def _round(v):
 
 
 @_jit
-def _quantize_kernel(x_ptr, skip_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K: tl.constexpr, GS: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SKIP: tl.constexpr):
+def _quantize_kernel(x_ptr, skip_ptr, idx_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K: tl.constexpr, GS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SKIP: tl.constexpr, INDEXED: tl.constexpr):
     """Row program_id(0) of x [rows, K], columns program_id(1) * BLOCK_K + [0, BLOCK_K), quantized per
     group of GS to int16 (scale max|x| / 32767): the words _idot takes (qa, qb int32 [rows, K/4]),
     the groups' scales (qs fp32 [rows, K/GS]) and sums of their integers (qn int32). SKIP: rows
-    whose entry in skip_ptr (int64 [rows]) is 0 are left alone (empty slots: nothing wrote them)."""
+    whose slot address (int64, skip_ptr[r], or INDEXED skip_ptr[idx_ptr[r]]) is 0 are left alone
+    (empty slots: nothing wrote them)."""
     r = tl.program_id(0)
     if SKIP:
-        if tl.load(skip_ptr + r) == 0:
+        if _slot_addr(skip_ptr, idx_ptr, r, INDEXED) == 0:
             return
     k0 = tl.program_id(1) * BLOCK_K
     NG: tl.constexpr = BLOCK_K // GS
@@ -462,18 +507,20 @@ def _int_fields(addr, W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.conste
 
 @_jit
 def _gate_up_int_kernel(
-    qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, tok_tab, h_ptr,
+    qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, idx_tab, tok_tab, cnt_ptr, out_ptr, h_ptr,
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
 ):
     """Quantized experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of I rows, x[t] as
     _quantize_kernel wrote it. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
     one byte (2-bit: gate rows j, j + I/2 and up rows j, j + I/2), so one word feeds both."""
     s = tl.program_id(0)
-    addr = tl.load(ptr_tab + s)
+    t = _slot_token(tok_tab, s, TOKEN_DIV)
+    _slot_side_work(idx_tab, cnt_ptr, out_ptr, s, t, H, COUNT, ZERO_BLOCK)
+    addr = _slot_addr(ptr_tab, idx_tab, s, INDEXED)
     if addr != 0:
-        t = tl.load(tok_tab + s)
         wq, sc, zr = _int_fields(addr, W_OFF, S_OFF, Z_OFF, DTYPE)
         NG: tl.constexpr = BLOCK_K // GS
         GW: tl.constexpr = GS // 4
@@ -518,17 +565,18 @@ def _gate_up_int_kernel(
 
 @_jit
 def _down_int_kernel(
-    qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, tok_tab, wt_tab, out_ptr,
+    qa_ptr, qb_ptr, qs_ptr, qn_ptr, ptr_tab, idx_tab, tok_tab, wt_tab, out_ptr,
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr,
 ):
     """Quantized experts: out[t] += weight * (down @ h[s]), h[s] as _quantize_kernel wrote it, for a
     block of rows and a K split (atomic adds)."""
     s = tl.program_id(0)
-    addr = tl.load(ptr_tab + s)
+    addr = _slot_addr(ptr_tab, idx_tab, s, INDEXED)
     if addr != 0:
-        t = tl.load(tok_tab + s)
+        t = _slot_token(tok_tab, s, TOKEN_DIV)
         weight = tl.load(wt_tab + s).to(tl.float32)
         wq, sc, zr = _int_fields(addr, W_OFF, S_OFF, Z_OFF, DTYPE)
         NG: tl.constexpr = BLOCK_K // GS
@@ -924,28 +972,42 @@ def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None
 
 
 def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Tensor, layout: Layout, *,
-                slot_token: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] += w_s * expert_s(x[t]) for every slot s with slot_token[s] == t and a non-zero
-    address; experts are read from the packed buffers (layout `layout`) at `slot_ptrs`.
+                slot_token: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                slot_index: torch.Tensor | None = None, count: torch.Tensor | None = None,
+                zero_out: bool = False) -> torch.Tensor:
+    """out[t] += w_s * expert_s(x[t]) for every slot s of token t with a non-zero address; experts
+    are read from the packed buffers (layout `layout`) at the slots' addresses.
 
-    x [T, H]; slot_ptrs int64 [S] (0: skip); slot_weights [S]; slot_token int64 [S] (default: slot s
-    is token s, S == T); out fp32 [T, H] (default: zeros). Returns out. No host syncs."""
+    x [T, H]; slot_ptrs int64: an address per slot [S] (0: skip), or with slot_index int64 [S] a
+    table of addresses it indexes (a layer's expert table and the router's flattened top-k index);
+    slot_weights [S]; slot_token int64 [S] (default: slots in token order, S a multiple of T, slot s
+    of token s // (S / T)); out fp32 [T, H] (default: a new one). zero_out: out is set to zero
+    first (a new one always is). count int64 [E]: count[slot_index[s]] += 1 for every slot (the
+    routing statistics; needs slot_index). Zeroing and counting happen in the gate_up kernel, with
+    no launch of their own (with the default slot_token). Returns out. No host syncs."""
     T, hidden = x.shape
     H, I = _dims(layout)
     assert hidden == H, (x.shape, layout.matrices)
-    S = slot_ptrs.numel()
-    if slot_token is None:
-        if S != T:
-            raise ValueError(f"slot_token is needed when slots ({S}) != tokens ({T})")
-        slot_token = torch.arange(S, device=x.device)
+    S = (slot_ptrs if slot_index is None else slot_index).numel()
+    if slot_token is None and (T == 0 or S % T):
+        raise ValueError(f"slot_token is needed when slots ({S}) are not a multiple of tokens ({T})")
+    if count is not None and slot_index is None:
+        raise ValueError("count needs slot_index (the experts to count)")
     if out is None:
-        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        out, zero_out = torch.empty(T, H, dtype=torch.float32, device=x.device), True
     assert out.dtype == torch.float32 and out.shape == (T, H) and out.is_contiguous()
+    if zero_out and (slot_token is not None or S == 0):  # (tokens without slots: the kernels cannot tell)
+        out.zero_()
+        zero_out = False
+    if count is not None and S:
+        assert count.dtype == torch.int64 and count.is_contiguous()
     if S == 0:
         return out
-    # (expanded or strided index tensors: the kernels index them densely)
-    x, slot_ptrs = x.contiguous(), slot_ptrs.contiguous()
-    slot_weights, slot_token = slot_weights.contiguous(), slot_token.contiguous()
+    # (expanded or strided index tensors: the kernels index them densely; unused pointers are slot_ptrs)
+    x, slot_ptrs, slot_weights = x.contiguous(), slot_ptrs.contiguous(), slot_weights.contiguous()
+    idx = slot_ptrs if slot_index is None else slot_index.contiguous()
+    tok = slot_ptrs if slot_token is None else slot_token.contiguous()
+    slots = dict(INDEXED=slot_index is not None, TOKEN_DIV=0 if slot_token is not None else S // T)
     on_gpu = x.device.type == "cuda"
     index = x.device.index or 0
     cfg = _config(layout, not on_gpu, *((_sm_count(index), _device_blocks(index)) if on_gpu else ()))
@@ -954,40 +1016,47 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     dtype = _TL_DTYPES[layout.dtype]
     launch = lambda warps: {"num_warps": warps, "num_stages": cfg["stages"]} if on_gpu else {}  # noqa: E731
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
+    rows = I if bits >= 4 else I // 2  # gate_up's programs cover rows (2-bit: two per code)
+    gu_grid = (S, triton.cdiv(rows, cfg["gu_j"]))
+    side = dict(COUNT=count is not None, ZERO_BLOCK=triton.next_power_of_2(triton.cdiv(H, gu_grid[1])) if zero_out else 0)
+    side_ptrs = (count if count is not None else slot_ptrs, out)
     if bits == 16:
-        _gate_up_kernel[(S, triton.cdiv(I, cfg["gu_j"]))](
-            x, slot_ptrs, slot_token, h, H=H, I=I, DTYPE=dtype, W_OFF=offs[0][0], BLOCK_J=cfg["gu_j"],
-            BLOCK_K=cfg["gu_k"], **launch(cfg["gu_warps"]))
+        _gate_up_kernel[gu_grid](
+            x, slot_ptrs, idx, tok, *side_ptrs, h, H=H, I=I, DTYPE=dtype, W_OFF=offs[0][0], BLOCK_J=cfg["gu_j"],
+            BLOCK_K=cfg["gu_k"], **slots, **side, **launch(cfg["gu_warps"]))
         _down_kernel[(S, triton.cdiv(H, cfg["dn_j"]), cfg["dn_split"])](
-            h, slot_ptrs, slot_token, slot_weights, out, H=H, I=I, DTYPE=dtype, W_OFF=offs[1][0],
-            BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **launch(cfg["dn_warps"]))
+            h, slot_ptrs, idx, tok, slot_weights, out, H=H, I=I, DTYPE=dtype, W_OFF=offs[1][0],
+            BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **slots, **launch(cfg["dn_warps"]))
         return out
     gs = layout.group_size
     common = dict(H=H, I=I, BITS=bits, GS=gs, DTYPE=dtype, FAST=on_gpu)  # FAST: dp2a in inline PTX
-    rows = I // 2 if bits == 2 else I
-    _gate_up_int_kernel[(S, triton.cdiv(rows, cfg["gu_j"]))](
-        *quantize_activations(x, gs), slot_ptrs, slot_token, h, W_OFF=offs[0][0], S_OFF=offs[0][1],
-        Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], **common, **launch(cfg["gu_warps"]))
+    _gate_up_int_kernel[gu_grid](
+        *quantize_activations(x, gs), slot_ptrs, idx, tok, *side_ptrs, h, W_OFF=offs[0][0], S_OFF=offs[0][1],
+        Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], **common, **slots, **side,
+        **launch(cfg["gu_warps"]))
     _down_int_kernel[(S, triton.cdiv(H // (8 // bits), cfg["dn_j"]), cfg["dn_split"])](
-        *quantize_activations(h, gs, skip=slot_ptrs), slot_ptrs, slot_token, slot_weights, out, W_OFF=offs[1][0],
-        S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"],
-        **common, **launch(cfg["dn_warps"]))
+        *quantize_activations(h, gs, skip=slot_ptrs, skip_index=slot_index), slot_ptrs, idx, tok, slot_weights,
+        out, W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"],
+        SPLIT_K=cfg["dn_split"], **common, **slots, **launch(cfg["dn_warps"]))
     return out
 
 
-def quantize_activations(x: torch.Tensor, group_size: int,
-                         skip: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def quantize_activations(x: torch.Tensor, group_size: int, skip: torch.Tensor | None = None,
+                         skip_index: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """x [rows, K] quantized per group of `group_size` to int16 for the quantized slot kernels:
     (words int32 [rows, K/4] twice, scales fp32 [rows, K/group_size], sums int32 [rows, K/group_size]).
-    skip: int64 [rows]; rows where it is 0 are not read (their outputs are left unset)."""
+    skip: int64 [rows] (or a table indexed by skip_index [rows]); rows where it is 0 are not read
+    (their outputs are left unset)."""
     R, K = x.shape
     qa = torch.empty(R, K // 4, dtype=torch.int32, device=x.device)
     qb = torch.empty_like(qa)
     qs = torch.empty(R, K // group_size, dtype=torch.float32, device=x.device)
     qn = torch.empty(R, K // group_size, dtype=torch.int32, device=x.device)
     block = max(_pow2_block(K, 512 if x.device.type == "cuda" else 4096), group_size)
-    _quantize_kernel[(R, K // block)](x, x if skip is None else skip, qa, qb, qs, qn, K=K, GS=group_size,
-                                      BLOCK_K=block, SKIP=skip is not None)
+    skip_ptr = x if skip is None else skip
+    _quantize_kernel[(R, K // block)](x, skip_ptr, skip_ptr if skip_index is None else skip_index, qa, qb, qs, qn,
+                                      K=K, GS=group_size, BLOCK_K=block, SKIP=skip is not None,
+                                      INDEXED=skip_index is not None)
     return qa, qb, qs, qn
 
 

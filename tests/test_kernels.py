@@ -91,6 +91,47 @@ def test_slot_kernels_loop_over_k_chunks_row_blocks_and_k_splits(bits, monkeypat
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [16, 4, 2])
+@pytest.mark.parametrize("blocks", ["one program", "row blocks"])
+def test_a_layers_table_and_top_k_index_count_the_routing_and_zero_out_in_the_kernels(bits, blocks, monkeypatch):
+    # a decode layer's call: the layer's expert table indexed by the router's flattened top-k, tokens
+    # as slot // k; the first gate_up kernel counts the routing and zeroes out (garbage before), so
+    # the layer launches nothing of its own around the experts
+    if blocks == "row blocks":  # several gate_up programs per slot, each zeroing a part of the row
+        config = kernels._config
+        monkeypatch.setattr(kernels, "_config", lambda layout, *args, **kwargs: {
+            **config(layout, *args, **kwargs), "gu_j": 16, "gu_k": 32, "dn_j": 16, "dn_k": 32, "dn_split": 3})
+    layout, _ = make_expert(64, 96, bits, torch.float32, 32, seed=0)
+    bufs = [make_expert(64, 96, bits, torch.float32, 32, seed=s)[1].to(DEVICE) for s in range(3)]
+    table = kernels.expert_table([bufs[0], bufs[1], bufs[2], None])  # expert 3: not at this precision
+    T, k = 3, 2
+    index = torch.tensor([[0, 3], [2, 0], [1, 2]], device=DEVICE)
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], device=DEVICE)
+    x = torch.randn(T, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = torch.full((T, 64), float("nan"), device=DEVICE)
+    count = torch.tensor([5, 0, 0, 1], device=DEVICE)
+    got = kernels.moe_experts(x, table, weights.flatten(), layout, slot_index=index.flatten(), out=out,
+                              count=count, zero_out=True)
+    assert got is out and count.tolist() == [7, 1, 2, 2]
+    explicit = kernels.moe_experts(x, table[index.flatten()], weights.flatten(), layout,
+                                   slot_token=torch.arange(T, device=DEVICE).repeat_interleave(k))
+    torch.testing.assert_close(got, explicit, rtol=1e-5, atol=1e-5)
+    expected = torch.zeros(T, 64, device=DEVICE)
+    for t in range(T):
+        for c in range(k):
+            e = int(index[t, c])
+            if e < 3:
+                expected[t] += weights[t, c] * reference(layout, bufs[e], x[t : t + 1])[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # without zero_out the sum adds into what is there; a count needs the index it counts
+    again = kernels.moe_experts(x, table, weights.flatten(), layout, slot_index=index.flatten(), out=got.clone())
+    torch.testing.assert_close(again, 2 * got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="count needs slot_index"):
+        kernels.moe_experts(x[:2], table[:2], weights[0], layout, count=count)
+    with pytest.raises(ValueError, match="slot_token is needed when slots \\(5\\) are not a multiple of tokens \\(3\\)"):
+        kernels.moe_experts(x, table, weights.flatten()[:5], layout, slot_index=index.flatten()[:5])
+
+
 def test_activations_quantize_to_int16_per_group_in_the_kernels_word_order():
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 256)
     x[1, :64] = 0  # a group of zeros stays zeros
@@ -271,18 +312,27 @@ def compile_(fn, pointers, constexprs):
     return k.asm["ptx"]
 
 act = {"qa_ptr": "*i32", "qb_ptr": "*i32", "qs_ptr": "*fp32", "qn_ptr": "*i32"}
-for skip in (True, False):
-    compile_(K._quantize_kernel, {"x_ptr": "*bf16", "skip_ptr": "*i64", **act}, dict(K=14336, GS=64, BLOCK_K=512, SKIP=skip))
+for skip, indexed in ((True, True), (True, False), (False, False)):
+    compile_(K._quantize_kernel, {"x_ptr": "*bf16", "skip_ptr": "*i64", "idx_ptr": "*i64", **act},
+             dict(K=14336, GS=64, BLOCK_K=512, SKIP=skip, INDEXED=indexed))
 expert = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, BLOCK_J=16, BLOCK_K=512, FAST=True)
+slot = {"ptr_tab": "*i64", "idx_tab": "*i64", "tok_tab": "*i64"}
+side = {"cnt_ptr": "*i64", "out_ptr": "*fp32"}
+# a decode layer's first precision (the router's index, tokens by division, counting, zeroing) and
+# explicit slots
+lean, plain = dict(INDEXED=True, TOKEN_DIV=2), dict(INDEXED=False, TOKEN_DIV=0)
 for bits in (8, 4, 2):
-    ptx = compile_(K._gate_up_int_kernel, {**act, "ptr_tab": "*i64", "tok_tab": "*i64", "h_ptr": "*fp32"},
-                   dict(expert, BITS=bits))
-    assert "dp2a.hi" in ptx
-    ptx = compile_(K._down_int_kernel, {**act, "ptr_tab": "*i64", "tok_tab": "*i64", "wt_tab": "*fp32", "out_ptr": "*fp32"},
-                   dict(expert, BITS=bits, SPLIT_K=4))
-    assert "dp2a.lo" in ptx
-compile_(K._gate_up_kernel, {"x_ptr": "*bf16", "ptr_tab": "*i64", "tok_tab": "*i64", "h_ptr": "*fp32"},
-         dict(H=4096, I=14336, DTYPE=K.tl.bfloat16, W_OFF=0, BLOCK_J=8, BLOCK_K=256))
+    for flags, work in ((lean, dict(COUNT=True, ZERO_BLOCK=4)), (plain, dict(COUNT=False, ZERO_BLOCK=0))):
+        ptx = compile_(K._gate_up_int_kernel, {**act, **slot, **side, "h_ptr": "*fp32"}, dict(expert, BITS=bits, **flags, **work))
+        assert "dp2a.hi" in ptx and ("red.global.gpu.relaxed.add.u64" in ptx) == work["COUNT"]  # the count
+        ptx = compile_(K._down_int_kernel, {**act, **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
+                       dict(expert, BITS=bits, SPLIT_K=4, **flags))
+        assert "dp2a.lo" in ptx
+sixteen = dict(H=4096, I=14336, DTYPE=K.tl.bfloat16, W_OFF=0)
+compile_(K._gate_up_kernel, {"x_ptr": "*bf16", **slot, **side, "h_ptr": "*fp32"},
+         dict(sixteen, BLOCK_J=8, BLOCK_K=256, **lean, COUNT=True, ZERO_BLOCK=4))
+compile_(K._down_kernel, {"h_ptr": "*fp32", **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
+         dict(sixteen, BLOCK_J=8, BLOCK_K=512, SPLIT_K=4, **lean))
 grouped = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, TOP_K=2, BLOCK_M=16,
                BLOCK_J=64, BLOCK_K=64, SPLIT_K=4, DOT=K.tl.bfloat16, IEEE=False, FAST=True, OFF=K._MAGIC_OFF)
 slots = {"table_ptr": "*i64", "order_ptr": "*i64", "bounds_ptr": "*i64"}
