@@ -26,12 +26,13 @@ back as separate tensors), `ready()` notices: quantized projections (qlinear.Qua
 Triton kernels) are called as they are between three compiled pieces per layer (norm; rotary, cache
 and attention; o_proj's residual, norm and router), 16-bit ones are fused again.
 
-Modes: "compile" (inductor, extern cuBLAS matrix products; the router's top-k as argmax passes
-fused with its softmax), "compile-reduce" (the same, but at batch 1 the projections and the
-attention are written as multiply-and-sum reductions, so inductor generates them and fuses their
-neighbours), "compile-autotune" (inductor's max-autotune: matrix products may become Triton
-templates with fused epilogues; minutes of compiling) and "eager" (the same functions uncompiled:
-fewer kernels than Hugging Face's modules, no compile time). Which is fastest is the GPU's to say
+Modes: "compile" (inductor, extern cuBLAS matrix products but the router's at batch 1, a
+reduction inductor writes; the router's top-k as max passes fused with its softmax),
+"compile-reduce" (the same, but at batch 1 the projections and the attention are written as
+multiply-and-sum reductions, so inductor generates them and fuses their neighbours),
+"compile-autotune" (inductor's max-autotune: matrix products may become Triton templates with fused
+epilogues; minutes of compiling) and "eager" (the same functions uncompiled: fewer kernels than
+Hugging Face's modules, no compile time). Which is fastest is the GPU's to say
 (`python -m experiments.profile_step --fast-layers off,compile,compile-reduce,compile-autotune`).
 """
 
@@ -126,9 +127,9 @@ def _rotate_half(x):
 
 def _topk(p, k: int):
     """torch.topk(p, k, -1) for a few experts, as k max passes over the row, each masking the one
-    before: a compiler fuses them with the softmax into one small reduction (torch.topk is a library
-    call of its own; a gather and a scatter between the passes cut it into four kernels on the
-    H200). Largest first; ties to the lower index, as torch.argmax."""
+    before with a where, so a compiler can fuse them with the softmax (torch.topk is a library call
+    of its own; with a gather and a scatter between the passes inductor made four kernels of them on
+    the H200). Largest first; ties to the lower index, as torch.argmax."""
     values, indices = [], []
     ids = torch.arange(p.shape[-1], device=p.device)
     for _ in range(k):

@@ -1018,7 +1018,9 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
     rows = I if bits >= 4 else I // 2  # gate_up's programs cover rows (2-bit: two per code)
     gu_grid = (S, triton.cdiv(rows, cfg["gu_j"]))
-    side = dict(COUNT=count is not None, ZERO_BLOCK=triton.next_power_of_2(triton.cdiv(H, gu_grid[1])) if zero_out else 0)
+    # the programs of a slot zero its token's row in blocks of ZERO_BLOCK (one block each)
+    zero_block = triton.next_power_of_2(triton.cdiv(H, gu_grid[1])) if zero_out else 0
+    side = dict(COUNT=count is not None, ZERO_BLOCK=zero_block)
     side_ptrs = (count if count is not None else slot_ptrs, out)
     if bits == 16:
         _gate_up_kernel[gu_grid](

@@ -128,7 +128,7 @@ def test_a_layers_table_and_top_k_index_count_the_routing_and_zero_out_in_the_ke
     torch.testing.assert_close(again, 2 * got, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="count needs slot_index"):
         kernels.moe_experts(x[:2], table[:2], weights[0], layout, count=count)
-    with pytest.raises(ValueError, match="slot_token is needed when slots \\(5\\) are not a multiple of tokens \\(3\\)"):
+    with pytest.raises(ValueError, match=r"slot_token is needed when slots \(5\) are not a multiple of tokens \(3\)"):
         kernels.moe_experts(x, table, weights.flatten()[:5], layout, slot_index=index.flatten()[:5])
 
 
@@ -323,7 +323,8 @@ side = {"cnt_ptr": "*i64", "out_ptr": "*fp32"}
 lean, plain = dict(INDEXED=True, TOKEN_DIV=2), dict(INDEXED=False, TOKEN_DIV=0)
 for bits in (8, 4, 2):
     for flags, work in ((lean, dict(COUNT=True, ZERO_BLOCK=4)), (plain, dict(COUNT=False, ZERO_BLOCK=0))):
-        ptx = compile_(K._gate_up_int_kernel, {**act, **slot, **side, "h_ptr": "*fp32"}, dict(expert, BITS=bits, **flags, **work))
+        ptx = compile_(K._gate_up_int_kernel, {**act, **slot, **side, "h_ptr": "*fp32"},
+                       dict(expert, BITS=bits, **flags, **work))
         assert "dp2a.hi" in ptx and ("red.global.gpu.relaxed.add.u64" in ptx) == work["COUNT"]  # the count
         ptx = compile_(K._down_int_kernel, {**act, **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
                        dict(expert, BITS=bits, SPLIT_K=4, **flags))

@@ -95,10 +95,11 @@ def test_quant_linear_module_takes_the_kernels_up_to_the_limit_and_dequantizes_b
 
 def test_bad_input_is_one_line_naming_the_problem():
     layout, buf = _matrix(64, 128, 8, torch.float32, device=DEV)
+    zeros = lambda columns: torch.zeros(1, columns, device=DEV)  # noqa: E731
     checks = [
-        (lambda: ql.qlinear(torch.zeros(1, 64, device=DEV), buf, layout), "x has 64 columns but the quantized matrix is 64x128"),
-        (lambda: ql.qlinear(torch.zeros(1, 128, device=DEV), buf, layout, path="tiles"), "path='tiles' is not a kernel"),
-        (lambda: ql.qlinear(torch.zeros(1, 128, device=DEV), buf, layout, split=3), "split=3 does not cut K=128"),
+        (lambda: ql.qlinear(zeros(64), buf, layout), "x has 64 columns but the quantized matrix is 64x128"),
+        (lambda: ql.qlinear(zeros(128), buf, layout, path="tiles"), "path='tiles' is not a kernel"),
+        (lambda: ql.qlinear(zeros(128), buf, layout, split=3), "split=3 does not cut K=128"),
         (lambda: ql.linear_layout(64, 96, 4, torch.float32, 64), "group_size=64 does not divide the input dimension"),
         (lambda: ql.linear_layout(63, 128, 4, torch.float32, 64), "odd number of rows"),
         (lambda: ql.linear_layout(64, 128, 2, torch.float32, 64), "bits=2 is not a quantized linear precision"),
