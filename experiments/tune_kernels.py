@@ -1,13 +1,15 @@
 """Sweep the slot kernels' block sizes on this GPU, at the two Mixtral experts of one decode token
-(batch 1, top-2: the slots decode runs), and keep the fastest per precision in placement/kernel_blocks.json under the GPU's name (read by placement.kernels at
-its first launch on that GPU: tuned once per GPU model, never at start).
+(batch 1, top-2: the slots decode runs), and keep the fastest per precision in
+placement/kernel_blocks.json under the GPU's name (read by placement.kernels at its first launch on
+that GPU: tuned once per GPU model, never at start).
 
     python -m experiments.tune_kernels --out experiments/results/tune_kernels_h200.csv
 
 A coordinate search: gate_up's (rows, K chunk, warps) with down at its current blocks, then down's
-with the best gate_up, then the pipeline stages of both. Every candidate is checked against the default blocks' output before it is
-timed (kernels.bench's CUDA-graph timer over copies of the expert that exceed the L2 cache). Prints
-each precision's table and the bandwidth of the winner; writes every timing to --out.
+with the best gate_up, then the pipeline stages of both. Every candidate is checked against the
+default blocks' output before it is timed (kernels.bench's CUDA-graph timer over copies of the
+expert that exceed the L2 cache). Prints each precision's table and the bandwidth of the winner;
+writes every timing to --out.
 """
 
 from __future__ import annotations
