@@ -48,17 +48,19 @@ log = logging.getLogger(__name__)
 # dequantize-and-multiply kernels; longer inputs (prefill, perplexity) use dequantize-then-matmul,
 # which at that size is compute-bound anyway. 64 covers the decode batch buckets a server captures.
 KERNEL_MAX_TOKENS = 64
-# From this many tokens per routed expert (expected, see tokens_per_expert) the kernels run grouped
-# by expert (kernels.moe_experts_grouped: an expert read once per block of its tokens), below it per
-# (token, expert) slot (kernels.moe_experts: once per token, at a higher bandwidth; the grouped
-# kernels spend more instructions per weight unpacking codes for tl.dot). Measured on an H200, a
-# Mixtral layer (8 experts, top-2, bf16): the slot kernels are faster up to 4 tokens (1.46 per
-# expert; up to 1.3x at 4 and 2 bits), the grouped ones from 6 at 16 and 2 bits (1.82 per expert)
-# and from 8 at 4 bits (1.3-1.7x faster at 8, 6.5x at 64). Batch 1 (1 per expert) keeps the slot
-# kernels, so it is no slower than before. (Measured with the float-code slot kernels; the integer-
-# activation ones are 15-25% faster at 4 and 2 bits, which likely moves the quantized crossover up to
-# 2.5-3.5 tokens per expert by one-expert timings; not re-measured per layer yet.)
-GROUPED_MIN_TOKENS_PER_EXPERT = 1.6
+# By precision: from this many tokens per routed expert (expected, see tokens_per_expert) a layer's
+# experts at that precision run grouped by expert (kernels.moe_experts_grouped: an expert read once
+# per block of its tokens), below it per (token, expert) slot (kernels.moe_experts: once per token,
+# at a higher bandwidth; the grouped kernels spend more instructions per weight unpacking codes for
+# tl.dot). `python -m experiments.bench_grouping` on an H200 (a Mixtral layer, 8 experts, top-2,
+# random routing; experiments/results/bench_grouping_h200.csv), grouped time over slots:
+# - 16-bit: 0.99 at 4 tokens (1.46 per expert), 0.91 at 5, 0.43 at 16;
+# - 8-bit: 1.22 at 8 tokens (2.22), 0.98 at 12 (3.10);
+# - 4-bit: 1.95 at 5 tokens, 1.42 at 8, 1.06 at 12, 0.81 at 16 (4.04);
+# - 2-bit: 1.16 at 12, 0.92 at 16, 1.02 at 24, 0.77 at 32 (taken from 16, as 4-bit).
+# (Until 2026-12-02 one threshold, 1.6, sent quantized experts to the grouped kernels from 5 tokens,
+# up to 2x slower; it was measured before the integer-activation slot kernels.)
+GROUPED_MIN_TOKENS_PER_EXPERT = {16: 1.6, 8: 2.66, 4: 3.57, 2: 3.57}
 
 
 def tokens_per_expert(tokens: int, top_k: int, num_experts: int) -> float:
@@ -132,8 +134,10 @@ class EngineExperts(nn.Module):
         T, k = top_k_index.shape
         kernel_path = eng.kernel_path(T)
         fast_bits = eng.kernel_tables.fast_bits[layer] if kernel_path else ()
-        slots = fast_bits and tokens_per_expert(T, k, self.num_experts) < GROUPED_MIN_TOKENS_PER_EXPERT  # (shapes)
-        if not slots:  # (the slot kernels count while they run: no launches of its own at decode)
+        per_expert = tokens_per_expert(T, k, self.num_experts)  # (from shapes: the same at every step)
+        grouped = [bits for bits in fast_bits if per_expert >= GROUPED_MIN_TOKENS_PER_EXPERT[bits]]
+        slots = fast_bits and not grouped  # all slot kernels: the first counts and zeroes out itself
+        if not slots:
             eng.routed[layer].index_add_(0, flat, torch.ones_like(flat))  # no host sync (CUDA-graph safe)
         if not kernel_path:
             out = torch.zeros_like(hidden_states)
@@ -143,23 +147,24 @@ class EngineExperts(nn.Module):
         # the layer, reading expert addresses from a device table (no host sync, so the step can be
         # a CUDA graph); only host experts and precisions without a kernel go through the
         # per-expert loop. A few tokens run per (token, expert) slot; more are grouped by expert on
-        # the device, so an expert chosen by n tokens is read once per block of them, not n times.
+        # the device, so an expert chosen by n tokens is read once per block of them, not n times
+        # (where that pays depends on the precision: GROUPED_MIN_TOKENS_PER_EXPERT).
         eng.stats.kernel_layers += 1
         tables = eng.kernel_tables
-        if slots:  # the first precision's kernels also zero out and count the routing
+        if slots:
             out = torch.empty(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
-            for i, bits in enumerate(fast_bits):
-                kernels.moe_experts(hidden_states, tables.tables[bits][layer], top_k_weights.flatten(),
-                                    eng.layout(bits, eng.plan.group_size), slot_index=flat, out=out,
-                                    count=eng.routed[layer] if i == 0 else None, zero_out=i == 0)
         else:
             out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-            if fast_bits:
-                groups = kernels.group_tokens(top_k_index, self.num_experts)  # one grouping for every precision
-                for bits in fast_bits:
-                    kernels.moe_experts_grouped(hidden_states, tables.tables[bits][layer], top_k_index,
-                                                top_k_weights, eng.layout(bits, eng.plan.group_size), out=out,
-                                                groups=groups)
+        groups = kernels.group_tokens(top_k_index, self.num_experts) if grouped else None  # one for all
+        for i, bits in enumerate(fast_bits):
+            table, layout = tables.tables[bits][layer], eng.layout(bits, eng.plan.group_size)
+            if bits in grouped:
+                kernels.moe_experts_grouped(hidden_states, table, top_k_index, top_k_weights, layout, out=out,
+                                            groups=groups)
+            else:
+                first = slots and i == 0
+                kernels.moe_experts(hidden_states, table, top_k_weights.flatten(), layout, slot_index=flat, out=out,
+                                    count=eng.routed[layer] if first else None, zero_out=first)
         if tables.layer_eager[layer]:
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, tables.eager_mask[layer])
         else:
@@ -408,8 +413,8 @@ class Engine:
         n = x.shape[0]
         if n <= KERNEL_MAX_TOKENS and self.kernel_supported(layout, layer):
             table = self.cache.slot_table[slot : slot + 1]  # [1]: the slot's address
-            if n < GROUPED_MIN_TOKENS_PER_EXPERT:  # one row
-                y = kernels.moe_experts(x, table, x.new_ones(1), layout)
+            if n < GROUPED_MIN_TOKENS_PER_EXPERT[layout.bits]:  # a few rows: a slot (a weight read) each
+                y = kernels.moe_experts(x, table.expand(n), x.new_ones(n), layout)
             else:  # every row as a token routed to the one expert: its weights read once for all n
                 routed = torch.zeros(n, 1, dtype=torch.int64, device=x.device)
                 y = kernels.moe_experts_grouped(x, table, routed, x.new_ones(n, 1), layout)

@@ -250,13 +250,16 @@ def count_kernel_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def test_the_grouped_kernels_take_over_from_about_5_tokens_of_a_mixtral_layer():
-    # 8 experts, top-2 (the H200 measurement behind the threshold): slots up to 4 tokens, grouped from 5
+def test_the_grouped_kernels_take_over_where_they_were_measured_faster_for_each_precision():
+    # a Mixtral layer, 8 experts, top-2 (experiments/bench_grouping on an H200): 16-bit grouped from 5
+    # tokens, 8-bit from 12, 4- and 2-bit from 16
     assert tokens_per_expert(1, 2, 8) == pytest.approx(1.0)  # batch 1: one token per routed expert
-    assert [tokens_per_expert(t, 2, 8) >= GROUPED_MIN_TOKENS_PER_EXPERT for t in (1, 2, 4, 5, 8, 64)] == [
-        False, False, False, True, True, True]
-    # with 64 experts and top-8 (OLMoE) fewer tokens share an expert: grouped from 9-12 tokens
-    assert tokens_per_expert(8, 8, 64) < GROUPED_MIN_TOKENS_PER_EXPERT <= tokens_per_expert(12, 8, 64)
+    batches = (1, 2, 4, 5, 8, 12, 16, 64)
+    first = {bits: next(t for t in batches if tokens_per_expert(t, 2, 8) >= least)
+             for bits, least in GROUPED_MIN_TOKENS_PER_EXPERT.items()}
+    assert first == {16: 5, 8: 12, 4: 16, 2: 16}
+    # with 64 experts and top-8 (OLMoE) fewer tokens share an expert: 16-bit grouped from 9-12 tokens
+    assert tokens_per_expert(8, 8, 64) < GROUPED_MIN_TOKENS_PER_EXPERT[16] <= tokens_per_expert(12, 8, 64)
 
 
 @needs_triton
@@ -269,18 +272,25 @@ def test_batched_decode_step_on_the_grouped_kernels_matches_the_per_expert_path(
     assert not any(engine.layer_eager)
     launches = sum(len(bits) for bits in engine.fast_bits)  # (layer, precision) pairs, one grouping per layer
     calls = count_kernel_calls(monkeypatch)
-    ids = torch.randint(0, 512, (12, 1), generator=torch.Generator().manual_seed(3))  # 12 sequences, 1 token
+    ids = torch.randint(0, 512, (16, 1), generator=torch.Generator().manual_seed(3))  # 16 sequences, 1 token
     with torch.no_grad():
-        fused = model(ids).logits  # [12, 1, V]: every MoE layer call has 12 rows
+        fused = model(ids).logits  # [16, 1, V]: every MoE layer call has 16 rows
         assert calls == {"slots": 0, "grouped": launches} and engine.stats.kernel_layers == spec.num_layers
+        # 12 rows: 16-bit experts grouped, 4-bit ones in slots (the output zeroed and the routing
+        # counted by the layer, not by the first slot kernel)
+        routed = engine.routed.clone()
+        mixed = model(ids[:12]).logits
+        assert calls == {"slots": spec.num_layers, "grouped": launches + spec.num_layers}
+        assert (engine.routed - routed).sum(dim=1).tolist() == [12 * spec.top_k] * spec.num_layers
         model(ids[:1])  # batch 1: the slot kernels
-        assert calls == {"slots": launches, "grouped": launches}
-        assert engine.stats.kernel_layers == 2 * spec.num_layers
+        assert calls == {"slots": spec.num_layers + launches, "grouped": launches + spec.num_layers}
+        assert engine.stats.kernel_layers == 3 * spec.num_layers
         # a longer call (prefill) leaves the kernels
         assert engine.kernel_path(KERNEL_MAX_TOKENS) and not engine.kernel_path(KERNEL_MAX_TOKENS + 1)
         engine.configure(use_kernels=False)
         eager = model(ids).logits
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed, eager[:12], rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
@@ -297,6 +307,8 @@ def test_a_fetched_expert_runs_all_its_rows_in_one_grouped_kernel_call(fresh, mo
     assert calls == {"slots": 0, "grouped": 1}
     torch.testing.assert_close(engine.run_expert(1, 3, x[:1]), expected[:1], rtol=1e-4, atol=1e-4)
     assert calls == {"slots": 1, "grouped": 1}
+    torch.testing.assert_close(engine.run_expert(1, 3, x[:3]), expected[:3], rtol=1e-4, atol=1e-4)  # 3 slots
+    assert calls == {"slots": 2, "grouped": 1}
 
 
 def test_pinned_host_buffers_own_their_pages_and_are_unregistered_with_their_store(monkeypatch):
