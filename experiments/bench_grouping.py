@@ -88,7 +88,7 @@ def bench(bits_list, tokens, hidden: int, inter: int, experts: int = 8, top_k: i
                              bits=bits, tokens=T, tokens_per_expert=round(tokens_per_expert(T, top_k, experts), 3),
                              slots_ms=ms["slots"], grouped_ms=ms["grouped"],
                              grouped_over_slots=ms["grouped"] / ms["slots"], rel_diff=err))
-        del bufs, tables
+        bufs = tables = None  # (freed before the next precision allocates its layer)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows
