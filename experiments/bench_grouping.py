@@ -13,7 +13,10 @@ outputs are compared before timing. Prints a table per precision and the crossov
 tokens per routed expert (engine.tokens_per_expert, what the engine decides by), and writes every
 timing to --out.
 
-    python -m experiments.bench_grouping --out experiments/results/bench_grouping_h200.csv
+    python -m experiments.bench_grouping --out experiments/results/bench_grouping_h200.csv [--save]
+
+--save merges this GPU's crossovers into placement/grouping_thresholds.json under its name, which
+the engine reads at start (engine.grouping_thresholds): measured once per GPU model, never at start.
 
 Without CUDA it runs a small layer in Triton's interpreter (a check of the machinery: the times
 are the interpreter's).
@@ -22,12 +25,14 @@ are the interpreter's).
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from placement import kernels
-from placement.engine import GROUPED_MIN_TOKENS_PER_EXPERT, tokens_per_expert
+from placement.engine import TUNED_GROUPING, grouping_thresholds, tokens_per_expert
 from placement.packed import expert_layout
 
 TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
@@ -94,13 +99,17 @@ def bench(bits_list, tokens, hidden: int, inter: int, experts: int = 8, top_k: i
     return rows
 
 
+# grouped within this fraction of the slots' time counts as a tie, not a loss (the machines are noisy)
+TIE = 0.05
+
+
 def crossover(rows: list[dict], bits: int) -> float | None:
-    """Expected tokens per expert midway between the last batch where the slots win and the first from
-    which the grouped kernels win at every larger batch (None: the slots win throughout)."""
+    """Expected tokens per expert midway between the batch before the first where the grouped kernels
+    win and from which they never lose by more than TIE, and that batch (None: no such batch)."""
     mine = sorted((r for r in rows if r["bits"] == bits), key=lambda r: r["tokens"])
     first = None
     for i, r in enumerate(mine):
-        if all(s["grouped_over_slots"] < 1 for s in mine[i:]):
+        if r["grouped_over_slots"] < 1 and all(s["grouped_over_slots"] <= 1 + TIE for s in mine[i:]):
             first = i
             break
     if first is None:
@@ -108,6 +117,19 @@ def crossover(rows: list[dict], bits: int) -> float | None:
     if first == 0:
         return mine[0]["tokens_per_expert"]
     return (mine[first - 1]["tokens_per_expert"] + mine[first]["tokens_per_expert"]) / 2
+
+
+def save_thresholds(path: Path, device_name: str, crossovers: dict[int, float | None]) -> dict:
+    """Merge a GPU's crossovers (those found: None is left out, the default stays) into the JSON at
+    `path`, by GPU name and precision; returns what the file holds now."""
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        table = {}
+    entry = table.setdefault(device_name, {})
+    entry.update({str(bits): round(c, 3) for bits, c in sorted(crossovers.items()) if c is not None})
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    return table
 
 
 def main(argv=None) -> None:
@@ -118,8 +140,12 @@ def main(argv=None) -> None:
     parser.add_argument("--inter", type=int, help="default: 14336 on a GPU, 256 in the interpreter")
     parser.add_argument("--iters", type=int, help="calls timed per row (default 100 on a GPU, 2 on the CPU)")
     parser.add_argument("--out", help="CSV of every timing")
+    parser.add_argument("--save", nargs="?", const=str(TUNED_GROUPING), metavar="JSON",
+                        help="merge this GPU's crossovers into JSON (default: the engine's, %(const)s)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
+    if args.save and not gpu:
+        parser.error("--save keeps a GPU's crossovers; without CUDA the kernels run in the interpreter")
     try:
         bits_list = [int(b) for b in args.bits.split(",")]
         tokens = [int(t) for t in args.tokens.split(",")]
@@ -135,14 +161,18 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['bits']:4d} {r['tokens']:6d} {r['tokens_per_expert']:10.2f} {r['slots_ms']:9.4f} "
               f"{r['grouped_ms']:10.4f} {r['grouped_over_slots']:13.2f}")
-    for bits in bits_list:
-        c = crossover(rows, bits)
-        where = "the slots win at every batch" if c is None else f"grouped from {c:.2f} tokens per expert"
-        print(f"{bits:2d}-bit: {where} (engine: {GROUPED_MIN_TOKENS_PER_EXPERT[bits]})")
+    name = rows[0]["device"]
+    engine = grouping_thresholds(name if gpu else None)
+    crossovers = {bits: crossover(rows, bits) for bits in bits_list}
+    for bits, c in crossovers.items():
+        where = "no batch where grouped wins for good" if c is None else f"grouped from {c:.2f} tokens per expert"
+        print(f"{bits:2d}-bit: {where} (engine now: {engine[bits]})")
     worst = max(r["rel_diff"] for r in rows)
     print(f"largest difference between the paths' outputs, relative to the largest output: {worst:.1e}")
     if args.out:
         kernels.write_rows(rows, args.out)
+    if args.save:
+        print(f"{args.save}: {name}: {save_thresholds(Path(args.save), name, crossovers)[name]}")
 
 
 if __name__ == "__main__":

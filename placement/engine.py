@@ -22,10 +22,12 @@ Without CUDA the accelerator is the CPU: the same code paths run and bytes are s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +54,34 @@ KERNEL_MAX_TOKENS = 64
 # experts at that precision run grouped by expert (kernels.moe_experts_grouped: an expert read once
 # per block of its tokens), below it per (token, expert) slot (kernels.moe_experts: once per token,
 # at a higher bandwidth; the grouped kernels spend more instructions per weight unpacking codes for
-# tl.dot). `python -m experiments.bench_grouping` on an H200 (a Mixtral layer, 8 experts, top-2,
-# random routing; experiments/results/bench_grouping_h200.csv), grouped time over slots:
-# - 16-bit: 0.99 at 4 tokens (1.46 per expert), 0.91 at 5, 0.43 at 16;
+# tl.dot). The crossovers `python -m experiments.bench_grouping` found on an H200 (a Mixtral layer,
+# 8 experts, top-2, random routing; experiments/results/bench_grouping_h200.csv), grouped time over
+# slots:
+# - 16-bit: 1.06 at 3 tokens (1.30 per expert), 0.99 at 4 (1.46), 0.91 at 5, 0.43 at 16;
 # - 8-bit: 1.22 at 8 tokens (2.22), 0.98 at 12 (3.10);
 # - 4-bit: 1.95 at 5 tokens, 1.42 at 8, 1.06 at 12, 0.81 at 16 (4.04);
-# - 2-bit: 1.16 at 12, 0.92 at 16, 1.02 at 24, 0.77 at 32 (taken from 16, as 4-bit).
+# - 2-bit: 1.16 at 12, 0.92 at 16, 1.02 at 24 (a tie), 0.77 at 32.
 # (Until 2026-12-02 one threshold, 1.6, sent quantized experts to the grouped kernels from 5 tokens,
-# up to 2x slower; it was measured before the integer-activation slot kernels.)
-GROUPED_MIN_TOKENS_PER_EXPERT = {16: 1.6, 8: 2.66, 4: 3.57, 2: 3.57}
+# up to 2x slower; it was measured before the integer-activation slot kernels.) Other GPUs: their
+# entry in grouping_thresholds.json (bench_grouping --save), else these.
+GROUPED_MIN_TOKENS_PER_EXPERT = {16: 1.38, 8: 2.66, 4: 3.57, 2: 3.57}
+TUNED_GROUPING = Path(__file__).with_name("grouping_thresholds.json")
+
+
+def grouping_thresholds(device_name: str | None, path: Path = TUNED_GROUPING) -> dict[int, float]:
+    """GROUPED_MIN_TOKENS_PER_EXPERT with the entry of `path` (a JSON object by GPU name) for
+    `device_name` over it; precisions it lacks keep the defaults. No entry, no file, no GPU (None):
+    the defaults."""
+    thresholds = dict(GROUPED_MIN_TOKENS_PER_EXPERT)
+    if device_name is None:
+        return thresholds
+    try:
+        entry = json.loads(path.read_text()).get(device_name, {})
+        thresholds.update({int(bits): float(v) for bits, v in entry.items() if int(bits) in thresholds})
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        if not isinstance(e, FileNotFoundError):
+            log.warning("ignoring %s (%s): the default grouping thresholds apply", path, e)
+    return thresholds
 
 
 def tokens_per_expert(tokens: int, top_k: int, num_experts: int) -> float:
@@ -135,7 +156,7 @@ class EngineExperts(nn.Module):
         kernel_path = eng.kernel_path(T)
         fast_bits = eng.kernel_tables.fast_bits[layer] if kernel_path else ()
         per_expert = tokens_per_expert(T, k, self.num_experts)  # (from shapes: the same at every step)
-        grouped = [bits for bits in fast_bits if per_expert >= GROUPED_MIN_TOKENS_PER_EXPERT[bits]]
+        grouped = [bits for bits in fast_bits if per_expert >= eng.grouping[bits]]
         slots = fast_bits and not grouped  # all slot kernels: the first counts and zeroes out itself
         if not slots:
             eng.routed[layer].index_add_(0, flat, torch.ones_like(flat))  # no host sync (CUDA-graph safe)
@@ -241,6 +262,8 @@ class Engine:
         self.spec = self.adapter.spec(model)
         self.accel = torch.device(accel if accel is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.on_cuda = self.accel.type == "cuda"
+        # tokens per expert from which each precision's kernels run grouped (GROUPED_MIN_TOKENS_PER_EXPERT)
+        self.grouping = grouping_thresholds(torch.cuda.get_device_name(self.accel) if self.on_cuda else None)
         self.pin = self.on_cuda if pin is None else pin
         self.host = torch.device("cpu")
         self.dtype = self.spec.dtype
@@ -413,7 +436,7 @@ class Engine:
         n = x.shape[0]
         if n <= KERNEL_MAX_TOKENS and self.kernel_supported(layout, layer):
             table = self.cache.slot_table[slot : slot + 1]  # [1]: the slot's address
-            if n < GROUPED_MIN_TOKENS_PER_EXPERT[layout.bits]:  # a few rows: a slot (a weight read) each
+            if n < self.grouping[layout.bits]:  # a few rows: a slot (a weight read) each
                 y = kernels.moe_experts(x, table.expand(n), x.new_ones(n), layout)
             else:  # every row as a token routed to the one expert: its weights read once for all n
                 routed = torch.zeros(n, 1, dtype=torch.int64, device=x.device)
