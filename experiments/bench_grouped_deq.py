@@ -232,7 +232,8 @@ def compare(hidden: int, inter: int, cases, iters: int, device) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_grouped_deq", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_grouped_deq",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--out", help="CSV of the rows (GPU)")
     args = parser.parse_args(argv)

@@ -157,7 +157,8 @@ def main(argv=None) -> None:
     rows = bench(bits_list, tokens, args.hidden or (4096 if gpu else 128), args.inter or (14336 if gpu else 256),
                  iters=args.iters or (100 if gpu else 2))
     print(f"one layer of 8 experts, top-2, random routing: {rows[0]['device']}")
-    print(f"{'bits':>4s} {'tokens':>6s} {'per expert':>10s} {'slots ms':>9s} {'grouped ms':>10s} {'grouped/slots':>13s}")
+    print(f"{'bits':>4s} {'tokens':>6s} {'per expert':>10s} {'slots ms':>9s} {'grouped ms':>10s} "
+          f"{'grouped/slots':>13s}")
     for r in rows:
         print(f"{r['bits']:4d} {r['tokens']:6d} {r['tokens_per_expert']:10.2f} {r['slots_ms']:9.4f} "
               f"{r['grouped_ms']:10.4f} {r['grouped_over_slots']:13.2f}")
