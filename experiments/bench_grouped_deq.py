@@ -7,7 +7,8 @@ s * (q @ x - z * sum(x)). Each step's wgmma must finish before that scaling, so 
 and the loads never overlap across steps. Here each step turns its codes into weights in bf16,
 (q - z) * s, with two packed instructions per two weights (`sub.rn.bf16x2` takes the magic
 number's 128 off, `fma.rn.bf16x2` scales), and the dot adds into one accumulator over the whole
-K range, as Marlin-style kernels do. -z * s is rounded to bf16 once per group and row, which is
+K range, as Marlin-style kernels do. down reads h = silu(gate) * up ready-made in bf16 (a small
+pass between the kernels), so its dots chain too. -z * s is rounded to bf16 once per group and row, which is
 about the rounding of HQQ's own bf16 dequantization.
 
     python -m experiments.bench_grouped_deq --out experiments/results/bench_grouped_deq_h200.csv
@@ -116,14 +117,16 @@ def _gate_up_deq_kernel(
 
 @K._jit
 def _down_deq_kernel(
-    gu_ptr, table_ptr, order_ptr, bounds_ptr, wt_ptr, out_ptr,
+    h_ptr, table_ptr, order_ptr, bounds_ptr, wt_ptr, out_ptr,
     H: tl.constexpr, I: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
 ):
     """As placement.kernels._down_grouped_kernel at 4 bits, with the weights dequantized per group
-    before one accumulating dot."""
+    before one accumulating dot, and h = silu(gate) * up read ready-made ([T*k, I] in the model's
+    dtype, by sorted position): a tile computed in registers would go to shared memory for the
+    dot at every step and make each dot wait for the one before."""
     e = tl.program_id(1)
     addr = tl.load(table_ptr + e)
     if addr != 0:
@@ -148,9 +151,7 @@ def _down_deq_kernel(
             a0 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
             a1 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
             for k0 in range(kstart, kstart + KS, GS):
-                gp = gu_ptr + p[None, :] * (2 * I) + k0 + kk[:, None]
-                ht = K._silu_mul(tl.load(gp, mask=pm[None, :], other=0.0), tl.load(gp + I, mask=pm[None, :], other=0.0))
-                ht = ht.to(DTYPE).to(DOT)  # rounded to the model's dtype, as in the eager expert
+                ht = tl.load(h_ptr + p[None, :] * I + k0 + kk[:, None], mask=pm[None, :], other=0.0).to(DOT)
                 b = tl.load(base + W_OFF + j[:, None] * I + k0 + kk[None, :], mask=jm[:, None], other=0)
                 grp = j * ROWG + k0 // GS
                 c0, c1 = K._codes4(b, DOT, FAST)
@@ -189,8 +190,10 @@ def moe_experts_grouped_deq(x: torch.Tensor, table: torch.Tensor, top_k_index: t
     _gate_up_deq_kernel[(blocks, E, triton.cdiv(I, cfg["gu_j"]) * cfg["gu_split"])](
         x.contiguous(), table.contiguous(), groups.order, groups.bounds, gu, W_OFF=offs[0][0], S_OFF=offs[0][1],
         Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], SPLIT_K=cfg["gu_split"], **common)
+    # h rounded to the model's dtype, as in the eager expert and the engine's grouped kernels
+    h = (torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]).to(x.dtype)
     _down_deq_kernel[(blocks, E, triton.cdiv(H // 2, cfg["dn_j"]) * cfg["dn_split"])](
-        gu, table.contiguous(), groups.order, groups.bounds, top_k_weights.reshape(-1).contiguous(), out,
+        h, table.contiguous(), groups.order, groups.bounds, top_k_weights.reshape(-1).contiguous(), out,
         W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], SPLIT_K=cfg["dn_split"], **common)
     return out
 
