@@ -63,6 +63,16 @@ def _scale_zero(sc, zr, grp, jm, DTYPE: tl.constexpr):
 
 
 @K._jit
+def _expert(addr, bounds_ptr, e, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """Expert e's buffer at addr (fields 64-byte aligned), its scales and zeros, and the range
+    [start, end) of its slots in the expert-sorted order."""
+    base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+    sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+    zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+    return base, sc, zr, tl.load(bounds_ptr + e).to(tl.int32), tl.load(bounds_ptr + e + 1).to(tl.int32)
+
+
+@K._jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -83,11 +93,7 @@ def _gate_up_deq_kernel(
     e = tl.program_id(1)
     addr = tl.load(table_ptr + e)
     if addr != 0:
-        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
-        sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-        zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-        start = tl.load(bounds_ptr + e).to(tl.int32)
-        end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        base, sc, zr, start, end = _expert(addr, bounds_ptr, e, S_OFF, Z_OFF, DTYPE)
         ROWG: tl.constexpr = H // GS
         KS: tl.constexpr = H // SPLIT_K
         j = (tl.program_id(2) // SPLIT_K) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -130,11 +136,7 @@ def _down_deq_kernel(
     e = tl.program_id(1)
     addr = tl.load(table_ptr + e)
     if addr != 0:
-        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
-        sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-        zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-        start = tl.load(bounds_ptr + e).to(tl.int32)
-        end = tl.load(bounds_ptr + e + 1).to(tl.int32)
+        base, sc, zr, start, end = _expert(addr, bounds_ptr, e, S_OFF, Z_OFF, DTYPE)
         R: tl.constexpr = H // 2  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
         ROWG: tl.constexpr = I // GS
         KS: tl.constexpr = I // SPLIT_K

@@ -1,4 +1,8 @@
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +69,24 @@ def stop_processes(find) -> list[int]:
         while find() and time.monotonic() < deadline:
             time.sleep(0.2)
     return list(find())
+
+
+@pytest.fixture
+def cross_compile(tmp_path):
+    """Run a script that compiles kernels for sm_90 (kernels defined with triton.jit, in a fresh
+    process with its own Triton cache) and return its stdout, after checking that it exits cleanly
+    and prints "compiled". Skips where triton has no NVIDIA backend with ptxas."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton has no NVIDIA backend with ptxas here")
+
+    def run(script: str) -> str:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root), "TRITON_CACHE_DIR": str(tmp_path)}
+        env.pop("TRITON_INTERPRET", None)
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+        return done.stdout
+
+    return run
