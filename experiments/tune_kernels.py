@@ -26,6 +26,10 @@ from placement.packed import expert_layout
 
 GATE_UP = list(itertools.product((8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8)))
 DOWN = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))
+# a candidate replaces the incumbent only if it is this much faster: timings of equal blocks differ by
+# about 1%, and a choice won by noise at two slots can be 20% slower at other slot counts (H100,
+# 16-bit: 0.6% faster at two slots, 21% slower at four tokens of one expert)
+MARGIN = 0.02
 
 
 def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype=torch.bfloat16) -> list[dict]:
@@ -75,17 +79,17 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
         for gu in GATE_UP:
             cfg = gu + best[3:]
             ms = timed(cfg, "gate_up")
-            if ms is not None and ms < best_ms:
+            if ms is not None and ms < best_ms * (1 - MARGIN):
                 best, best_ms = cfg, ms
         for dn in DOWN:
             cfg = best[:3] + dn
             ms = timed(cfg, "down")
-            if ms is not None and ms < best_ms:
+            if ms is not None and ms < best_ms * (1 - MARGIN):
                 best, best_ms = cfg, ms
         for stages in (1, 2, 4):
             cfg = best[:6] + (stages,)
             ms = timed(cfg, "stages")
-            if ms is not None and ms < best_ms:
+            if ms is not None and ms < best_ms * (1 - MARGIN):
                 best, best_ms = cfg, ms
         rows.append(dict(gpu=name, bits=bits, stage="best", blocks=list(best), ms=best_ms,
                          gbps=2 * layout.nbytes / best_ms / 1e6, error=""))  # (two experts, as every row)
