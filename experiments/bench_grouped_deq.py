@@ -168,9 +168,11 @@ def _down_deq_kernel(
 
 
 def moe_experts_grouped_deq(x: torch.Tensor, table: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor, layout, out: torch.Tensor | None = None) -> torch.Tensor:
+                            top_k_weights: torch.Tensor, layout, out: torch.Tensor | None = None,
+                            blocks: dict | None = None) -> torch.Tensor:
     """placement.kernels.moe_experts_grouped for 4-bit layouts, on the dequantize-per-group kernels
-    (the same blocks, grid and outputs)."""
+    (the same blocks, grid and outputs; `blocks` overrides gu_j, dn_j, warps, stages, and
+    split_scale multiplies both K splits, on a GPU)."""
     assert layout.bits == 4, "the experiment covers 4-bit experts"
     T, _ = x.shape
     H, I = K._dims(layout)
@@ -185,6 +187,13 @@ def moe_experts_grouped_deq(x: torch.Tensor, table: torch.Tensor, top_k_index: t
     dot = dtype if on_gpu else tl.float32
     fast = on_gpu and dot == tl.bfloat16
     launch = {"num_warps": K._GROUPED_GPU["warps"], "num_stages": K._GROUPED_GPU["stages"][4]} if on_gpu else {}
+    if blocks and on_gpu:
+        cfg.update({key: blocks[key] for key in ("gu_j", "dn_j") if key in blocks})
+        scale = blocks.get("split_scale", 1)
+        cfg["gu_split"] = max(1, int(cfg["gu_split"] * scale))
+        cfg["dn_split"] = max(1, int(cfg["dn_split"] * scale))
+        launch = {"num_warps": blocks.get("warps", launch["num_warps"]),
+                  "num_stages": blocks.get("stages", launch["num_stages"])}
     common = dict(H=H, I=I, GS=layout.group_size, DTYPE=dtype, TOP_K=k, BLOCK_M=cfg["bm"], DOT=dot,
                   IEEE=dot == tl.float32, FAST=fast, **launch)
     gu = (torch.zeros if cfg["gu_split"] > 1 else torch.empty)(T * k, 2 * I, dtype=torch.float32, device=x.device)
@@ -236,15 +245,61 @@ def compare(hidden: int, inter: int, cases, iters: int, device) -> list[dict]:
     return rows
 
 
+# blocks tried by --sweep: the engine's (gate_up and down rows 64, 4 warps, 3 stages) first
+SWEEP = [{}, {"stages": 2}, {"stages": 4}, {"stages": 5}, {"warps": 8}, {"warps": 8, "stages": 4},
+         {"gu_j": 128, "dn_j": 128}, {"gu_j": 128, "dn_j": 128, "stages": 4},
+         {"gu_j": 128, "dn_j": 128, "warps": 8}, {"gu_j": 128, "dn_j": 128, "warps": 8, "stages": 4},
+         {"gu_j": 32, "dn_j": 32}, {"gu_j": 32, "dn_j": 32, "stages": 4},
+         {"split_scale": 0.5}, {"split_scale": 2}, {"split_scale": 0.5, "stages": 4}]
+
+
+def sweep(hidden: int, inter: int, cases, iters: int, device) -> list[dict]:
+    """The dequantizing kernels' time at each of SWEEP's blocks, per (experts, tokens) case, after
+    checking each against the engine's output."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    layout = expert_layout(hidden, inter, 4, torch.bfloat16, 64)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    rows = []
+    for experts, tokens in cases:
+        copies = max(2, -(-2 * l2 // (experts * layout.nbytes)) + 1)
+        bufs = [[K.random_expert(layout, device, gen) for _ in range(experts)] for _ in range(copies)]
+        tables = [K.expert_table(b) for b in bufs]
+        x, idx, wts = _case(layout, experts, tokens, device, gen)
+        ref = K.moe_experts_grouped(x, tables[0], idx, wts, layout)
+        it = iter(range(1 << 62))
+        engine_ms = K.gpu_time_ms(lambda: K.moe_experts_grouped(x, tables[next(it) % copies], idx, wts, layout),
+                                  iters)
+        for blocks in SWEEP:
+            row = dict(experts=experts, tokens=tokens, blocks=str(blocks), engine_ms=engine_ms)
+            try:
+                got = moe_experts_grouped_deq(x, tables[0], idx, wts, layout, blocks=blocks)
+            except Exception as e:  # too many registers or too much shared memory for these blocks
+                row["error"] = str(e)[:100]
+            else:
+                row["rel_diff"] = ((got - ref).abs().max() / ref.abs().max()).item()
+                row["deq_ms"] = K.gpu_time_ms(lambda: moe_experts_grouped_deq(
+                    x, tables[next(it) % copies], idx, wts, layout, blocks=blocks), iters)
+                row["deq_over_engine"] = row["deq_ms"] / engine_ms
+            rows.append(row)
+            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_grouped_deq",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--out", help="CSV of the rows (GPU)")
+    parser.add_argument("--sweep", action="store_true", help="time the dequantizing kernels at several blocks (GPU)")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    if gpu:
+    if args.sweep:
+        if not gpu:
+            parser.error("--sweep needs CUDA")
+        rows = sweep(4096, 14336, [(8, 16), (8, 64), (1, 8)], args.iters, device)
+    elif gpu:
         rows = compare(4096, 14336, [(1, 1), (1, 4), (1, 16), (1, 32), (8, 16), (8, 32)], args.iters, device)
     else:
         print("no CUDA: the two forms compared in Triton's interpreter on a small expert (no timing)")
