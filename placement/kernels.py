@@ -888,6 +888,164 @@ def _down_grouped_kernel(
                 tl.atomic_add(orow + 3 * R, wt[None, :] * a3, mask=omask, sem="relaxed")
 
 
+# --- 4-bit grouped kernels that dequantize per group: long calls (prefill chunks) ---------------
+# The kernels above apply each group's scale and zero to that step's product, so every K step waits
+# for its tensor-core dot before the next (wgmma waits with 0 in flight in the sm_90 TTGIR). These
+# turn each group's codes into weights first, (q - z) * s in bf16 (two packed instructions per two
+# weights: `sub.rn.bf16x2` takes the magic number's 128 off, `fma.rn.bf16x2` scales), so the dots
+# accumulate across the whole K range with 3 in flight, as Marlin-style kernels do. down reads
+# h = silu(gate) * up ready-made in bf16 (a small pass between the kernels): a tile computed in
+# registers would go to shared memory at every step and make each dot wait for the one before.
+# Measured (`python -m experiments.bench_grouped_deq`, a Mixtral layer, 8 experts,
+# top-2, random routing; time over the kernels above) on an H100: 0.98 at 16 tokens, 0.75 at 32,
+# 0.77 at 64, 0.75 at 128, 0.72 at 256; one expert at 1-16 tokens 1.07-1.13. So they serve 4-bit
+# calls of DEQ_MIN_TOKENS tokens or more (prefill chunks), not decode.
+
+
+# (q - z) * s for two weights a word: the codes come from _codes4 as bf16 128 + q (0x4300 | q); -z * s
+# comes as bf16 hi + lo, lo added after the fused multiply-add: where q is near z the weight is small
+# and a rounded -z * s alone would be most of it (the same error for every weight of a group and row,
+# so it adds up over the group: 1.9% of the largest output on a small layer, against 0.5% for the
+# kernels above; with lo, as little as theirs)
+_ASM_DEQ = _constexpr("""{
+    .reg .b32 m, t;
+    mov.b32 m, 0x43004300;
+    sub.rn.bf16x2 t, $1, m;
+    fma.rn.bf16x2 t, t, $2, $3;
+    add.rn.bf16x2 $0, t, $4;
+    }""")
+
+
+@_jit
+def _deq(c, s, hi, lo, FAST: tl.constexpr):
+    """Weights (q - z) * s in the dot's type: codes c [BJ, GS] (FAST: bf16 128 + q; else q in DOT),
+    the rows' scales s and -z * s = hi + lo [BJ] (model dtype)."""
+    s2 = tl.broadcast_to(s[:, None], c.shape)
+    hi2 = tl.broadcast_to(hi[:, None], c.shape)
+    lo2 = tl.broadcast_to(lo[:, None], c.shape)
+    if FAST:
+        return tl.inline_asm_elementwise(_ASM_DEQ, "=r,r,r,r,r", [c, s2, hi2, lo2], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+    else:
+        return c * s2.to(c.dtype) + hi2.to(c.dtype) + lo2.to(c.dtype)
+
+
+@_jit
+def _scale_zero(sc, zr, grp, jm, DTYPE: tl.constexpr):
+    """The rows' scale and -zero * scale as hi + lo, for group index grp [BJ], in the model's dtype."""
+    s = tl.load(sc + grp, mask=jm, other=0.0)
+    z = tl.load(zr + grp, mask=jm, other=0.0)
+    nzs = -(z.to(tl.float32) * s.to(tl.float32))
+    hi = nzs.to(DTYPE)
+    return s, hi, (nzs - hi.to(tl.float32)).to(DTYPE)
+
+
+@_jit
+def _grouped_fields(addr, bounds_ptr, e, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """Expert e's buffer at addr (fields 64-byte aligned), its scales and zeros, and the range
+    [start, end) of its slots in the expert-sorted order."""
+    base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+    sc = (base + S_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+    zr = (base + Z_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+    return base, sc, zr, tl.load(bounds_ptr + e).to(tl.int32), tl.load(bounds_ptr + e + 1).to(tl.int32)
+
+
+@_jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b (fp32 acc); IEEE as in _mma."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@_jit
+def _gate_up_deq_kernel(
+    x_ptr, table_ptr, order_ptr, bounds_ptr, gu_ptr,
+    H: tl.constexpr, I: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+):
+    """As _gate_up_grouped_kernel at 4 bits (same grid and outputs), with the
+    weights dequantized per group before one accumulating dot."""
+    e = tl.program_id(1)
+    addr = tl.load(table_ptr + e)
+    if addr != 0:
+        base, sc, zr, start, end = _grouped_fields(addr, bounds_ptr, e, S_OFF, Z_OFF, DTYPE)
+        ROWG: tl.constexpr = H // GS
+        KS: tl.constexpr = H // SPLIT_K
+        j = (tl.program_id(2) // SPLIT_K) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jm = j < I
+        kstart = (tl.program_id(2) % SPLIT_K) * KS
+        kk = tl.arange(0, GS)
+        for m0 in range(start + tl.program_id(0) * BLOCK_M, end, tl.num_programs(0) * BLOCK_M):
+            p = m0 + tl.arange(0, BLOCK_M)
+            pm = p < end
+            tok = tl.load(order_ptr + p, mask=pm, other=0) // TOP_K
+            g = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            u = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            for k0 in range(kstart, kstart + KS, GS):
+                xt = tl.load(x_ptr + tok[None, :] * H + k0 + kk[:, None], mask=pm[None, :], other=0.0).to(DOT)
+                b = tl.load(base + W_OFF + j[:, None] * H + k0 + kk[None, :], mask=jm[:, None], other=0)
+                grp = j * ROWG + k0 // GS
+                cg, cu = _codes4(b, DOT, FAST)  # byte [j, k] = gate[j, k] << 4 | up[j, k]
+                sg, hg, lg = _scale_zero(sc, zr, grp, jm, DTYPE)
+                su, hu, lu = _scale_zero(sc, zr, grp + I * ROWG, jm, DTYPE)
+                g = _dot(_deq(cg, sg, hg, lg, FAST), xt, g, IEEE)
+                u = _dot(_deq(cu, su, hu, lu, FAST), xt, u, IEEE)
+            grow = gu_ptr + p[None, :] * (2 * I) + j[:, None]
+            gmask = jm[:, None] & pm[None, :]
+            _put(grow, g, gmask, SPLIT_K > 1)
+            _put(grow + I, u, gmask, SPLIT_K > 1)
+
+
+@_jit
+def _down_deq_kernel(
+    h_ptr, table_ptr, order_ptr, bounds_ptr, wt_ptr, out_ptr,
+    H: tl.constexpr, I: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
+    W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
+):
+    """As _down_grouped_kernel at 4 bits, with the weights dequantized per group
+    before one accumulating dot, and h = silu(gate) * up read ready-made ([T*k, I] in the model's
+    dtype, by sorted position): a tile computed in registers would go to shared memory for the
+    dot at every step and make each dot wait for the one before."""
+    e = tl.program_id(1)
+    addr = tl.load(table_ptr + e)
+    if addr != 0:
+        base, sc, zr, start, end = _grouped_fields(addr, bounds_ptr, e, S_OFF, Z_OFF, DTYPE)
+        R: tl.constexpr = H // 2  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
+        ROWG: tl.constexpr = I // GS
+        KS: tl.constexpr = I // SPLIT_K
+        j = (tl.program_id(2) // SPLIT_K) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jm = j < R
+        kstart = (tl.program_id(2) % SPLIT_K) * KS
+        kk = tl.arange(0, GS)
+        for m0 in range(start + tl.program_id(0) * BLOCK_M, end, tl.num_programs(0) * BLOCK_M):
+            p = m0 + tl.arange(0, BLOCK_M)
+            pm = p < end
+            slot = tl.load(order_ptr + p, mask=pm, other=0)
+            tok = slot // TOP_K
+            wt = tl.load(wt_ptr + slot, mask=pm, other=0.0).to(tl.float32)
+            a0 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            a1 = tl.full([BLOCK_J, BLOCK_M], 0.0, tl.float32)
+            for k0 in range(kstart, kstart + KS, GS):
+                ht = tl.load(h_ptr + p[None, :] * I + k0 + kk[:, None], mask=pm[None, :], other=0.0).to(DOT)
+                b = tl.load(base + W_OFF + j[:, None] * I + k0 + kk[None, :], mask=jm[:, None], other=0)
+                grp = j * ROWG + k0 // GS
+                c0, c1 = _codes4(b, DOT, FAST)
+                s0, h0, l0 = _scale_zero(sc, zr, grp, jm, DTYPE)
+                s1, h1, l1 = _scale_zero(sc, zr, grp + R * ROWG, jm, DTYPE)
+                a0 = _dot(_deq(c0, s0, h0, l0, FAST), ht, a0, IEEE)
+                a1 = _dot(_deq(c1, s1, h1, l1, FAST), ht, a1, IEEE)
+            orow = out_ptr + tok[None, :] * H + j[:, None]
+            omask = jm[:, None] & pm[None, :]
+            tl.atomic_add(orow, wt[None, :] * a0, mask=omask, sem="relaxed")
+            tl.atomic_add(orow + R, wt[None, :] * a1, mask=omask, sem="relaxed")
+
+
 # --- launch -------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -1120,9 +1278,12 @@ def _grouped_config(layout: Layout, tokens: int, experts: int, interpret: bool, 
     return dict(bm=bm, gu_j=gu_j, gu_k=gu_k, gu_split=gu_split, dn_j=dn_j, dn_k=dn_k, dn_split=dn_split)
 
 
+DEQ_MIN_TOKENS = 128  # 4-bit grouped calls of this many tokens take the dequantize-per-group kernels
+
+
 def moe_experts_grouped(x: torch.Tensor, table: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor, layout: Layout, *, out: torch.Tensor | None = None,
-                        groups: TokenGroups | None = None) -> torch.Tensor:
+                        groups: TokenGroups | None = None, dequantize: bool | None = None) -> torch.Tensor:
     """out[t] += w[t, c] * expert(x[t]) for every routed slot (t, c), expert = top_k_index[t, c],
     whose address table[expert] is not 0; tokens are grouped by expert on the device, so each expert
     is read once per block of its tokens (not once per token). No host syncs; the grid depends on
@@ -1130,7 +1291,9 @@ def moe_experts_grouped(x: torch.Tensor, table: torch.Tensor, top_k_index: torch
 
     x [T, H] (the model's dtype); table int64 [E] (this layer's experts at this precision, 0: not
     here); top_k_index int64 [T, k]; top_k_weights [T, k]; out fp32 [T, H] (default: zeros);
-    groups: group_tokens(top_k_index, E), to share one grouping between precisions. Returns out."""
+    groups: group_tokens(top_k_index, E), to share one grouping between precisions; dequantize: run
+    4-bit experts on the kernels that dequantize per group (default: from DEQ_MIN_TOKENS tokens on a
+    GPU with bf16). Returns out."""
     T, hidden = x.shape
     H, I = _dims(layout)
     assert hidden == H, (x.shape, layout.matrices)
@@ -1154,6 +1317,12 @@ def moe_experts_grouped(x: torch.Tensor, table: torch.Tensor, top_k_index: torch
     dot = dtype if on_gpu else tl.float32
     fast = on_gpu and dot == tl.bfloat16 and bits in (4, 2)  # see _ASM_CODES4
     launch = {"num_warps": _GROUPED_GPU["warps"], "num_stages": _GROUPED_GPU["stages"][bits]} if on_gpu else {}
+    if dequantize is None:
+        dequantize = bits == 4 and fast and T >= DEQ_MIN_TOKENS
+    if dequantize:
+        if bits != 4:
+            raise ValueError(f"the dequantize-per-group kernels take 4-bit experts, not {bits}-bit")
+        return _grouped_deq(x, table, groups, weights, out, layout, cfg, dtype, dot, fast, k, launch)
     common = dict(H=H, I=I, BITS=bits, DTYPE=dtype, TOP_K=k, BLOCK_M=cfg["bm"], DOT=dot, IEEE=dot == tl.float32,
                   FAST=fast, OFF=_MAGIC_OFF if fast else 0.0, **launch)
     # [T*k, 2I] by sorted position: gate and up before the activation (K splits add into zeros)
@@ -1171,6 +1340,26 @@ def moe_experts_grouped(x: torch.Tensor, table: torch.Tensor, top_k_index: torch
         gu, table, groups.order, groups.bounds, weights, out, GS=gs_dn, W_OFF=offs[1][0], S_OFF=offs[1][1],
         Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **common,
     )
+    return out
+
+
+def _grouped_deq(x, table, groups, weights, out, layout, cfg, dtype, dot, fast, k, launch) -> torch.Tensor:
+    """moe_experts_grouped's 4-bit work on the dequantize-per-group kernels (same grid and blocks)."""
+    T = x.shape[0]
+    H, I = _dims(layout)
+    offs = _offsets(layout)
+    common = dict(H=H, I=I, GS=layout.group_size, DTYPE=dtype, TOP_K=k, BLOCK_M=cfg["bm"], DOT=dot,
+                  IEEE=dot == tl.float32, FAST=fast, **launch)
+    gu = (torch.zeros if cfg["gu_split"] > 1 else torch.empty)(T * k, 2 * I, dtype=torch.float32, device=x.device)
+    blocks = triton.cdiv(T, cfg["bm"])
+    _gate_up_deq_kernel[(blocks, table.numel(), triton.cdiv(I, cfg["gu_j"]) * cfg["gu_split"])](
+        x, table, groups.order, groups.bounds, gu, W_OFF=offs[0][0], S_OFF=offs[0][1], Z_OFF=offs[0][2],
+        BLOCK_J=cfg["gu_j"], SPLIT_K=cfg["gu_split"], **common)
+    # h rounded to the model's dtype, as in the eager expert and the kernels above
+    h = (torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]).to(x.dtype)
+    _down_deq_kernel[(blocks, table.numel(), triton.cdiv(H // 2, cfg["dn_j"]) * cfg["dn_split"])](
+        h, table, groups.order, groups.bounds, weights, out, W_OFF=offs[1][0], S_OFF=offs[1][1],
+        Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"], SPLIT_K=cfg["dn_split"], **common)
     return out
 
 
