@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from placement import fast_layers as fl
-from placement.engine import KERNEL_MAX_TOKENS
+from placement.engine import KERNEL_MAX_TOKENS, QUANTIZED_KERNEL_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 FAST_FALLBACK = True  # a fast-layers step that fails (compiling) turns them off for its decoder (tests: False)
@@ -213,7 +213,7 @@ class Decoder:
         self.pool = None
         self.reason: str | None = None  # why steps run eagerly, when they do
         self.mask_min = torch.finfo(engine.dtype).min
-        self.quantized_prefill_rows = KERNEL_MAX_TOKENS  # see prefill_chunk
+        self.quantized_prefill_rows = QUANTIZED_KERNEL_MAX_TOKENS  # see prefill_chunk
         # transformers renamed the model's cache argument (past_key_values -> cache) in 5.2x
         params = inspect.signature(model.model.forward).parameters if hasattr(model, "model") else {}
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -321,11 +321,11 @@ class Decoder:
     @property
     def prefill_chunk(self) -> int:
         """Prompt tokens per prefill forward (all sequences packed in it together). Quantized
-        experts on the accelerator run in the fused kernels only up to the engine's kernel limit
-        (beyond it they are dequantized whole, several times slower for one prompt), so their
-        prompts are prefilled in chunks of that size (`quantized_prefill_rows`, which a benchmark
-        may raise); 16-bit experts are fastest as whole matrix products: no limit (every slot's
-        whole context), a scheduler's token budget bounds those forwards."""
+        experts on the accelerator run in the fused kernels only up to the engine's limit for them
+        (QUANTIZED_KERNEL_MAX_TOKENS; beyond it they are dequantized whole at every forward), so
+        their prompts are prefilled in chunks of that size (`quantized_prefill_rows`, which a
+        benchmark may change); 16-bit experts are fastest as whole matrix products: no limit (every
+        slot's whole context), a scheduler's token budget bounds those forwards."""
         plan = self.engine.plan
         if plan is not None and self.engine.use_kernels and any(
                 s.bits < 16 and s.tier == "accel" for row in plan.states for s in row):

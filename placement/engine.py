@@ -46,10 +46,18 @@ from placement.tiers import ACCEL, CPU, FETCH, serving_path
 
 log = logging.getLogger(__name__)
 
-# Up to this many tokens per layer call (decode, continuous batching) accelerator experts run as fused
-# dequantize-and-multiply kernels; longer inputs (prefill, perplexity) use dequantize-then-matmul,
-# which at that size is compute-bound anyway. 64 covers the decode batch buckets a server captures.
+# Up to this many tokens per layer call (decode, continuous batching) every accelerator expert runs as
+# fused kernels, with no host sync (a CUDA graph); 64 covers the decode batch buckets a server
+# captures. Quantized experts keep to their grouped kernels up to QUANTIZED_KERNEL_MAX_TOKENS (prefill
+# chunks): dequantizing every routed expert whole for each forward cost more than the kernels'
+# reads. On the H200 (`python -m experiments.bench_prefill`), a 16-prompt burst of 2,401 tokens
+# prefilled through 16 4-bit layers in 0.78 s as 64-row chunks, 0.28 s as one dequantize-then-matmul
+# forward, 0.28 s as 1,024-row chunks in the grouped kernels and 0.21 s with the 4-bit ones
+# dequantizing per group (kernels.DEQ_MIN_TOKENS).
+# 16-bit experts beyond KERNEL_MAX_TOKENS multiply through cuBLAS (no dequantization to spare), and
+# inputs beyond QUANTIZED_KERNEL_MAX_TOKENS (perplexity windows, whole bursts) dequantize whole.
 KERNEL_MAX_TOKENS = 64
+QUANTIZED_KERNEL_MAX_TOKENS = 1024
 # By precision: from this many tokens per routed expert (expected, see tokens_per_expert) a layer's
 # experts at that precision run grouped by expert (kernels.moe_experts_grouped: an expert read once
 # per block of its tokens), below it per (token, expert) slot (kernels.moe_experts: once per token,
@@ -153,8 +161,15 @@ class EngineExperts(nn.Module):
         if eng._trace is not None:  # routing per token, for cache simulations
             eng._trace.append((layer, top_k_index.detach().cpu()))
         T, k = top_k_index.shape
-        kernel_path = eng.kernel_path(T)
-        fast_bits = eng.kernel_tables.fast_bits[layer] if kernel_path else ()
+        tables = eng.kernel_tables
+        if eng.kernel_path(T):
+            fast_bits, unfused = tables.fast_bits[layer], None
+        elif eng.quantized_kernel_path(T):  # a prefill chunk: the quantized experts only
+            fast_bits = tuple(b for b in tables.fast_bits[layer] if b < 16)
+            unfused = 16 if 16 in tables.fast_bits[layer] else None
+        else:
+            fast_bits, unfused = (), None
+        kernel_path = bool(fast_bits)
         per_expert = tokens_per_expert(T, k, self.num_experts)  # (from shapes: the same at every step)
         grouped = [bits for bits in fast_bits if per_expert >= eng.grouping[bits]]
         slots = fast_bits and not grouped  # all slot kernels: the first counts and zeroes out itself
@@ -171,7 +186,6 @@ class EngineExperts(nn.Module):
         # the device, so an expert chosen by n tokens is read once per block of them, not n times
         # (where that pays depends on the precision: GROUPED_MIN_TOKENS_PER_EXPERT).
         eng.stats.kernel_layers += 1
-        tables = eng.kernel_tables
         if slots:
             out = torch.empty(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)  # [T, H]
         else:
@@ -186,7 +200,10 @@ class EngineExperts(nn.Module):
                 first = slots and i == 0
                 kernels.moe_experts(hidden_states, table, top_k_weights.flatten(), layout, slot_index=flat, out=out,
                                     count=eng.routed[layer] if first else None, zero_out=first)
-        if tables.layer_eager[layer]:
+        if unfused is not None:  # and the 16-bit experts as matrix products
+            only = tables.eager_mask[layer] | (tables.tables[unfused][layer] != 0)
+            self._per_expert(hidden_states, top_k_index, top_k_weights, out, only)
+        elif tables.layer_eager[layer]:
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, tables.eager_mask[layer])
         else:
             guesses = eng.guess_next(layer, hidden_states)
@@ -389,8 +406,15 @@ class Engine:
                 self._refresh_tables()
 
     def kernel_path(self, tokens: int) -> bool:
-        """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels."""
+        """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels (all
+        of them, with no host sync)."""
         return self.use_kernels and self.plan is not None and self._capture is None and tokens <= KERNEL_MAX_TOKENS
+
+    def quantized_kernel_path(self, tokens: int) -> bool:
+        """Whether a layer call on `tokens` rows runs its quantized accelerator experts as fused
+        (grouped) kernels; past KERNEL_MAX_TOKENS its 16-bit ones are matrix products."""
+        return (self.use_kernels and self.plan is not None and self._capture is None
+                and tokens <= QUANTIZED_KERNEL_MAX_TOKENS)
 
     def kernel_supported(self, layout: Layout, layer: int) -> bool:
         """Whether experts of `layout` in MoE layer `layer` run in the fused kernels at decode."""
@@ -434,7 +458,8 @@ class Engine:
         layout, views = self.cache.slot_views[slot]
         self.cache.await_copy(slot)
         n = x.shape[0]
-        if n <= KERNEL_MAX_TOKENS and self.kernel_supported(layout, layer):
+        if n <= (KERNEL_MAX_TOKENS if layout.bits == 16 else QUANTIZED_KERNEL_MAX_TOKENS) \
+                and self.kernel_supported(layout, layer):
             table = self.cache.slot_table[slot : slot + 1]  # [1]: the slot's address
             if n < self.grouping[layout.bits]:  # a few rows: a slot (a weight read) each
                 y = kernels.moe_experts(x, table.expand(n), x.new_ones(n), layout)

@@ -260,7 +260,7 @@ def test_first_tokens_of_several_slots_are_sampled_with_one_sync_as_each_alone(f
 
 
 def test_quantized_prefill_forwards_stay_within_the_fused_kernels_limit(fresh):
-    from placement.engine import KERNEL_MAX_TOKENS
+    from placement.engine import QUANTIZED_KERNEL_MAX_TOKENS
 
     model, _ = fresh()
     engine = Engine(model, use_kernels=False)
@@ -270,7 +270,7 @@ def test_quantized_prefill_forwards_stay_within_the_fused_kernels_limit(fresh):
     engine.apply(build_plan(engine.spec, Knobs(quantized=16, bits=4)))
     assert decoder.prefill_chunk == 64 * 4  # quantized, but no fused kernels: dequantized whole anyway
     engine.kernel_tables.enabled = True  # (as on a GPU; nothing runs here)
-    assert decoder.prefill_chunk == KERNEL_MAX_TOKENS
+    assert decoder.prefill_chunk == QUANTIZED_KERNEL_MAX_TOKENS
     decoder.quantized_prefill_rows = 512
     assert decoder.prefill_chunk == 512
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from placement import hqq_backend, kernels
-from placement.engine import GROUPED_MIN_TOKENS_PER_EXPERT, KERNEL_MAX_TOKENS, Engine, tokens_per_expert
+from placement.engine import (GROUPED_MIN_TOKENS_PER_EXPERT, KERNEL_MAX_TOKENS, QUANTIZED_KERNEL_MAX_TOKENS, Engine,
+                              tokens_per_expert)
 from catalog.knobs import Knobs
 from placement.plan import ExpertId, ExpertState, Plan, build_plan
 from tests.conftest import FAMILIES
@@ -291,6 +292,30 @@ def test_batched_decode_step_on_the_grouped_kernels_matches_the_per_expert_path(
         eager = model(ids).logits
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed, eager[:12], rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_a_prefill_chunk_runs_quantized_experts_grouped_and_16bit_ones_as_matrix_products(fresh, monkeypatch):
+    model, _ = fresh()
+    engine = Engine(model, use_kernels=True)
+    spec = engine.spec
+    engine.apply(build_plan(spec, Knobs(quantized=4, bits=4)))  # 4-bit and 16-bit experts in each layer
+    calls = count_kernel_calls(monkeypatch)
+    looped = []  # the precisions of the experts the per-expert loop ran
+    run_expert = engine.run_expert
+    monkeypatch.setattr(engine, "run_expert",
+                        lambda layer, e, x: looped.append(engine.plan.states[layer][e].bits) or run_expert(layer, e, x))
+    ids = torch.randint(0, 512, (1, KERNEL_MAX_TOKENS + 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        chunk = model(ids).logits  # one prompt chunk past the decode limit
+        assert calls == {"slots": 0, "grouped": spec.num_layers}  # the 4-bit experts of each layer, grouped
+        assert looped and set(looped) == {16}
+        assert engine.stats.kernel_layers == spec.num_layers
+        assert engine.quantized_kernel_path(QUANTIZED_KERNEL_MAX_TOKENS)
+        assert not engine.quantized_kernel_path(QUANTIZED_KERNEL_MAX_TOKENS + 1)  # longer: dequantized whole
+        engine.configure(use_kernels=False)
+        eager = model(ids).logits
+    torch.testing.assert_close(chunk, eager, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
