@@ -74,16 +74,22 @@ def plans(total: int) -> dict[str, Knobs]:
     return {"4-bit": Knobs(quantized=total, bits=4), "half 4-bit": Knobs(quantized=total // 2, bits=4)}
 
 
-def bench(args) -> list[dict]:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+def setup(model_name: str, layers: int, device_name: str = "auto"):
+    """(model, tokenizer, engine, session, device) for a benchmark: the model in bf16 on a GPU (fp32
+    on the CPU), an engine with bench_decode's fast quantizer and a session to apply plans through."""
+    device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = load_model(args.model, layers=args.layers, dtype=dtype, device=device)
-    model, tok = loaded.model, loaded.tokenizer
+    loaded = load_model(model_name, layers=layers, dtype=dtype, device=device)
+    engine = Engine(loaded.model, accel=device, quantizer=FAST_QUANTIZER)
+    session = Session(ModelIdentity(model_name, layers, str(dtype).removeprefix("torch.")), loaded, engine,
+                      Planner(engine, model_name, lambda: []))
+    return loaded.model, loaded.tokenizer, engine, session, device
+
+
+def bench(args) -> list[dict]:
+    model, tok, engine, session, device = setup(args.model, args.layers, args.device)
     ids = [tok.encode(t) for t in wikitext_prompts(tok, args.prompts, args.min_prompt, args.max_prompt, args.data)]
     burst = sum(map(len, ids))
-    engine = Engine(model, accel=device, quantizer=FAST_QUANTIZER)
-    session = Session(ModelIdentity(args.model, args.layers, str(dtype).removeprefix("torch.")), loaded, engine,
-                      Planner(engine, args.model, lambda: []))
     total = engine.spec.num_layers * engine.spec.num_experts
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
