@@ -16,7 +16,9 @@ agreement only. The engine takes the dequantizing kernels for 4-bit calls of
 kernels.DEQ_MIN_TOKENS tokens or more (prefill chunks).
 
 Measured on an H100 (2026-12-02, experiments/results/bench_grouped_deq_h100*.csv): 0.98 of the other
-kernels' time at 16 tokens of a layer, 0.72-0.77 at 32-256; one expert at 1-16 tokens 1.07-1.13.
+kernels' time at 16 tokens of a layer, 0.72-0.77 at 32-256; one expert at 1-16 tokens 1.07-1.13. On
+an H200 (bench_grouped_deq_h200.csv, with -z*s as hi + lo): 1.03 at 16 tokens, 0.76-0.79 at 32-256,
+one expert 1.17-1.24 at 1-16 tokens and 0.89 at 32.
 A sweep of 15 block settings (rows 32/64/128, 4 or 8 warps, 2-5 stages, half or double the K
 splits; `--sweep` at e08b381) found none better than the engine's grouped blocks.
 """

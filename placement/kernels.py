@@ -30,7 +30,9 @@ expert, bf16), at 1 / 4 / 16 / 32 tokens: 16-bit 0.100 / 0.111 / 0.115 / 0.130 m
 0.186 / 0.685 / 1.35), 2-bit 0.083 / 0.089 / 0.090 / 0.134. Quantized, they read about 1 TB/s
 (unpacking codes for tl.dot costs instructions; dequantizing whole [rows, K] tiles to bf16 before
 one dot was slower still, experiments/bench_grouped.py at ec88c02), so one token per expert stays
-with the slot kernels (the engine's GROUPED_MIN_TOKENS_PER_EXPERT).
+with the slot kernels (the engine's GROUPED_MIN_TOKENS_PER_EXPERT). 4-bit calls of DEQ_MIN_TOKENS
+tokens or more (prefill chunks) take grouped kernels that dequantize each group's codes in bf16 before
+an accumulating dot, about 0.78 of these at 32-256 tokens of a layer.
 
 Accumulation is fp32 (int32 within a group). Within a quantization group,
 sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)), so scale and zero cost one multiply per group,
@@ -898,8 +900,9 @@ def _down_grouped_kernel(
 # registers would go to shared memory at every step and make each dot wait for the one before.
 # Measured (`python -m experiments.bench_grouped_deq`, a Mixtral layer, 8 experts,
 # top-2, random routing; time over the kernels above) on an H100: 0.98 at 16 tokens, 0.75 at 32,
-# 0.77 at 64, 0.75 at 128, 0.72 at 256; one expert at 1-16 tokens 1.07-1.13. So they serve 4-bit
-# calls of DEQ_MIN_TOKENS tokens or more (prefill chunks), not decode.
+# 0.77 at 64, 0.75 at 128, 0.72 at 256; on an H200 1.03 at 16, 0.76-0.79 at 32-256; one expert at
+# 1-16 tokens 1.07-1.24. So they serve 4-bit calls of DEQ_MIN_TOKENS tokens or more (prefill chunks),
+# not decode.
 
 
 # (q - z) * s for two weights a word: the codes come from _codes4 as bf16 128 + q (0x4300 | q); -z * s
