@@ -162,14 +162,15 @@ class EngineExperts(nn.Module):
             eng._trace.append((layer, top_k_index.detach().cpu()))
         T, k = top_k_index.shape
         tables = eng.kernel_tables
+        quantized = tuple(b for b in tables.fast_bits[layer] if b < 16)
+        unfused = None  # a precision the layer has in the kernels that this call runs as matrix products
         if eng.kernel_path(T):
-            fast_bits, unfused = tables.fast_bits[layer], None
-        elif eng.quantized_kernel_path(T):  # a prefill chunk: the quantized experts only
-            fast_bits = tuple(b for b in tables.fast_bits[layer] if b < 16)
+            kernel_path, fast_bits = True, tables.fast_bits[layer]
+        elif quantized and eng.quantized_kernel_path(T):  # a prefill chunk: the quantized experts only
+            kernel_path, fast_bits = True, quantized
             unfused = 16 if 16 in tables.fast_bits[layer] else None
         else:
-            fast_bits, unfused = (), None
-        kernel_path = bool(fast_bits)
+            kernel_path, fast_bits = False, ()
         per_expert = tokens_per_expert(T, k, self.num_experts)  # (from shapes: the same at every step)
         grouped = [bits for bits in fast_bits if per_expert >= eng.grouping[bits]]
         slots = fast_bits and not grouped  # all slot kernels: the first counts and zeroes out itself
