@@ -4,7 +4,7 @@ product (`dequantize=False`), side by side.
 
 Why they differ: the second kind applies a group's scale and zero to that K step's product,
 s * (q @ x - z * sum(x)), so every step's tensor-core dot must finish before the next; the first
-turns the codes into weights, (q - z) * s, with two packed bf16 instructions per two weights, so its
+turns the codes into weights, (q - z) * s, with three packed bf16 instructions per two weights, so its
 dots accumulate across groups (see placement/kernels.py).
 
     python -m experiments.bench_grouped_deq --out experiments/results/bench_grouped_deq_h100.csv

@@ -893,9 +893,10 @@ def _down_grouped_kernel(
 # --- 4-bit grouped kernels that dequantize per group: long calls (prefill chunks) ---------------
 # The kernels above apply each group's scale and zero to that step's product, so every K step waits
 # for its tensor-core dot before the next (wgmma waits with 0 in flight in the sm_90 TTGIR). These
-# turn each group's codes into weights first, (q - z) * s in bf16 (two packed instructions per two
-# weights: `sub.rn.bf16x2` takes the magic number's 128 off, `fma.rn.bf16x2` scales), so the dots
-# accumulate across the whole K range with 3 in flight, as Marlin-style kernels do. down reads
+# turn each group's codes into weights first, (q - z) * s in bf16 (three packed instructions per two
+# weights: `sub.rn.bf16x2` takes the magic number's 128 off, `fma.rn.bf16x2` scales and adds -z * s,
+# `add.rn.bf16x2` its remainder), so the dots accumulate across the whole K range with several in
+# flight (3 with Triton 3.9, 7 with 3.6), as Marlin-style kernels do. down reads
 # h = silu(gate) * up ready-made in bf16 (a small pass between the kernels): a tile computed in
 # registers would go to shared memory at every step and make each dot wait for the one before.
 # Measured (`python -m experiments.bench_grouped_deq`, a Mixtral layer, 8 experts,
