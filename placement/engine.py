@@ -58,6 +58,13 @@ log = logging.getLogger(__name__)
 # inputs beyond QUANTIZED_KERNEL_MAX_TOKENS (perplexity windows, whole bursts) dequantize whole.
 KERNEL_MAX_TOKENS = 64
 QUANTIZED_KERNEL_MAX_TOKENS = 1024
+
+
+def kernel_max_tokens(bits: int) -> int:
+    """Tokens per layer call up to which experts at `bits` run in the fused kernels."""
+    return KERNEL_MAX_TOKENS if bits == 16 else QUANTIZED_KERNEL_MAX_TOKENS
+
+
 # By precision: from this many tokens per routed expert (expected, see tokens_per_expert) a layer's
 # experts at that precision run grouped by expert (kernels.moe_experts_grouped: an expert read once
 # per block of its tokens), below it per (token, expert) slot (kernels.moe_experts: once per token,
@@ -162,15 +169,10 @@ class EngineExperts(nn.Module):
             eng._trace.append((layer, top_k_index.detach().cpu()))
         T, k = top_k_index.shape
         tables = eng.kernel_tables
-        quantized = tuple(b for b in tables.fast_bits[layer] if b < 16)
-        unfused = None  # a precision the layer has in the kernels that this call runs as matrix products
-        if eng.kernel_path(T):
-            kernel_path, fast_bits = True, tables.fast_bits[layer]
-        elif quantized and eng.quantized_kernel_path(T):  # a prefill chunk: the quantized experts only
-            kernel_path, fast_bits = True, quantized
-            unfused = 16 if 16 in tables.fast_bits[layer] else None
-        else:
-            kernel_path, fast_bits = False, ()
+        fast_bits = eng.kernel_bits(layer, T)  # a prefill chunk: its quantized precisions only
+        kernel_path = eng.kernel_path(T) or bool(fast_bits)
+        # precisions the layer has in the kernels that a call this long runs as matrix products
+        unfused = [b for b in tables.fast_bits[layer] if b not in fast_bits] if fast_bits else []
         per_expert = tokens_per_expert(T, k, self.num_experts)  # (from shapes: the same at every step)
         grouped = [bits for bits in fast_bits if per_expert >= eng.grouping[bits]]
         slots = fast_bits and not grouped  # all slot kernels: the first counts and zeroes out itself
@@ -201,8 +203,10 @@ class EngineExperts(nn.Module):
                 first = slots and i == 0
                 kernels.moe_experts(hidden_states, table, top_k_weights.flatten(), layout, slot_index=flat, out=out,
                                     count=eng.routed[layer] if first else None, zero_out=first)
-        if unfused is not None:  # and the 16-bit experts as matrix products
-            only = tables.eager_mask[layer] | (tables.tables[unfused][layer] != 0)
+        if unfused:
+            only = tables.eager_mask[layer]
+            for bits in unfused:
+                only = only | (tables.tables[bits][layer] != 0)
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, only)
         elif tables.layer_eager[layer]:
             self._per_expert(hidden_states, top_k_index, top_k_weights, out, tables.eager_mask[layer])
@@ -406,16 +410,20 @@ class Engine:
             if self.plan is not None:
                 self._refresh_tables()
 
+    def _kernels_live(self) -> bool:
+        return self.use_kernels and self.plan is not None and self._capture is None
+
     def kernel_path(self, tokens: int) -> bool:
         """Whether a layer call on `tokens` rows runs its accelerator experts as fused kernels (all
         of them, with no host sync)."""
-        return self.use_kernels and self.plan is not None and self._capture is None and tokens <= KERNEL_MAX_TOKENS
+        return self._kernels_live() and tokens <= KERNEL_MAX_TOKENS
 
-    def quantized_kernel_path(self, tokens: int) -> bool:
-        """Whether a layer call on `tokens` rows runs its quantized accelerator experts as fused
-        (grouped) kernels; past KERNEL_MAX_TOKENS its 16-bit ones are matrix products."""
-        return (self.use_kernels and self.plan is not None and self._capture is None
-                and tokens <= QUANTIZED_KERNEL_MAX_TOKENS)
+    def kernel_bits(self, layer: int, tokens: int) -> tuple[int, ...]:
+        """The precisions of MoE layer `layer` whose fused kernels run a call on `tokens` rows
+        (kernel_max_tokens: past decode's limit the quantized ones only)."""
+        if not self._kernels_live():
+            return ()
+        return tuple(b for b in self.kernel_tables.fast_bits[layer] if tokens <= kernel_max_tokens(b))
 
     def kernel_supported(self, layout: Layout, layer: int) -> bool:
         """Whether experts of `layout` in MoE layer `layer` run in the fused kernels at decode."""
@@ -459,8 +467,7 @@ class Engine:
         layout, views = self.cache.slot_views[slot]
         self.cache.await_copy(slot)
         n = x.shape[0]
-        if n <= (KERNEL_MAX_TOKENS if layout.bits == 16 else QUANTIZED_KERNEL_MAX_TOKENS) \
-                and self.kernel_supported(layout, layer):
+        if n <= kernel_max_tokens(layout.bits) and self.kernel_supported(layout, layer):
             table = self.cache.slot_table[slot : slot + 1]  # [1]: the slot's address
             if n < self.grouping[layout.bits]:  # a few rows: a slot (a weight read) each
                 y = kernels.moe_experts(x, table.expand(n), x.new_ones(n), layout)

@@ -311,8 +311,9 @@ def test_a_prefill_chunk_runs_quantized_experts_grouped_and_16bit_ones_as_matrix
         assert calls == {"slots": 0, "grouped": spec.num_layers}  # the 4-bit experts of each layer, grouped
         assert looped and set(looped) == {16}
         assert engine.stats.kernel_layers == spec.num_layers
-        assert engine.quantized_kernel_path(QUANTIZED_KERNEL_MAX_TOKENS)
-        assert not engine.quantized_kernel_path(QUANTIZED_KERNEL_MAX_TOKENS + 1)  # longer: dequantized whole
+        assert engine.kernel_bits(0, KERNEL_MAX_TOKENS) == (16, 4)
+        assert engine.kernel_bits(0, QUANTIZED_KERNEL_MAX_TOKENS) == (4,)
+        assert engine.kernel_bits(0, QUANTIZED_KERNEL_MAX_TOKENS + 1) == ()  # longer: dequantized whole
         engine.configure(use_kernels=False)
         eager = model(ids).logits
     torch.testing.assert_close(chunk, eager, rtol=1e-4, atol=1e-4)
