@@ -1,0 +1,159 @@
+"""Overlapping a call's expert kernels (kernels.OVERLAP), side by side in one process: programmatic
+dependent launch (each kernel launched while the one before it runs, waiting on the device) and the
+down kernels' L2 prefetch of their weights before that wait, against the kernels launched one after
+another.
+
+1. Kernels: one Mixtral expert at one slot (`python -m placement.kernels`' row) and the two slots of
+   one decode token, through decode's indexed call (the router's top-k index into a table), per
+   precision and form. Every call reads its weights from HBM (copies exceeding twice the L2, as
+   kernels.bench), every form's output is checked against the serial one's.
+2. Decode: `Decoder.generate` tok/s at --batches per plan (all experts on the GPU at 4, 2 and 16
+   bits), the forms alternated --rounds times, each re-capturing the decoder's CUDA graphs.
+
+    python -m experiments.bench_overlap --layers 16 --out experiments/results/overlap_h200.csv
+
+Needs CUDA (compute capability 9.0 for the overlap itself; elsewhere every form runs serially).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from placement import kernels
+from placement.packed import expert_layout
+
+# kernels.OVERLAP settings compared; "serial" first (the reference)
+FORMS = {
+    "serial": dict(pdl=False, down_prefetch=False, gate_up_prefetch=0),
+    "prefetch": dict(pdl=False, down_prefetch=True, gate_up_prefetch=0),
+    "pdl": dict(pdl=True, down_prefetch=False, gate_up_prefetch=0),
+    "pdl+prefetch": dict(pdl=True, down_prefetch=True, gate_up_prefetch=0),
+    "pdl+prefetch+gu1": dict(pdl=True, down_prefetch=True, gate_up_prefetch=1),
+    "pdl+prefetch+gu2": dict(pdl=True, down_prefetch=True, gate_up_prefetch=2),
+}
+
+
+def time_kernels(forms: list[str], bits_list: list[int], iters: int, hidden: int = 4096, inter: int = 14336,
+                 group_size: int = 64, dtype=torch.bfloat16) -> list[dict]:
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
+    rows = []
+    for bits in bits_list:
+        layout = expert_layout(hidden, inter, bits, dtype, group_size)
+        copies = max(3, -(-2 * l2 // layout.nbytes) + 1)
+        buffers = [kernels.random_expert(layout, dev, gen) for _ in range(copies)]
+        table = kernels.expert_table(buffers)  # [copies]: a layer's table, as decode indexes it
+        for slots in (1, 2):
+            # call i routes the token to experts i, i + 1, ... (mod copies): never the last call's
+            index = [torch.tensor([(i * slots + s) % copies for s in range(slots)], device=dev) for i in range(copies)]
+            weights = torch.full((slots,), 0.5, device=dev)
+            out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
+            reference = None
+            for form in forms:
+                kernels.OVERLAP.update(FORMS[form])
+                got = kernels.moe_experts(x, table, weights, layout, slot_index=index[0], out=out.clone(),
+                                          zero_out=True)
+                if reference is None:
+                    reference = got
+                err = ((got - reference).abs().max() / reference.abs().max()).item()
+                if err > 1e-5:
+                    raise AssertionError(f"{bits}-bit, {slots} slots, {form}: output differs from serial by {err:.2e}")
+                it = iter(range(1 << 62))
+                ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(
+                    x, table, weights, layout, slot_index=index[next(it) % copies], out=out, zero_out=True), iters)
+                rows.append(dict(part="kernels", form=form, bits=bits, slots=slots, ms=ms,
+                                 gbps=slots * layout.nbytes / ms / 1e6))
+                print(f"  {bits:2d}-bit {slots} slot(s) {form:18s} {1000 * ms:7.1f} us "
+                      f"{slots * layout.nbytes / ms / 1e6:6.0f} GB/s", flush=True)
+    return rows
+
+
+def time_decode(args, forms: list[str]) -> list[dict]:
+    from experiments.bench_grouping_decode import plan_knobs
+    from experiments.bench_prefill import setup
+    from experiments.bench_serve import wikitext_prompts
+    from placement.decode import Decoder
+
+    model, tok, engine, session, device = setup(args.model, args.layers, args.device)
+    ids = [tok.encode(t) for t in wikitext_prompts(tok, max(args.batches), args.min_prompt, args.max_prompt, args.data)]
+    total = engine.spec.num_layers * engine.spec.num_experts
+    rows = []
+    for plan in args.plans:
+        session.apply(session.plan(plan_knobs(plan, total)))
+        decoder = Decoder(model, engine, max_seqs=max(args.batches), max_len=args.max_prompt + args.new_tokens + 18)
+        for batch in args.batches:
+            for rnd in range(args.rounds):
+                for form in forms:
+                    kernels.OVERLAP.update(FORMS[form])
+                    decoder.graphs.clear()  # captured with the other form's launches
+                    decoder.pool = None
+                    decoder.generate(ids[:batch], 16, fixed_length=True)  # warm-up: this bucket's graphs
+                    run = decoder.generate(ids[:batch], args.new_tokens, fixed_length=True)
+                    rows.append(dict(part="decode", form=form, plan=plan, batch=batch, round=rnd,
+                                     tok_s=run.decode_tok_s, ms=1000 * statistics.median(run.step_s)))
+                    print(f"  {plan:7s} batch {batch:3d} {form:18s} round {rnd}: {run.decode_tok_s:8.1f} tok/s",
+                          flush=True)
+        del decoder
+    return rows
+
+
+def summarize(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Kernel µs per (bits, slots) by form, with each form over serial; decode median tok/s likewise."""
+    k = table[table.part == "kernels"]
+    kern = k.pivot_table(index=["bits", "slots"], columns="form", values="ms") * 1000 if len(k) else pd.DataFrame()
+    d = table[table.part == "decode"]
+    dec = d.pivot_table(index=["plan", "batch"], columns="form", values="tok_s", aggfunc="median") if len(d) else \
+        pd.DataFrame()
+    return kern, dec
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_overlap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--forms", type=lambda s: s.split(","), default=list(FORMS), help="of: " + ", ".join(FORMS))
+    p.add_argument("--decode-forms", type=lambda s: s.split(","), default=["serial", "pdl+prefetch"])
+    p.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[16, 4, 2])
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--model", default="mixtral-8x7b-shape")
+    p.add_argument("--layers", type=int, default=16, help="decoder layers (0: kernels only)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", help="data folder (default: $QOS_DATA_DIR or ../shared/data)")
+    p.add_argument("--plans", type=lambda s: s.split(","), default=["4-bit", "2-bit", "16-bit"])
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--min-prompt", type=int, default=64)
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    unknown = [f for f in args.forms + args.decode_forms if f not in FORMS]
+    if unknown:
+        p.error(f"unknown forms {unknown}: choose from {list(FORMS)}")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_overlap times CUDA kernels; this machine has no CUDA GPU")
+    index = torch.cuda.current_device()
+    print(f"{torch.cuda.get_device_name(index)}: overlap {'possible' if kernels._can_overlap(index) else 'unavailable'}")
+    saved = dict(kernels.OVERLAP)
+    try:
+        rows = time_kernels(args.forms, args.bits, args.iters)
+        if args.layers:
+            rows += time_decode(args, args.decode_forms)
+    finally:
+        kernels.OVERLAP.update(saved)
+    table = pd.DataFrame(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    for part in summarize(table):
+        if len(part):
+            print(part.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
