@@ -1,7 +1,8 @@
-"""Overlapping a call's expert kernels (kernels.OVERLAP), side by side in one process: programmatic
-dependent launch (each kernel launched while the one before it runs, waiting on the device) and the
-down kernels' L2 prefetch of their weights before that wait, against the kernels launched one after
-another.
+"""Overlapping a call's expert kernels (kernels.PDL_BITS), side by side in one process: programmatic
+dependent launch (each kernel's programs placed while the kernel before it runs, waiting on the
+device), for every precision or the quantized ones only, against the kernels launched one after
+another. (At 02e80fd it also timed an L2 prefetch of the down kernels' weights before their wait:
+10-40% slower, experiments/results/overlap_prefetch_h200.csv.)
 
 1. Kernels: one Mixtral expert at one slot (`python -m placement.kernels`' row) and the two slots of
    one decode token, through decode's indexed call (the router's top-k index into a table), per
@@ -27,14 +28,12 @@ import torch
 from placement import kernels
 from placement.packed import expert_layout
 
-# kernels.OVERLAP settings compared; "serial" first (the reference)
+# kernels.PDL_BITS compared: the precisions whose calls overlap their kernels; "serial" first (the
+# reference)
 FORMS = {
-    "serial": dict(pdl=False, down_prefetch=False, gate_up_prefetch=0),
-    "prefetch": dict(pdl=False, down_prefetch=True, gate_up_prefetch=0),
-    "pdl": dict(pdl=True, down_prefetch=False, gate_up_prefetch=0),
-    "pdl+prefetch": dict(pdl=True, down_prefetch=True, gate_up_prefetch=0),
-    "pdl+prefetch+gu1": dict(pdl=True, down_prefetch=True, gate_up_prefetch=1),
-    "pdl+prefetch+gu2": dict(pdl=True, down_prefetch=True, gate_up_prefetch=2),
+    "serial": set(),
+    "pdl": {16, 8, 4, 2},
+    "pdl quantized": {8, 4, 2},
 }
 
 
@@ -57,7 +56,7 @@ def time_kernels(forms: list[str], bits_list: list[int], iters: int, hidden: int
             out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
             reference = None
             for form in forms:
-                kernels.OVERLAP.update(FORMS[form])
+                kernels.PDL_BITS = FORMS[form]
                 got = kernels.moe_experts(x, table, weights, layout, slot_index=index[0], out=out.clone(),
                                           zero_out=True)
                 if reference is None:
@@ -91,7 +90,7 @@ def time_decode(args, forms: list[str]) -> list[dict]:
         for batch in args.batches:
             for rnd in range(args.rounds):
                 for form in forms:
-                    kernels.OVERLAP.update(FORMS[form])
+                    kernels.PDL_BITS = FORMS[form]
                     decoder.graphs.clear()  # captured with the other form's launches
                     decoder.pool = None
                     decoder.generate(ids[:batch], 16, fixed_length=True)  # warm-up: this bucket's graphs
@@ -117,7 +116,7 @@ def summarize(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_overlap", description=__doc__.split("\n\n")[0])
     p.add_argument("--forms", type=lambda s: s.split(","), default=list(FORMS), help="of: " + ", ".join(FORMS))
-    p.add_argument("--decode-forms", type=lambda s: s.split(","), default=["serial", "pdl+prefetch"])
+    p.add_argument("--decode-forms", type=lambda s: s.split(","), default=list(FORMS))
     p.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[16, 4, 2])
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--model", default="mixtral-8x7b-shape")
@@ -139,13 +138,13 @@ def main(argv=None) -> None:
         raise SystemExit("bench_overlap times CUDA kernels; this machine has no CUDA GPU")
     index = torch.cuda.current_device()
     print(f"{torch.cuda.get_device_name(index)}: overlap {'possible' if kernels._can_overlap(index) else 'unavailable'}")
-    saved = dict(kernels.OVERLAP)
+    saved = kernels.PDL_BITS
     try:
         rows = time_kernels(args.forms, args.bits, args.iters)
         if args.layers:
             rows += time_decode(args, args.decode_forms)
     finally:
-        kernels.OVERLAP.update(saved)
+        kernels.PDL_BITS = saved
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)

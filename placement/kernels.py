@@ -313,7 +313,7 @@ def _qdot(v, x, xs, scale_ptr, zero_ptr, grp, rmask, BITS: tl.constexpr, FAST: t
 @_jit
 def _slot_addr(ptr_tab, idx_tab, s, INDEXED: tl.constexpr):
     if INDEXED:
-        addr = tl.load(ptr_tab + tl.load(idx_tab + s, cache_modifier=".cg"))  # (.cg: see _gdc_wait)
+        addr = tl.load(ptr_tab + tl.load(idx_tab + s))
     else:
         addr = tl.load(ptr_tab + s)
     return addr
@@ -343,17 +343,12 @@ def _slot_side_work(idx_tab, cnt_ptr, out_ptr, s, t, H: tl.constexpr, COUNT: tl.
 
 
 # --- overlapping a call's kernels (Hopper and later) ---------------------------------------------
-# At one or two slots each kernel of a call is about one wave, so its launch, its ramp and its tail
-# are a large share of its time. With programmatic dependent launch (PDL) a kernel may start while
-# the one before it runs: it waits (griddepcontrol.wait) before touching anything that kernel or an
-# earlier one writes, and says when its own successor may launch (griddepcontrol.launch_dependents).
-# The down kernels go further: while gate_up still runs they ask the L2 for their weights (which
-# nothing writes), so their reads after the wait hit the L2. Rules that keep this safe:
-# - every kernel waits on every path before any other global access, so none completes before the
-#   kernel it follows, and each wait covers everything launched earlier;
-# - gate_up and the quantizing kernel of x say "launch" only after their wait, so when a down kernel
-#   starts, everything before the call (the router's top-k it indexes with) is complete; it reads
-#   that index through the L2 (.cg), never a stale L1 line.
+# At one or two slots each kernel of a call is about one wave, so its launch and ramp are a share of
+# its time. With programmatic dependent launch (PDL) a kernel's programs may be placed while the
+# kernel before it still runs; they wait (griddepcontrol.wait) before any global access, so none
+# reads or writes anything early and none completes before the kernel it follows (each wait covers
+# everything launched before). A kernel says when its successor may launch
+# (griddepcontrol.launch_dependents) right at its start.
 @_jit
 def _gdc_wait(PDL: tl.constexpr):
     if PDL:
@@ -364,31 +359,6 @@ def _gdc_wait(PDL: tl.constexpr):
 def _gdc_launch(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@_jit
-def _prefetch(ptrs):
-    """Ask the L2 for the lines at ptrs (any pointer tensor) without waiting for them."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
-                              pack=1)
-
-
-@_jit
-def _prefetch_int_chunk(wq, sc, zr, rows, K: tl.constexpr, k0, GS: tl.constexpr, BLOCK_K: tl.constexpr,
-                        CODE_SETS: tl.constexpr, CODE_STRIDE: tl.constexpr, SETS: tl.constexpr,
-                        SET_STRIDE: tl.constexpr):
-    """Prefetch what a quantized kernel's K step k0 reads for code rows `rows` [BJ] (in range): their
-    codes (K // 4 words a row; CODE_SETS 2: also the rows CODE_STRIDE words on) and the scales and
-    zeros of the SETS weight rows each code row holds (rows + p * SET_STRIDE)."""
-    lines = tl.arange(0, BLOCK_K // 128) * 32  # words, a 128-byte line apart
-    words = rows[:, None] * (K // 4) + k0 // 4 + lines[None, :]
-    _prefetch(wq + words)
-    if CODE_SETS == 2:
-        _prefetch(wq + CODE_STRIDE + words)
-    for p in tl.static_range(SETS):
-        grp = (rows + p * SET_STRIDE) * (K // GS) + k0 // GS
-        _prefetch(sc + grp)
-        _prefetch(zr + grp)
 
 
 @_jit
@@ -429,31 +399,25 @@ def _down_kernel(
     h_ptr, ptr_tab, idx_tab, tok_tab, wt_tab, out_ptr,
     H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr,
 ):
     """16-bit experts: out[t] += weight * (down @ h[s]) for a block of rows and a K split (atomic
-    adds, so K can be split to fill the GPU when H is small). PREFETCH: the weights are asked of the
-    L2 before the wait (PREFETCH elements to a 128-byte line)."""
+    adds, so K can be split to fill the GPU when H is small)."""
+    _gdc_wait(PDL)
+    _gdc_launch(PDL)
     s = tl.program_id(0)
     addr = _slot_addr(ptr_tab, idx_tab, s, INDEXED)
-    KS: tl.constexpr = I // SPLIT_K
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    kstart = tl.program_id(2) * KS
-    base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
-    w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
-    if PREFETCH > 0:
-        if addr != 0:
-            rows = tl.minimum(j, H - 1)
-            lines = tl.arange(0, BLOCK_K // PREFETCH) * PREFETCH
-            for k0 in range(kstart, kstart + KS, BLOCK_K):
-                _prefetch(w + rows[:, None] * I + k0 + lines[None, :])
-    _gdc_wait(PDL)
     if addr != 0:
         t = _slot_token(tok_tab, s, TOKEN_DIV)
         weight = tl.load(wt_tab + s).to(tl.float32)
+        base = tl.multiple_of(addr.to(tl.pointer_type(tl.uint8)), 64)
+        w = (base + W_OFF).to(tl.pointer_type(DTYPE), bitcast=True)
+        KS: tl.constexpr = I // SPLIT_K
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         jm = j < H
         kk = tl.arange(0, BLOCK_K)
         a = tl.full([BLOCK_J], 0.0, tl.float32)
+        kstart = tl.program_id(2) * KS
         for k0 in range(kstart, kstart + KS, BLOCK_K):
             hv = tl.load(h_ptr + s * I + k0 + kk)
             wv = tl.load(w + j[:, None] * I + k0 + kk[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
@@ -509,8 +473,8 @@ def _quantize_kernel(x_ptr, skip_ptr, idx_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K
     the groups' scales (qs fp32 [rows, K/GS]) and sums of their integers (qn int32). SKIP: rows
     whose slot address (int64, skip_ptr[r], or INDEXED skip_ptr[idx_ptr[r]]) is 0 are left alone
     (empty slots: nothing wrote them)."""
-    _gdc_launch(PDL)  # (before the wait: a gate_up or a down kernel follows, and both wait themselves)
     _gdc_wait(PDL)
+    _gdc_launch(PDL)
     r = tl.program_id(0)
     if SKIP:
         if _slot_addr(skip_ptr, idx_ptr, r, INDEXED) == 0:
@@ -576,12 +540,11 @@ def _gate_up_int_kernel(
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
     INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Quantized experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of I rows, x[t] as
     _quantize_kernel wrote it. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
-    one byte (2-bit: gate rows j, j + I/2 and up rows j, j + I/2), so one word feeds both. PREFETCH > 0:
-    each K step asks the L2 for the step PREFETCH steps on."""
+    one byte (2-bit: gate rows j, j + I/2 and up rows j, j + I/2), so one word feeds both."""
     _gdc_wait(PDL)
     _gdc_launch(PDL)
     s = tl.program_id(0)
@@ -607,11 +570,6 @@ def _gate_up_int_kernel(
         g1 = tl.full([BLOCK_J], 0.0, tl.float32)  # 2-bit: rows j + I/2
         u1 = tl.full([BLOCK_J], 0.0, tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if PREFETCH > 0:
-                if k0 + PREFETCH * BLOCK_K < H:
-                    _prefetch_int_chunk(wq, sc, zr, tl.minimum(j, (HALF if BITS == 2 else I) - 1), H,
-                                        k0 + PREFETCH * BLOCK_K, GS, BLOCK_K, 2 if BITS == 8 else 1, I * (H // 4),
-                                        4 if BITS == 2 else 2, HALF if BITS == 2 else I)
             xa, xb, sx, xn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, t, H, k0, gi, wi, GS)
             words = j[:, None, None] * (H // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :]
             codes = tl.load(wq + words, mask=rmask[:, :, None], other=0)  # [BJ, NG, GW]
@@ -642,31 +600,26 @@ def _down_int_kernel(
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
-    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr,
 ):
     """Quantized experts: out[t] += weight * (down @ h[s]), h[s] as _quantize_kernel wrote it, for a
-    block of rows and a K split (atomic adds). PREFETCH: codes, scales and zeros are asked of the L2
-    before the wait."""
+    block of rows and a K split (atomic adds)."""
+    _gdc_wait(PDL)
+    _gdc_launch(PDL)
     s = tl.program_id(0)
     addr = _slot_addr(ptr_tab, idx_tab, s, INDEXED)
-    wq, sc, zr = _int_fields(addr, W_OFF, S_OFF, Z_OFF, DTYPE)
-    # a byte holds P weights, of rows r, r + H/P, ... (high bits first): programs cover H/P rows
-    P: tl.constexpr = 8 // BITS
-    R: tl.constexpr = H // P
-    KS: tl.constexpr = I // SPLIT_K
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    kstart = tl.program_id(2) * KS
-    if PREFETCH:
-        if addr != 0:
-            for k0 in range(kstart, kstart + KS, BLOCK_K):
-                _prefetch_int_chunk(wq, sc, zr, tl.minimum(j, R - 1), I, k0, GS, BLOCK_K, 1, 0, P, R)
-    _gdc_wait(PDL)
     if addr != 0:
         t = _slot_token(tok_tab, s, TOKEN_DIV)
         weight = tl.load(wt_tab + s).to(tl.float32)
+        wq, sc, zr = _int_fields(addr, W_OFF, S_OFF, Z_OFF, DTYPE)
         NG: tl.constexpr = BLOCK_K // GS
         GW: tl.constexpr = GS // 4
+        # a byte holds P weights, of rows r, r + H/P, ... (high bits first): programs cover H/P rows
+        P: tl.constexpr = 8 // BITS
+        R: tl.constexpr = H // P
         ROWG: tl.constexpr = I // GS
+        KS: tl.constexpr = I // SPLIT_K
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         jm = j < R
         rmask = jm[:, None]
         gi = tl.arange(0, NG)
@@ -675,6 +628,7 @@ def _down_int_kernel(
         a1 = tl.full([BLOCK_J], 0.0, tl.float32)
         a2 = tl.full([BLOCK_J], 0.0, tl.float32)
         a3 = tl.full([BLOCK_J], 0.0, tl.float32)
+        kstart = tl.program_id(2) * KS
         for k0 in range(kstart, kstart + KS, BLOCK_K):
             ha, hb, sh, hn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, s, I, k0, gi, wi, GS)
             codes = tl.load(wq + j[:, None, None] * (I // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :],
@@ -1183,10 +1137,11 @@ def _offsets(layout: Layout) -> list[tuple[int, int, int]]:
     return [(fields[f"{m}.W_q"], fields[f"{m}.scale"], fields[f"{m}.zero"]) for m in ("gate_up", "down")]
 
 
-# How a call's kernels overlap where the GPU and Triton allow it (_can_overlap): programmatic dependent
-# launch, the down kernels' L2 prefetch before their wait, and gate_up's prefetch distance in K steps
-# (0: none). A module setting, so a benchmark can time the forms side by side.
-OVERLAP = dict(pdl=True, down_prefetch=True, gate_up_prefetch=0)
+# Precisions whose calls launch their kernels to overlap (programmatic dependent launch) where the GPU
+# and Triton allow it (_can_overlap). A module setting, so a benchmark can time the forms side by side
+# (experiments/bench_overlap.py). H200, one Mixtral expert at one / two slots, µs: 4-bit 41.3 -> 39.3 /
+# 66.3 -> 63.8, 2-bit 41.9 -> 39.4 / 54.1 -> 52.1; 16-bit 88.9 -> 90.4 / 168.9 -> 168.1, so not 16-bit.
+PDL_BITS = {8, 4, 2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1272,12 +1227,9 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     bits = layout.bits
     offs = _offsets(layout)
     dtype = _TL_DTYPES[layout.dtype]
-    pdl = on_gpu and OVERLAP["pdl"] and _can_overlap(index)
+    pdl = on_gpu and bits in PDL_BITS and _can_overlap(index)
     launch = lambda warps: (dict(num_warps=warps, num_stages=cfg["stages"], launch_pdl=pdl)  # noqa: E731
                             if on_gpu else {})
-    # (the L2 prefetches cover whole 128-byte lines of a K chunk, in bytes of 16-bit weights or of codes:
-    # GPU blocks only)
-    pf_down = on_gpu and OVERLAP["down_prefetch"] and cfg["dn_k"] * (layout.dtype.itemsize if bits == 16 else 1) >= 128
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
     rows = I if bits >= 4 else I // 2  # gate_up's programs cover rows (2-bit: two per code)
     gu_grid = (S, triton.cdiv(rows, cfg["gu_j"]))
@@ -1292,20 +1244,18 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
         _down_kernel[(S, triton.cdiv(H, cfg["dn_j"]), cfg["dn_split"])](
             h, slot_ptrs, idx, tok, slot_weights, out, H=H, I=I, DTYPE=dtype, W_OFF=offs[1][0],
             BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **slots, PDL=pdl,
-            PREFETCH=128 // layout.dtype.itemsize if pf_down else 0, **launch(cfg["dn_warps"]))
+            **launch(cfg["dn_warps"]))
         return out
     gs = layout.group_size
     common = dict(H=H, I=I, BITS=bits, GS=gs, DTYPE=dtype, FAST=on_gpu, PDL=pdl)  # FAST: dp2a in inline PTX
-    pf_gate_up = OVERLAP["gate_up_prefetch"] if on_gpu and cfg["gu_k"] >= 128 else 0
     _gate_up_int_kernel[gu_grid](
         *quantize_activations(x, gs, pdl=pdl), slot_ptrs, idx, tok, *side_ptrs, h, W_OFF=offs[0][0],
         S_OFF=offs[0][1], Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], **common, **slots, **side,
-        PREFETCH=pf_gate_up, **launch(cfg["gu_warps"]))
+        **launch(cfg["gu_warps"]))
     _down_int_kernel[(S, triton.cdiv(H // (8 // bits), cfg["dn_j"]), cfg["dn_split"])](
         *quantize_activations(h, gs, skip=slot_ptrs, skip_index=slot_index, pdl=pdl), slot_ptrs, idx, tok,
         slot_weights, out, W_OFF=offs[1][0], S_OFF=offs[1][1], Z_OFF=offs[1][2], BLOCK_J=cfg["dn_j"],
-        BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **common, **slots, PREFETCH=pf_down,
-        **launch(cfg["dn_warps"]))
+        BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **common, **slots, **launch(cfg["dn_warps"]))
     return out
 
 

@@ -346,10 +346,9 @@ for skip, indexed in ((True, True), (True, False), (False, False)):
     compile_(K._quantize_kernel, {"x_ptr": "*bf16", "skip_ptr": "*i64", "idx_ptr": "*i64", **act},
              dict(K=14336, GS=64, BLOCK_K=512, SKIP=skip, INDEXED=indexed, PDL=skip))
 expert = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, BLOCK_J=16, BLOCK_K=512, FAST=True)
-# a decode layer's kernels overlap (PDL), down prefetching its weights into the L2 before it waits
-overlap = dict(PDL=True, PREFETCH=1)
-def overlaps(ptx, prefetch):
-    return "griddepcontrol.wait" in ptx and ("prefetch.global.L2" in ptx) == prefetch
+# a decode layer's kernels overlap (PDL): each waits for the one before it, then lets the next launch
+def overlaps(ptx):
+    return ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
 slot = {"ptr_tab": "*i64", "idx_tab": "*i64", "tok_tab": "*i64"}
 side = {"cnt_ptr": "*i64", "out_ptr": "*fp32"}
 # a decode layer's first precision (the router's index, tokens by division, counting, zeroing) and
@@ -358,22 +357,22 @@ lean, plain = dict(INDEXED=True, TOKEN_DIV=2), dict(INDEXED=False, TOKEN_DIV=0)
 for bits in (8, 4, 2):
     for flags, work in ((lean, dict(COUNT=True, ZERO_BLOCK=4)), (plain, dict(COUNT=False, ZERO_BLOCK=0))):
         ptx = compile_(K._gate_up_int_kernel, {**act, **slot, **side, "h_ptr": "*fp32"},
-                       dict(expert, BITS=bits, **flags, **work, PDL=True, PREFETCH=2))
+                       dict(expert, BITS=bits, **flags, **work, PDL=True))
         # the count (an unused result: `red` from Triton 3.9, `atom` from 3.6, the GPU machine's)
         counts = re.search(r"(red|atom)\\.global\\.gpu\\.relaxed\\.add\\.u64", ptx) is not None
-        assert "dp2a.hi" in ptx and counts == work["COUNT"] and overlaps(ptx, True)
+        assert "dp2a.hi" in ptx and counts == work["COUNT"] and overlaps(ptx)
         ptx = compile_(K._down_int_kernel, {**act, **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
-                       dict(expert, BITS=bits, SPLIT_K=4, **flags, **overlap))
-        assert "dp2a.lo" in ptx and overlaps(ptx, True)
+                       dict(expert, BITS=bits, SPLIT_K=4, **flags, PDL=True))
+        assert "dp2a.lo" in ptx and overlaps(ptx)
         ptx = compile_(K._down_int_kernel, {**act, **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
-                       dict(expert, BITS=bits, SPLIT_K=4, **flags, PDL=False, PREFETCH=0))
-        assert "griddepcontrol" not in ptx and "prefetch" not in ptx
+                       dict(expert, BITS=bits, SPLIT_K=4, **flags, PDL=False))
+        assert "griddepcontrol" not in ptx
 sixteen = dict(H=4096, I=14336, DTYPE=K.tl.bfloat16, W_OFF=0)
 compile_(K._gate_up_kernel, {"x_ptr": "*bf16", **slot, **side, "h_ptr": "*fp32"},
          dict(sixteen, BLOCK_J=8, BLOCK_K=256, **lean, COUNT=True, ZERO_BLOCK=4, PDL=True))
 ptx = compile_(K._down_kernel, {"h_ptr": "*fp32", **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
-               dict(sixteen, BLOCK_J=8, BLOCK_K=512, SPLIT_K=4, **lean, PDL=True, PREFETCH=64))
-assert overlaps(ptx, True)
+               dict(sixteen, BLOCK_J=8, BLOCK_K=512, SPLIT_K=4, **lean, PDL=True))
+assert overlaps(ptx)
 grouped = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, TOP_K=2, BLOCK_M=16,
                BLOCK_J=64, BLOCK_K=64, SPLIT_K=4, DOT=K.tl.bfloat16, IEEE=False, FAST=True, OFF=K._MAGIC_OFF)
 slots = {"table_ptr": "*i64", "order_ptr": "*i64", "bounds_ptr": "*i64"}
