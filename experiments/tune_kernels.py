@@ -1,7 +1,8 @@
 """Sweep the slot kernels' block sizes on this GPU, at the two Mixtral experts of one decode token
 (batch 1, top-2: the slots decode runs), and keep the fastest per precision in
 placement/kernel_blocks.json under the GPU's name (read by placement.kernels at its first launch on
-that GPU: tuned once per GPU model, never at start).
+that GPU: tuned once per GPU model, never at start). With --slots n other than 2 it sweeps calls of n
+slots (n experts of one token) and keeps the winner as "bits@n", used for calls of exactly n slots.
 
     python -m experiments.tune_kernels --out experiments/results/tune_kernels_h200.csv
 
@@ -32,20 +33,22 @@ DOWN = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))
 MARGIN = 0.02
 
 
-def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype=torch.bfloat16) -> list[dict]:
+def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, slots: int = 2,
+          dtype=torch.bfloat16) -> list[dict]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     layout = expert_layout(hidden, inter, bits, dtype, group_size)
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
     copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
     buffers = [kernels.random_expert(layout, dev, gen) for _ in range(copies)]  # (alive: the tables hold addresses)
-    # the two slots of one decode token (top-2): two different experts, each call the next pair
-    tables = [kernels.expert_table([buffers[i], buffers[(i + 1) % copies]]) for i in range(copies)]
+    # the slots of one token (top-2 at decode: two different experts), each call the next experts
+    tables = [kernels.expert_table([buffers[(i + s) % copies] for s in range(slots)]) for i in range(copies)]
     x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
-    ones = torch.ones(2, device=dev)
-    token = torch.zeros(2, dtype=torch.int64, device=dev)
+    ones = torch.ones(slots, device=dev)
+    token = torch.zeros(slots, dtype=torch.int64, device=dev)
     name = torch.cuda.get_device_name(dev)
-    default = kernels.tuned_blocks(name)[bits]  # where the search starts: this GPU's current choice
+    current = kernels.tuned_blocks(name)
+    default = current.get((bits, slots), current[bits])  # where the search starts: this GPU's current choice
     blocks = dict(kernels._GPU_BLOCKS)
 
     # the launch reads _device_blocks(index): point it at the candidate
@@ -61,7 +64,8 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
             try:
                 out = kernels.moe_experts(x, tables[0], ones, layout, slot_token=token)
             except Exception as e:  # a block that does not compile (too many registers, shared memory)
-                rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=None, error=str(e)[:120]))
+                rows.append(dict(gpu=name, bits=bits, slots=slots, stage=stage, blocks=list(cfg), ms=None,
+                                 error=str(e)[:120]))
                 return None
             err = ((out - reference).abs().max() / reference.abs().max()).item()
             if err > 1e-3:
@@ -70,8 +74,8 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
             out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
             ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(x, tables[next(it) % copies], ones, layout,
                                                                  slot_token=token, out=out), iters)
-            rows.append(dict(gpu=name, bits=bits, stage=stage, blocks=list(cfg), ms=ms,
-                             gbps=2 * layout.nbytes / ms / 1e6, error=""))
+            rows.append(dict(gpu=name, bits=bits, slots=slots, stage=stage, blocks=list(cfg), ms=ms,
+                             gbps=slots * layout.nbytes / ms / 1e6, error=""))
             return ms
 
         best = default
@@ -91,8 +95,8 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, dtype
             ms = timed(cfg, "stages")
             if ms is not None and ms < best_ms * (1 - MARGIN):
                 best, best_ms = cfg, ms
-        rows.append(dict(gpu=name, bits=bits, stage="best", blocks=list(best), ms=best_ms,
-                         gbps=2 * layout.nbytes / best_ms / 1e6, error=""))  # (two experts, as every row)
+        rows.append(dict(gpu=name, bits=bits, slots=slots, stage="best", blocks=list(best), ms=best_ms,
+                         gbps=slots * layout.nbytes / best_ms / 1e6, error=""))
         return rows
     finally:
         kernels._device_blocks = original
@@ -102,14 +106,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.tune_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="4,2,8,16", help="precisions to sweep (default 4,2,8,16)")
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--slots", type=int, default=2,
+                        help="slots per call (default 2, decode's; others are kept as bits@slots)")
     parser.add_argument("--out", help="CSV of every timing")
     parser.add_argument("--json", default=str(kernels.TUNED_BLOCKS), help="where the winners go (merged)")
     args = parser.parse_args(argv)
+    if args.slots < 1:
+        parser.error(f"--slots must be at least 1, got {args.slots}")
     if not torch.cuda.is_available():
         raise SystemExit("tune_kernels sweeps the CUDA kernels; this machine has no CUDA GPU")
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
-        rows += sweep(bits, 4096, 14336, 64, args.iters)
+        rows += sweep(bits, 4096, 14336, 64, args.iters, args.slots)
         best = rows[-1]
         print(f"{bits:2d}-bit: best {best['blocks']} {best['ms']:.4f} ms {best['gbps']:.0f} GB/s "
               f"(default {next(r['ms'] for r in rows if r['bits'] == bits and r['stage'] == 'default'):.4f} ms)",
@@ -126,7 +134,7 @@ def main(argv=None) -> None:
     entry = tuned.setdefault(name, {})
     for r in rows:
         if r["stage"] == "best":
-            entry[str(r["bits"])] = r["blocks"]
+            entry[str(r["bits"]) if args.slots == 2 else f"{r['bits']}@{args.slots}"] = r["blocks"]
     with open(args.json, "w") as f:
         json.dump(tuned, f, indent=1, sort_keys=True)
         f.write("\n")

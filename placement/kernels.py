@@ -1101,7 +1101,8 @@ def _pow2_block(n: int, cap: int) -> int:
 # stages, 3 if not given]) for a Mixtral expert (H=4096, I=14336, gs=64) at batch 1: 16-bit tuned on
 # an H100, the integer-activation kernels (8, 4, 2) on an H200 at two slots (experiments/bench_dp4a.py).
 # GPUs swept by `python -m experiments.tune_kernels` have their own in kernel_blocks.json (by device
-# name), read once per device: no autotuning at start.
+# name), read once per device: no autotuning at start. An entry "bits@n" there applies to calls of
+# exactly n slots (a top-1 model's token at batch 1 is one slot; few programs then fill the GPU).
 _GPU_BLOCKS = {
     16: (8, 256, 8, 8, 512, 4),
     8: (64, 512, 4, 32, 512, 4, 3),
@@ -1111,20 +1112,24 @@ _GPU_BLOCKS = {
 TUNED_BLOCKS = Path(__file__).with_name("kernel_blocks.json")
 
 
-def tuned_blocks(device_name: str) -> dict[int, tuple[int, ...]]:
+def tuned_blocks(device_name: str) -> dict[int | tuple[int, int], tuple[int, ...]]:
     """The slot kernels' blocks for a GPU: kernel_blocks.json's entry for `device_name` over the
-    defaults (precisions it lacks keep theirs)."""
-    blocks = dict(_GPU_BLOCKS)
+    defaults (precisions it lacks keep theirs); its "bits@n" keys as (bits, n): blocks for calls of
+    n slots."""
+    blocks: dict = dict(_GPU_BLOCKS)
     try:
         entry = json.loads(TUNED_BLOCKS.read_text()).get(device_name, {})
     except (OSError, ValueError):
         entry = {}
-    blocks.update({int(bits): tuple(v) for bits, v in entry.items() if int(bits) in blocks and len(v) in (6, 7)})
+    for key, v in entry.items():
+        bits, at, slots = key.partition("@")
+        if bits.isdigit() and int(bits) in _GPU_BLOCKS and (not at or slots.isdigit()) and len(v) in (6, 7):
+            blocks[(int(bits), int(slots)) if slots else int(bits)] = tuple(v)
     return blocks
 
 
 @functools.lru_cache(maxsize=None)
-def _device_blocks(index: int) -> dict[int, tuple[int, ...]]:
+def _device_blocks(index: int) -> dict:
     return tuned_blocks(torch.cuda.get_device_name(index))
 
 
@@ -1162,16 +1167,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None = None) -> dict:
-    """Block sizes: pure functions of the layout (and GPU: `blocks`, default _GPU_BLOCKS), so the grid
-    never depends on data. Interpreter: big blocks, few programs (each one is Python overhead)."""
+def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None = None, slots: int = 2) -> dict:
+    """Block sizes: pure functions of the layout and the number of slots (and GPU: `blocks`, default
+    _GPU_BLOCKS, see tuned_blocks), so the grid never depends on data. Interpreter: big blocks, few
+    programs (each one is Python overhead)."""
     hidden, inter = _dims(layout)
     bits, gs = layout.bits, layout.group_size
     kmin = 1 if bits == 16 else gs  # a K chunk holds whole groups
     if interpret:
         return dict(gu_j=64, gu_k=max(_pow2_block(hidden, 1024), kmin), gu_warps=4,
                     dn_j=64, dn_k=max(_pow2_block(inter, 1024), kmin), dn_split=1, dn_warps=4)
-    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps, *stages = (blocks or _GPU_BLOCKS)[bits]
+    blocks = blocks or _GPU_BLOCKS
+    gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps, *stages = blocks.get((bits, slots), blocks[bits])
     gu_k = max(_pow2_block(hidden, gu_cap), kmin)
     dn_k = max(_pow2_block(inter, dn_cap), kmin)
     # down has only H (or H/2, H/4 packed) rows: split K (atomic adds) up to 4 ways until there
@@ -1223,7 +1230,7 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     slots = dict(INDEXED=slot_index is not None, TOKEN_DIV=0 if slot_token is not None else S // T)
     on_gpu = x.device.type == "cuda"
     index = x.device.index or 0
-    cfg = _config(layout, not on_gpu, *((_sm_count(index), _device_blocks(index)) if on_gpu else ()))
+    cfg = _config(layout, not on_gpu, *((_sm_count(index), _device_blocks(index), S) if on_gpu else ()))
     bits = layout.bits
     offs = _offsets(layout)
     dtype = _TL_DTYPES[layout.dtype]

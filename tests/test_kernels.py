@@ -4,6 +4,7 @@ packed output, so a wrong reading of its bit packing fails here.
 Without CUDA the kernels run in Triton's CPU interpreter, asked for before triton is imported."""
 
 import ast
+import json
 import os
 import random
 import warnings
@@ -156,6 +157,26 @@ def test_activations_quantize_to_int16_per_group_in_the_kernels_word_order():
         got = kernels.quantize_activations(rows.to(DEVICE), 64, skip=torch.tensor([0, 7, 0]).to(DEVICE))
     for full, part in zip((qa, qb, qs, qn), got):
         assert torch.equal(part.cpu()[1], full[1])
+
+
+def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch):
+    # kernel_blocks.json: per GPU name, blocks by precision over the defaults, and "bits@n" for calls of
+    # exactly n slots; malformed keys and entries are ignored, a corrupt file leaves the defaults
+    path = tmp_path / "kernel_blocks.json"
+    one_slot, tuned = [8, 1024, 4, 16, 512, 4, 2], [32, 512, 8, 16, 512, 4]
+    path.write_text(json.dumps({"GPU A": {"2": tuned, "2@1": one_slot, "x@1": one_slot, "4@": one_slot,
+                                          "4": [1, 2]}}))
+    monkeypatch.setattr(kernels, "TUNED_BLOCKS", path)
+    blocks = kernels.tuned_blocks("GPU A")
+    assert blocks[2] == tuple(tuned) and blocks[(2, 1)] == tuple(one_slot)
+    assert blocks[4] == kernels._GPU_BLOCKS[4] and set(blocks) == set(kernels._GPU_BLOCKS) | {(2, 1)}
+    assert kernels.tuned_blocks("GPU B") == kernels._GPU_BLOCKS
+    layout = expert_layout(4096, 14336, 2, torch.bfloat16, 64)
+    for slots, want in ((1, one_slot), (2, tuned), (4, tuned)):
+        cfg = kernels._config(layout, False, 132, blocks, slots)
+        assert (cfg["gu_j"], cfg["gu_k"], cfg["gu_warps"]) == tuple(want[:3]), slots
+    path.write_text("{not json")
+    assert kernels.tuned_blocks("GPU A") == kernels._GPU_BLOCKS
 
 
 def test_default_slots_are_the_tokens_and_out_starts_at_zero():
