@@ -1,8 +1,9 @@
-"""Overlapping a call's expert kernels, side by side in one process: programmatic dependent launch
-(kernels.PDL_BITS: each kernel's programs placed while the kernel before it runs, waiting on the
+"""Overlapping a call's expert kernels (kernels.PDL_BITS), side by side in one process: programmatic
+dependent launch (each kernel's programs placed while the kernel before it runs, waiting on the
 device), for every precision or the quantized ones only, against the kernels launched one after
-another; and the software pipelining of the kernels' K loops (kernels.LOOP_STAGES). (At 02e80fd it also timed an L2 prefetch of the down kernels' weights before their wait:
-10-40% slower, experiments/results/overlap_prefetch_h200.csv.)
+another. Earlier forms, slower and dropped: an L2 prefetch of the down kernels' weights before their
+wait (02e80fd: 10-40% slower, experiments/results/overlap_prefetch_h200.csv) and software pipelining
+of the K loops (2e578d9: 10-17% slower at two slots, experiments/results/overlap_loops_h200.csv).
 
 1. Kernels: one Mixtral expert at one slot (`python -m placement.kernels`' row) and the two slots of
    one decode token, through decode's indexed call (the router's top-k index into a table), per
@@ -28,23 +29,13 @@ import torch
 from placement import kernels
 from placement.packed import expert_layout
 
-# forms compared: kernels.PDL_BITS (the precisions whose calls overlap their kernels) and
-# kernels.LOOP_STAGES (the K loops' software pipelining, 1: none) for every precision; "serial" first
-# (the reference)
+# kernels.PDL_BITS compared: the precisions whose calls overlap their kernels; "serial" first (the
+# reference)
 FORMS = {
-    "serial": (set(), 1),
-    "pdl": ({16, 8, 4, 2}, 1),
-    "pdl quantized": ({8, 4, 2}, 1),
-    "pdl quantized + loops 2": ({8, 4, 2}, 2),
-    "pdl quantized + loops 3": ({8, 4, 2}, 3),
-    "pdl quantized + loops 4": ({8, 4, 2}, 4),
+    "serial": set(),
+    "pdl": {16, 8, 4, 2},
+    "pdl quantized": {8, 4, 2},
 }
-
-
-def use(form: str) -> None:
-    pdl, loop = FORMS[form]
-    kernels.PDL_BITS = pdl
-    kernels.LOOP_STAGES = dict.fromkeys(kernels.BITS, loop)
 
 
 def time_kernels(forms: list[str], bits_list: list[int], iters: int, hidden: int = 4096, inter: int = 14336,
@@ -66,7 +57,7 @@ def time_kernels(forms: list[str], bits_list: list[int], iters: int, hidden: int
             out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
             reference = None
             for form in forms:
-                use(form)
+                kernels.PDL_BITS = FORMS[form]
                 got = kernels.moe_experts(x, table, weights, layout, slot_index=index[0], out=out.clone(),
                                           zero_out=True)
                 if reference is None:
@@ -100,7 +91,7 @@ def time_decode(args, forms: list[str]) -> list[dict]:
         for batch in args.batches:
             for rnd in range(args.rounds):
                 for form in forms:
-                    use(form)
+                    kernels.PDL_BITS = FORMS[form]
                     decoder.graphs.clear()  # captured with the other form's launches
                     decoder.pool = None
                     decoder.generate(ids[:batch], 16, fixed_length=True)  # warm-up: this bucket's graphs
@@ -148,13 +139,13 @@ def main(argv=None) -> None:
         raise SystemExit("bench_overlap times CUDA kernels; this machine has no CUDA GPU")
     index = torch.cuda.current_device()
     print(f"{torch.cuda.get_device_name(index)}: overlap {'possible' if kernels._can_overlap(index) else 'unavailable'}")
-    saved = kernels.PDL_BITS, kernels.LOOP_STAGES
+    saved = kernels.PDL_BITS
     try:
         rows = time_kernels(args.forms, args.bits, args.iters)
         if args.layers:
             rows += time_decode(args, args.decode_forms)
     finally:
-        kernels.PDL_BITS, kernels.LOOP_STAGES = saved
+        kernels.PDL_BITS = saved
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)

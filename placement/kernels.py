@@ -367,7 +367,7 @@ def _gate_up_kernel(
     H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
-    PDL: tl.constexpr, LOOP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """16-bit experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of rows, t slot s's token."""
     _gdc_wait(PDL)
@@ -386,7 +386,7 @@ def _gate_up_kernel(
         kk = tl.arange(0, BLOCK_K)
         g = tl.full([BLOCK_J], 0.0, tl.float32)
         u = tl.full([BLOCK_J], 0.0, tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=LOOP):
+        for k0 in range(0, H, BLOCK_K):
             x = tl.load(x_ptr + t * H + k0 + kk).to(tl.float32)
             offs = j[:, None] * H + k0 + kk[None, :]
             g += _rsum(tl.load(w + offs, mask=jm[:, None], other=0.0).to(tl.float32) * x[None, :], 1)
@@ -399,7 +399,7 @@ def _down_kernel(
     h_ptr, ptr_tab, idx_tab, tok_tab, wt_tab, out_ptr,
     H: tl.constexpr, I: tl.constexpr, DTYPE: tl.constexpr, W_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr, LOOP: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr,
 ):
     """16-bit experts: out[t] += weight * (down @ h[s]) for a block of rows and a K split (atomic
     adds, so K can be split to fill the GPU when H is small)."""
@@ -418,7 +418,7 @@ def _down_kernel(
         kk = tl.arange(0, BLOCK_K)
         a = tl.full([BLOCK_J], 0.0, tl.float32)
         kstart = tl.program_id(2) * KS
-        for k0 in tl.range(kstart, kstart + KS, BLOCK_K, num_stages=LOOP):
+        for k0 in range(kstart, kstart + KS, BLOCK_K):
             hv = tl.load(h_ptr + s * I + k0 + kk)
             wv = tl.load(w + j[:, None] * I + k0 + kk[None, :], mask=jm[:, None], other=0.0).to(tl.float32)
             a += _rsum(wv * hv[None, :], 1)
@@ -540,7 +540,7 @@ def _gate_up_int_kernel(
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr,
     INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, COUNT: tl.constexpr, ZERO_BLOCK: tl.constexpr,
-    PDL: tl.constexpr, LOOP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Quantized experts: h[s] = silu(x[t] @ gate.T) * (x[t] @ up.T) for a block of I rows, x[t] as
     _quantize_kernel wrote it. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
@@ -569,7 +569,7 @@ def _gate_up_int_kernel(
         u0 = tl.full([BLOCK_J], 0.0, tl.float32)
         g1 = tl.full([BLOCK_J], 0.0, tl.float32)  # 2-bit: rows j + I/2
         u1 = tl.full([BLOCK_J], 0.0, tl.float32)
-        for k0 in tl.range(0, H, BLOCK_K, num_stages=LOOP):
+        for k0 in range(0, H, BLOCK_K):
             xa, xb, sx, xn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, t, H, k0, gi, wi, GS)
             words = j[:, None, None] * (H // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :]
             codes = tl.load(wq + words, mask=rmask[:, :, None], other=0)  # [BJ, NG, GW]
@@ -600,7 +600,7 @@ def _down_int_kernel(
     H: tl.constexpr, I: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr,
     W_OFF: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
-    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr, LOOP: tl.constexpr,
+    INDEXED: tl.constexpr, TOKEN_DIV: tl.constexpr, PDL: tl.constexpr,
 ):
     """Quantized experts: out[t] += weight * (down @ h[s]), h[s] as _quantize_kernel wrote it, for a
     block of rows and a K split (atomic adds)."""
@@ -629,7 +629,7 @@ def _down_int_kernel(
         a2 = tl.full([BLOCK_J], 0.0, tl.float32)
         a3 = tl.full([BLOCK_J], 0.0, tl.float32)
         kstart = tl.program_id(2) * KS
-        for k0 in tl.range(kstart, kstart + KS, BLOCK_K, num_stages=LOOP):
+        for k0 in range(kstart, kstart + KS, BLOCK_K):
             ha, hb, sh, hn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, s, I, k0, gi, wi, GS)
             codes = tl.load(wq + j[:, None, None] * (I // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :],
                             mask=rmask[:, :, None], other=0)
@@ -1147,10 +1147,6 @@ def _offsets(layout: Layout) -> list[tuple[int, int, int]]:
 # (experiments/bench_overlap.py). H200, one Mixtral expert at one / two slots, µs: 4-bit 41.3 -> 39.3 /
 # 66.3 -> 63.8, 2-bit 41.9 -> 39.4 / 54.1 -> 52.1; 16-bit 88.9 -> 90.4 / 168.9 -> 168.1, so not 16-bit.
 PDL_BITS = {8, 4, 2}
-# Software pipelining of the slot kernels' K loops (tl.range's num_stages; 1: none), by precision. The
-# launch's num_stages pipelines only loads that feed a tl.dot, so without it every K step waited for
-# its own loads.
-LOOP_STAGES = {16: 1, 8: 1, 4: 1, 2: 1}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1239,7 +1235,6 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     offs = _offsets(layout)
     dtype = _TL_DTYPES[layout.dtype]
     pdl = on_gpu and bits in PDL_BITS and _can_overlap(index)
-    loop = LOOP_STAGES.get(bits, 1) if on_gpu else 1
     launch = lambda warps: (dict(num_warps=warps, num_stages=cfg["stages"], launch_pdl=pdl)  # noqa: E731
                             if on_gpu else {})
     h = torch.empty(S, I, dtype=torch.float32, device=x.device)
@@ -1252,14 +1247,14 @@ def moe_experts(x: torch.Tensor, slot_ptrs: torch.Tensor, slot_weights: torch.Te
     if bits == 16:
         _gate_up_kernel[gu_grid](
             x, slot_ptrs, idx, tok, *side_ptrs, h, H=H, I=I, DTYPE=dtype, W_OFF=offs[0][0], BLOCK_J=cfg["gu_j"],
-            BLOCK_K=cfg["gu_k"], **slots, **side, PDL=pdl, LOOP=loop, **launch(cfg["gu_warps"]))
+            BLOCK_K=cfg["gu_k"], **slots, **side, PDL=pdl, **launch(cfg["gu_warps"]))
         _down_kernel[(S, triton.cdiv(H, cfg["dn_j"]), cfg["dn_split"])](
             h, slot_ptrs, idx, tok, slot_weights, out, H=H, I=I, DTYPE=dtype, W_OFF=offs[1][0],
-            BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **slots, PDL=pdl, LOOP=loop,
+            BLOCK_J=cfg["dn_j"], BLOCK_K=cfg["dn_k"], SPLIT_K=cfg["dn_split"], **slots, PDL=pdl,
             **launch(cfg["dn_warps"]))
         return out
     gs = layout.group_size
-    common = dict(H=H, I=I, BITS=bits, GS=gs, DTYPE=dtype, FAST=on_gpu, PDL=pdl, LOOP=loop)  # FAST: dp2a in PTX
+    common = dict(H=H, I=I, BITS=bits, GS=gs, DTYPE=dtype, FAST=on_gpu, PDL=pdl)  # FAST: dp2a in inline PTX
     _gate_up_int_kernel[gu_grid](
         *quantize_activations(x, gs, pdl=pdl), slot_ptrs, idx, tok, *side_ptrs, h, W_OFF=offs[0][0],
         S_OFF=offs[0][1], Z_OFF=offs[0][2], BLOCK_J=cfg["gu_j"], BLOCK_K=cfg["gu_k"], **common, **slots, **side,
