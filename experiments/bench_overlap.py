@@ -75,6 +75,50 @@ def time_kernels(forms: list[str], bits_list: list[int], iters: int, hidden: int
     return rows
 
 
+class _Skipped:
+    """Stands in for a kernel left out of a call: launching it does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def breakdown(bits_list: list[int], iters: int, hidden: int = 4096, inter: int = 14336, group_size: int = 64,
+              dtype=torch.bfloat16) -> list[dict]:
+    """A quantized call's time with its gate_up or its down kernel left out (the default form): what
+    each costs, and the two quantizing kernels alone. One Mixtral expert, one and two slots."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    x = torch.randn(1, hidden, device=dev, dtype=dtype, generator=gen)
+    names = {"_gate_up_int_kernel": "gate_up", "_down_int_kernel": "down"}
+    saved = {n: getattr(kernels, n) for n in names}
+    rows = []
+    try:
+        for bits in (b for b in bits_list if b != 16):
+            layout = expert_layout(hidden, inter, bits, dtype, group_size)
+            copies = max(3, -(-2 * l2 // layout.nbytes) + 1)
+            table = kernels.expert_table([kernels.random_expert(layout, dev, gen) for _ in range(copies)])
+            for slots in (1, 2):
+                index = [torch.tensor([(i * slots + s) % copies for s in range(slots)], device=dev)
+                         for i in range(copies)]
+                weights = torch.full((slots,), 0.5, device=dev)
+                out = torch.zeros(1, hidden, dtype=torch.float32, device=dev)
+                for left_out in ((), ("_down_int_kernel",), ("_gate_up_int_kernel",), tuple(names)):
+                    for n in names:
+                        setattr(kernels, n, _Skipped() if n in left_out else saved[n])
+                    it = iter(range(1 << 62))
+                    ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(
+                        x, table, weights, layout, slot_index=index[next(it) % copies], out=out, zero_out=True),
+                        iters)
+                    label = "+".join(names[n] for n in left_out) or "nothing"
+                    rows.append(dict(part="breakdown", bits=bits, slots=slots, left_out=label, ms=ms))
+                    print(f"  {bits:2d}-bit {slots} slot(s) without {label:14s} {1000 * ms:7.1f} us", flush=True)
+    finally:
+        for n in names:
+            setattr(kernels, n, saved[n])
+    return rows
+
+
 def time_decode(args, forms: list[str]) -> list[dict]:
     from experiments.bench_grouping_decode import plan_knobs
     from experiments.bench_prefill import setup
@@ -104,14 +148,23 @@ def time_decode(args, forms: list[str]) -> list[dict]:
     return rows
 
 
-def summarize(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Kernel µs per (bits, slots) by form, with each form over serial; decode median tok/s likewise."""
-    k = table[table.part == "kernels"]
-    kern = k.pivot_table(index=["bits", "slots"], columns="form", values="ms") * 1000 if len(k) else pd.DataFrame()
-    d = table[table.part == "decode"]
-    dec = d.pivot_table(index=["plan", "batch"], columns="form", values="tok_s", aggfunc="median") if len(d) else \
-        pd.DataFrame()
-    return kern, dec
+def summarize(table: pd.DataFrame) -> list[pd.DataFrame]:
+    """The tables printed: kernel µs per (bits, slots) by form; with --breakdown, what gate_up, down and
+    the quantizing kernels cost (µs: the call less the call without each); decode median tok/s per
+    (plan, batch) by form. Parts without rows are left out."""
+    out = []
+    k = table[table.part == "kernels"] if "part" in table else table.iloc[:0]
+    if len(k):
+        out.append(k.pivot_table(index=["bits", "slots"], columns="form", values="ms") * 1000)
+    b = table[table.part == "breakdown"] if "part" in table else table.iloc[:0]
+    if len(b):
+        us = b.pivot_table(index=["bits", "slots"], columns="left_out", values="ms") * 1000
+        out.append(pd.DataFrame({"call": us["nothing"], "gate_up": us["nothing"] - us["gate_up"],
+                                 "down": us["nothing"] - us["down"], "quantizing": us["gate_up+down"]}))
+    d = table[table.part == "decode"] if "part" in table else table.iloc[:0]
+    if len(d):
+        out.append(d.pivot_table(index=["plan", "batch"], columns="form", values="tok_s", aggfunc="median"))
+    return out
 
 
 def main(argv=None) -> None:
@@ -120,6 +173,8 @@ def main(argv=None) -> None:
     p.add_argument("--decode-forms", type=lambda s: s.split(","), default=list(FORMS))
     p.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[16, 4, 2])
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time quantized calls with gate_up or down left out (what each kernel costs)")
     p.add_argument("--model", default="mixtral-8x7b-shape")
     p.add_argument("--layers", type=int, default=16, help="decoder layers (0: kernels only)")
     p.add_argument("--device", default="auto")
@@ -142,6 +197,8 @@ def main(argv=None) -> None:
     saved = kernels.PDL_BITS
     try:
         rows = time_kernels(args.forms, args.bits, args.iters)
+        if args.breakdown:
+            rows += breakdown(args.bits, args.iters)
         if args.layers:
             rows += time_decode(args, args.decode_forms)
     finally:
@@ -150,8 +207,7 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     for part in summarize(table):
-        if len(part):
-            print(part.to_string(float_format=lambda v: f"{v:.3f}"))
+        print(part.to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {args.out}")
 
 
