@@ -7,7 +7,8 @@ slots (n experts of one token) and keeps the winner as "bits@n", used for calls 
     python -m experiments.tune_kernels --out experiments/results/tune_kernels_h200.csv
 
 A coordinate search: gate_up's (rows, K chunk, warps) with down at its current blocks, then down's
-with the best gate_up, then the pipeline stages of both. Every candidate is checked against the
+with the best gate_up. (Not the launch's pipeline stages: they pipeline only loads that feed a
+tl.dot, and these kernels have none, so they compile the same at any.) Every candidate is checked against the
 default blocks' output before it is timed (kernels.bench's CUDA-graph timer over copies of the
 expert that exceed the L2 cache). Prints each precision's table and the bandwidth of the winner;
 writes every timing to --out.
@@ -88,11 +89,6 @@ def sweep(bits: int, hidden: int, inter: int, group_size: int, iters: int, slots
         for dn in DOWN:
             cfg = best[:3] + dn
             ms = timed(cfg, "down")
-            if ms is not None and ms < best_ms * (1 - MARGIN):
-                best, best_ms = cfg, ms
-        for stages in (1, 2, 4):
-            cfg = best[:6] + (stages,)
-            ms = timed(cfg, "stages")
             if ms is not None and ms < best_ms * (1 - MARGIN):
                 best, best_ms = cfg, ms
         rows.append(dict(gpu=name, bits=bits, slots=slots, stage="best", blocks=list(best), ms=best_ms,

@@ -1098,7 +1098,8 @@ def _pow2_block(n: int, cap: int) -> int:
 
 
 # GPU blocks per precision: (gate_up rows, K chunk cap, warps, down rows, K chunk cap, warps[, pipeline
-# stages, 3 if not given]) for a Mixtral expert (H=4096, I=14336, gs=64) at batch 1: 16-bit tuned on
+# stages, 3 if not given: Triton pipelines only loads feeding a tl.dot, so these kernels compile the
+# same at any; kept for the format]) for a Mixtral expert (H=4096, I=14336, gs=64) at batch 1: 16-bit tuned on
 # an H100, the integer-activation kernels (8, 4, 2) on an H200 at two slots (experiments/bench_dp4a.py).
 # GPUs swept by `python -m experiments.tune_kernels` have their own in kernel_blocks.json (by device
 # name), read once per device: no autotuning at start. An entry "bits@n" there applies to calls of
