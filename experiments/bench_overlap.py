@@ -97,7 +97,8 @@ def breakdown(bits_list: list[int], iters: int, hidden: int = 4096, inter: int =
         for bits in (b for b in bits_list if b != 16):
             layout = expert_layout(hidden, inter, bits, dtype, group_size)
             copies = max(3, -(-2 * l2 // layout.nbytes) + 1)
-            table = kernels.expert_table([kernels.random_expert(layout, dev, gen) for _ in range(copies)])
+            buffers = [kernels.random_expert(layout, dev, gen) for _ in range(copies)]  # (alive: the table holds
+            table = kernels.expert_table(buffers)  # their addresses)
             for slots in (1, 2):
                 index = [torch.tensor([(i * slots + s) % copies for s in range(slots)], device=dev)
                          for i in range(copies)]
