@@ -8,7 +8,9 @@ of the K loops (2e578d9: 10-17% slower at two slots, experiments/results/overlap
 1. Kernels: one Mixtral expert at one slot (`python -m placement.kernels`' row) and the two slots of
    one decode token, through decode's indexed call (the router's top-k index into a table), per
    precision and form. Every call reads its weights from HBM (copies exceeding twice the L2, as
-   kernels.bench), every form's output is checked against the serial one's.
+   kernels.bench), every form's output is checked against the first form's.
+   With --breakdown, also each quantized call with its gate_up or its down kernel left out: what
+   each kernel costs.
 2. Decode: `Decoder.generate` tok/s at --batches per plan (all experts on the GPU at 4, 2 and 16
    bits), the forms alternated --rounds times, each re-capturing the decoder's CUDA graphs.
 
@@ -64,7 +66,7 @@ def time_kernels(forms: list[str], bits_list: list[int], iters: int, hidden: int
                     reference = got
                 err = ((got - reference).abs().max() / reference.abs().max()).item()
                 if err > 1e-5:
-                    raise AssertionError(f"{bits}-bit, {slots} slots, {form}: output differs from serial by {err:.2e}")
+                    raise AssertionError(f"{bits}-bit, {slots} slots, {form}: output differs from {forms[0]}'s by {err:.2e}")
                 it = iter(range(1 << 62))
                 ms = kernels.gpu_time_ms(lambda: kernels.moe_experts(
                     x, table, weights, layout, slot_index=index[next(it) % copies], out=out, zero_out=True), iters)
