@@ -35,32 +35,44 @@ def plan_knobs(name: str, total: int) -> Knobs:
     return Knobs() if name == "16-bit" else Knobs(quantized=total, bits=int(name.split("-")[0]))
 
 
-def bench(args) -> list[dict]:
-    model, tok, engine, session, device = setup(args.model, args.layers, args.device)
+def alternate(args, model, tok, engine, session, variants: dict):
+    """Decode side by side: for each plan in args.plans (all experts on the GPU, plan_knobs) and batch
+    in args.batches, args.rounds times, each variant in turn (a name and a function that applies it),
+    re-capturing the decoder's graphs, warming up on 16 tokens and timing args.new_tokens steps.
+    Prompts are cut from WikiText-2, different per sequence. Yields (plan, batch, round, name, run)."""
     ids = [tok.encode(t) for t in wikitext_prompts(tok, max(args.batches), args.min_prompt, args.max_prompt, args.data)]
     total = engine.spec.num_layers * engine.spec.num_experts
-    tuned = dict(engine.grouping)
-    other = {bits: args.other for bits in tuned}
-    print(f"engine thresholds {tuned}, against {args.other} for every precision", flush=True)
-    rows = []
     for plan in args.plans:
         session.apply(session.plan(plan_knobs(plan, total)))
         decoder = Decoder(model, engine, max_seqs=max(args.batches), max_len=args.max_prompt + args.new_tokens + 18)
         for batch in args.batches:
             for rnd in range(args.rounds):
-                for name, thresholds in (("single", other), ("engine", tuned)):
-                    engine.grouping = thresholds
-                    decoder.graphs.clear()  # captured with the other thresholds' kernels
+                for name, apply in variants.items():
+                    apply()
+                    decoder.graphs.clear()  # captured with the other variant's kernels
                     decoder.pool = None
                     decoder.generate(ids[:batch], 16, fixed_length=True)  # warm-up: this bucket's graphs
                     run = decoder.generate(ids[:batch], args.new_tokens, fixed_length=True)
-                    rows.append(dict(model=args.model, layers=args.layers, plan=plan, batch=batch,
-                                     thresholds=name, round=rnd, tok_s=run.decode_tok_s,
-                                     step_ms=1000 * statistics.median(run.step_s)))
-                    print(f"  {plan:7s} batch {batch:3d} {name:7s} round {rnd}: {run.decode_tok_s:8.1f} tok/s",
+                    print(f"  {plan:7s} batch {batch:3d} {name:18s} round {rnd}: {run.decode_tok_s:8.1f} tok/s",
                           flush=True)
-        engine.grouping = tuned
+                    yield plan, batch, rnd, name, run
         del decoder
+
+
+def bench(args) -> list[dict]:
+    model, tok, engine, session, device = setup(args.model, args.layers, args.device)
+    tuned = dict(engine.grouping)
+    other = {bits: args.other for bits in tuned}
+    print(f"engine thresholds {tuned}, against {args.other} for every precision", flush=True)
+
+    def use(thresholds):
+        return lambda: setattr(engine, "grouping", thresholds)
+
+    rows = [dict(model=args.model, layers=args.layers, plan=plan, batch=batch, thresholds=name, round=rnd,
+                 tok_s=run.decode_tok_s, step_ms=1000 * statistics.median(run.step_s))
+            for plan, batch, rnd, name, run in alternate(args, model, tok, engine, session,
+                                                         {"single": use(other), "engine": use(tuned)})]
+    engine.grouping = tuned
     return rows
 
 

@@ -123,32 +123,17 @@ def breakdown(bits_list: list[int], iters: int, hidden: int = 4096, inter: int =
 
 
 def time_decode(args, forms: list[str]) -> list[dict]:
-    from experiments.bench_grouping_decode import plan_knobs
+    from experiments.bench_grouping_decode import alternate
     from experiments.bench_prefill import setup
-    from experiments.bench_serve import wikitext_prompts
-    from placement.decode import Decoder
+
+    def use(form):
+        return lambda: setattr(kernels, "PDL_BITS", FORMS[form])
 
     model, tok, engine, session, device = setup(args.model, args.layers, args.device)
-    ids = [tok.encode(t) for t in wikitext_prompts(tok, max(args.batches), args.min_prompt, args.max_prompt, args.data)]
-    total = engine.spec.num_layers * engine.spec.num_experts
-    rows = []
-    for plan in args.plans:
-        session.apply(session.plan(plan_knobs(plan, total)))
-        decoder = Decoder(model, engine, max_seqs=max(args.batches), max_len=args.max_prompt + args.new_tokens + 18)
-        for batch in args.batches:
-            for rnd in range(args.rounds):
-                for form in forms:
-                    kernels.PDL_BITS = FORMS[form]
-                    decoder.graphs.clear()  # captured with the other form's launches
-                    decoder.pool = None
-                    decoder.generate(ids[:batch], 16, fixed_length=True)  # warm-up: this bucket's graphs
-                    run = decoder.generate(ids[:batch], args.new_tokens, fixed_length=True)
-                    rows.append(dict(part="decode", form=form, plan=plan, batch=batch, round=rnd,
-                                     tok_s=run.decode_tok_s, ms=1000 * statistics.median(run.step_s)))
-                    print(f"  {plan:7s} batch {batch:3d} {form:18s} round {rnd}: {run.decode_tok_s:8.1f} tok/s",
-                          flush=True)
-        del decoder
-    return rows
+    return [dict(part="decode", form=form, plan=plan, batch=batch, round=rnd, tok_s=run.decode_tok_s,
+                 ms=1000 * statistics.median(run.step_s))
+            for plan, batch, rnd, form, run in alternate(args, model, tok, engine, session,
+                                                         {form: use(form) for form in forms})]
 
 
 def summarize(table: pd.DataFrame) -> list[pd.DataFrame]:
