@@ -363,13 +363,14 @@ def compile_(fn, pointers, constexprs):
     return k.asm["ptx"]
 
 act = {"qa_ptr": "*i32", "qb_ptr": "*i32", "qs_ptr": "*fp32", "qn_ptr": "*i32"}
-for skip, indexed in ((True, True), (True, False), (False, False)):
-    compile_(K._quantize_kernel, {"x_ptr": "*bf16", "skip_ptr": "*i64", "idx_ptr": "*i64", **act},
-             dict(K=14336, GS=64, BLOCK_K=512, SKIP=skip, INDEXED=indexed, PDL=skip))
-expert = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, BLOCK_J=16, BLOCK_K=512, FAST=True)
 # a decode layer's kernels overlap (PDL): each waits for the one before it, then lets the next launch
 def overlaps(ptx):
     return ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
+for skip, indexed in ((True, True), (True, False), (False, False)):
+    ptx = compile_(K._quantize_kernel, {"x_ptr": "*bf16", "skip_ptr": "*i64", "idx_ptr": "*i64", **act},
+                   dict(K=14336, GS=64, BLOCK_K=512, SKIP=skip, INDEXED=indexed, PDL=skip))
+    assert overlaps(ptx) if skip else "griddepcontrol" not in ptx
+expert = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, BLOCK_J=16, BLOCK_K=512, FAST=True)
 slot = {"ptr_tab": "*i64", "idx_tab": "*i64", "tok_tab": "*i64"}
 side = {"cnt_ptr": "*i64", "out_ptr": "*fp32"}
 # a decode layer's first precision (the router's index, tokens by division, counting, zeroing) and
@@ -389,8 +390,9 @@ for bits in (8, 4, 2):
                        dict(expert, BITS=bits, SPLIT_K=4, **flags, PDL=False))
         assert "griddepcontrol" not in ptx
 sixteen = dict(H=4096, I=14336, DTYPE=K.tl.bfloat16, W_OFF=0)
-compile_(K._gate_up_kernel, {"x_ptr": "*bf16", **slot, **side, "h_ptr": "*fp32"},
-         dict(sixteen, BLOCK_J=8, BLOCK_K=256, **lean, COUNT=True, ZERO_BLOCK=4, PDL=True))
+ptx = compile_(K._gate_up_kernel, {"x_ptr": "*bf16", **slot, **side, "h_ptr": "*fp32"},
+               dict(sixteen, BLOCK_J=8, BLOCK_K=256, **lean, COUNT=True, ZERO_BLOCK=4, PDL=True))
+assert overlaps(ptx)
 ptx = compile_(K._down_kernel, {"h_ptr": "*fp32", **slot, "wt_tab": "*fp32", "out_ptr": "*fp32"},
                dict(sixteen, BLOCK_J=8, BLOCK_K=512, SPLIT_K=4, **lean, PDL=True))
 assert overlaps(ptx)
