@@ -365,7 +365,12 @@ def test_a_replica_killed_mid_load_comes_back_on_its_plan_and_its_clients_are_to
             "plain", http_post(url, {"model": "tiny-random", "prompt": "the market", "max_tokens": 200})))]
         for t in threads:
             t.start()
-        wait_for(lambda: ray_app.statuses("faults")[0]["running"] > 0, what="requests running")
+        # kill once the handle's calls have reached the replica, not only the two HTTP requests: calls
+        # still queued in the handle's router are sent to the replacement, and answered
+        def in_flight():
+            (s,) = ray_app.statuses("faults")
+            return s["running"] > 0 and s["running"] + s["waiting"] > len(threads) + 8
+        wait_for(in_flight, what="the handle's calls reaching the replica")
         kill_replica("faults", before["replica"])
 
         # every request is resolved, at once: answered, or told clearly that its replica died
