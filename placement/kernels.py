@@ -505,20 +505,71 @@ def _quantize_kernel(x_ptr, skip_ptr, idx_ptr, qa_ptr, qb_ptr, qs_ptr, qn_ptr, K
 
 
 @_jit
-def _int_group_dot(codes, xa, xb, sx, xn, scale_ptr, zero_ptr, grp, rmask, FAST: tl.constexpr):
-    """Per row: sum over the chunk's groups of s * sx * (sum(q * xq) - z * sum(xq)); codes [BJ, NG, GW]
-    (words of 4 codes as bytes), xa, xb [NG, GW], sx, xn [NG] from _quantize_kernel, grp [BJ, NG]."""
-    qx = _rsum(_idot(codes, xa[None, :, :], xb[None, :, :], FAST), 2).to(tl.float32)  # [BJ, NG]
+def _int_group_dot(words, BITS: tl.constexpr, IDX: tl.constexpr, xa, xb, sx, xn, scale_ptr, zero_ptr, grp, rmask,
+                   GS: tl.constexpr, FAST: tl.constexpr):
+    """Per row and group of a tile (_tile): s * sx * (sum(q * xq) - z * sum(xq)) for the codes q at
+    IDX (0: the high bits) of each byte of the int32 words, xa, xb from _quantize_kernel as words of
+    the tile, sx, xn and grp one per group. A field is masked in place where its group's sum fits
+    int32 (codes of up to 255 at group sizes up to 256): the sum is then 2^shift too large, taken
+    off in float (exactly), which saves a shift per word."""
+    SHIFT: tl.constexpr = 8 - BITS * (IDX + 1)
+    FIELD: tl.constexpr = ((1 << BITS) - 1) * 0x01010101  # one code's bits in every byte
+    IN_PLACE: tl.constexpr = (((1 << BITS) - 1) << SHIFT) * 32767 * GS < 2**31
+    if BITS == 8:
+        codes = words
+    elif IN_PLACE:
+        codes = (words.to(tl.uint32, bitcast=True) & (FIELD << SHIFT)).to(tl.int32, bitcast=True)
+    else:
+        codes = (words >> SHIFT) & FIELD
+    qx = _group_sums(_idot(codes, xa, xb, FAST)).to(tl.float32)
+    if IN_PLACE and SHIFT > 0:
+        qx = qx * (1.0 / (1 << SHIFT))
     s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
     z = tl.load(zero_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
-    return _rsum(s * sx[None, :] * (qx - z * xn.to(tl.float32)[None, :]), 1)
+    return s * sx * (qx - z * xn.to(tl.float32))
+
+
+# A K chunk of the quantized slot kernels: rows x NG groups x GS/4 int32 words, as a 4D tile whose
+# words are (q, v), word 4q + v of its group. A load's 16-byte vectors run along v; Triton spreads
+# threads over the other dims in an order it picks among equals (by index up to 3.6, reversed from
+# 3.7), so q goes where it comes last: it then repeats in each thread's registers, which hold whole
+# groups. A group's words then sum in-thread, and the per-group scale applies in the load's own
+# layout: no shuffles, no layout conversions through shared memory (a third fewer instructions per
+# weight for sm_90 than words spread over threads).
+_Q_FIRST = _constexpr(triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7))
+
+
+@_jit
+def _tile(j, NG: tl.constexpr, GS: tl.constexpr):
+    """Index tensors of a tile for rows j: rows, groups, words in the group; [1, BJ, NG, 4] with q
+    first (_Q_FIRST: q, rows, groups, v), else [BJ, NG, 4, 4] (rows, groups, q, v), broadcast."""
+    q = tl.arange(0, GS // 16)
+    v = tl.arange(0, 4)[None, None, None, :]
+    g = tl.arange(0, NG)
+    if _Q_FIRST:
+        return j[None, :, None, None], g[None, None, :, None], q[:, None, None, None] * 4 + v
+    else:
+        return j[:, None, None, None], g[None, :, None, None], q[None, None, :, None] * 4 + v
+
+
+@_jit
+def _group_sums(words):
+    """A tile's words summed over their group: one per group ([1, BJ, NG, 1] or [BJ, NG, 1, 1])."""
+    return tl.sum(tl.sum(words, 3, keep_dims=True), 0 if _Q_FIRST else 2, keep_dims=True)
+
+
+@_jit
+def _row_sums(acc):
+    """Per-group terms summed per row: [BJ]."""
+    return tl.sum(tl.sum(tl.sum(acc, 3), 2), 0 if _Q_FIRST else 1)
 
 
 @_jit
 def _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, row, K: tl.constexpr, k0, gi, wi, GS: tl.constexpr):
-    """_quantize_kernel's output for row `row`, columns k0 + [0, NG * GS)."""
+    """_quantize_kernel's output for row `row`, columns k0 + [0, NG * GS): words at (group gi, word wi
+    of the group), scales and sums at gi."""
     GW: tl.constexpr = GS // 4
-    w = row * (K // 4) + k0 // 4 + gi[:, None] * GW + wi[None, :]
+    w = row * (K // 4) + k0 // 4 + gi * GW + wi
     g = row * (K // GS) + k0 // GS + gi
     return tl.load(qa_ptr + w), tl.load(qb_ptr + w), tl.load(qs_ptr + g), tl.load(qn_ptr + g)
 
@@ -557,37 +608,36 @@ def _gate_up_int_kernel(
         GW: tl.constexpr = GS // 4
         HALF: tl.constexpr = I // 2
         ROWG: tl.constexpr = H // GS  # groups per row
+        ROWS: tl.constexpr = HALF if BITS == 2 else I  # programs cover these rows (2-bit: two per code)
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # gate rows (2-bit: also j + I/2)
-        if BITS == 2:
-            jm = j < HALF
-        else:
-            jm = j < I
-        rmask = jm[:, None]
-        gi = tl.arange(0, NG)
-        wi = tl.arange(0, GW)
-        g0 = tl.full([BLOCK_J], 0.0, tl.float32)
-        u0 = tl.full([BLOCK_J], 0.0, tl.float32)
-        g1 = tl.full([BLOCK_J], 0.0, tl.float32)  # 2-bit: rows j + I/2
-        u1 = tl.full([BLOCK_J], 0.0, tl.float32)
+        jm = j < ROWS
+        rows, gi, wi = _tile(j, NG, GS)
+        rmask = rows < ROWS
+        g0 = (rows + gi) * 0.0  # per-group terms, summed per row after the loop
+        u0 = (rows + gi) * 0.0
+        g1 = (rows + gi) * 0.0  # 2-bit: rows j + I/2
+        u1 = (rows + gi) * 0.0
         for k0 in range(0, H, BLOCK_K):
             xa, xb, sx, xn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, t, H, k0, gi, wi, GS)
-            words = j[:, None, None] * (H // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :]
-            codes = tl.load(wq + words, mask=rmask[:, :, None], other=0)  # [BJ, NG, GW]
-            grp = j[:, None] * ROWG + k0 // GS + gi[None, :]  # [BJ, NG]
+            words = rows * (H // 4) + k0 // 4 + gi * GW + wi
+            codes = tl.load(wq + words, mask=rmask, other=0)
+            grp = rows * ROWG + k0 // GS + gi
             if BITS == 8:  # a byte per weight; up rows start at row I
-                up = tl.load(wq + I * (H // 4) + words, mask=rmask[:, :, None], other=0)
-                g0 += _int_group_dot(codes, xa, xb, sx, xn, sc, zr, grp, rmask, FAST)
-                u0 += _int_group_dot(up, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, FAST)
+                up = tl.load(wq + I * (H // 4) + words, mask=rmask, other=0)
+                g0 += _int_group_dot(codes, 8, 0, xa, xb, sx, xn, sc, zr, grp, rmask, GS, FAST)
+                u0 += _int_group_dot(up, 8, 0, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, GS, FAST)
             elif BITS == 4:  # byte [j, k] = gate[j, k] << 4 | up[j, k]
-                g0 += _int_group_dot((codes >> 4) & 0x0F0F0F0F, xa, xb, sx, xn, sc, zr, grp, rmask, FAST)
-                u0 += _int_group_dot(codes & 0x0F0F0F0F, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, FAST)
+                g0 += _int_group_dot(codes, 4, 0, xa, xb, sx, xn, sc, zr, grp, rmask, GS, FAST)
+                u0 += _int_group_dot(codes, 4, 1, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, GS, FAST)
             else:  # byte [j, k] = gate[j] << 6 | gate[j + I/2] << 4 | up[j] << 2 | up[j + I/2]
-                g0 += _int_group_dot((codes >> 6) & 0x03030303, xa, xb, sx, xn, sc, zr, grp, rmask, FAST)
-                g1 += _int_group_dot((codes >> 4) & 0x03030303, xa, xb, sx, xn, sc, zr, grp + HALF * ROWG, rmask,
-                                     FAST)
-                u0 += _int_group_dot((codes >> 2) & 0x03030303, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, FAST)
-                u1 += _int_group_dot(codes & 0x03030303, xa, xb, sx, xn, sc, zr, grp + (I + HALF) * ROWG, rmask,
-                                     FAST)
+                g0 += _int_group_dot(codes, 2, 0, xa, xb, sx, xn, sc, zr, grp, rmask, GS, FAST)
+                g1 += _int_group_dot(codes, 2, 1, xa, xb, sx, xn, sc, zr, grp + HALF * ROWG, rmask, GS, FAST)
+                u0 += _int_group_dot(codes, 2, 2, xa, xb, sx, xn, sc, zr, grp + I * ROWG, rmask, GS, FAST)
+                u1 += _int_group_dot(codes, 2, 3, xa, xb, sx, xn, sc, zr, grp + (I + HALF) * ROWG, rmask, GS, FAST)
+        g0 = _row_sums(g0)
+        u0 = _row_sums(u0)
+        g1 = _row_sums(g1)
+        u1 = _row_sums(u1)
         hrow = h_ptr + s * I
         tl.store(hrow + j, _silu_mul(g0, u0), mask=jm)
         if BITS == 2:
@@ -621,30 +671,28 @@ def _down_int_kernel(
         KS: tl.constexpr = I // SPLIT_K
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         jm = j < R
-        rmask = jm[:, None]
-        gi = tl.arange(0, NG)
-        wi = tl.arange(0, GW)
-        a0 = tl.full([BLOCK_J], 0.0, tl.float32)
-        a1 = tl.full([BLOCK_J], 0.0, tl.float32)
-        a2 = tl.full([BLOCK_J], 0.0, tl.float32)
-        a3 = tl.full([BLOCK_J], 0.0, tl.float32)
+        rows, gi, wi = _tile(j, NG, GS)
+        rmask = rows < R
+        a0 = (rows + gi) * 0.0  # per-group terms, summed per row after the loop
+        a1 = (rows + gi) * 0.0
+        a2 = (rows + gi) * 0.0
+        a3 = (rows + gi) * 0.0
         kstart = tl.program_id(2) * KS
         for k0 in range(kstart, kstart + KS, BLOCK_K):
             ha, hb, sh, hn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, s, I, k0, gi, wi, GS)
-            codes = tl.load(wq + j[:, None, None] * (I // 4) + k0 // 4 + gi[None, :, None] * GW + wi[None, None, :],
-                            mask=rmask[:, :, None], other=0)
-            grp = j[:, None] * ROWG + k0 // GS + gi[None, :]
-            if BITS == 8:
-                a0 += _int_group_dot(codes, ha, hb, sh, hn, sc, zr, grp, rmask, FAST)
-            elif BITS == 4:  # byte [r, k] = down[r, k] << 4 | down[r + H/2, k]
-                a0 += _int_group_dot((codes >> 4) & 0x0F0F0F0F, ha, hb, sh, hn, sc, zr, grp, rmask, FAST)
-                a1 += _int_group_dot(codes & 0x0F0F0F0F, ha, hb, sh, hn, sc, zr, grp + R * ROWG, rmask, FAST)
-            else:  # 2-bit: rows r, r + H/4, r + H/2, r + 3H/4 from high bits to low
-                a0 += _int_group_dot((codes >> 6) & 0x03030303, ha, hb, sh, hn, sc, zr, grp, rmask, FAST)
-                a1 += _int_group_dot((codes >> 4) & 0x03030303, ha, hb, sh, hn, sc, zr, grp + R * ROWG, rmask, FAST)
-                a2 += _int_group_dot((codes >> 2) & 0x03030303, ha, hb, sh, hn, sc, zr, grp + 2 * R * ROWG, rmask,
-                                     FAST)
-                a3 += _int_group_dot(codes & 0x03030303, ha, hb, sh, hn, sc, zr, grp + 3 * R * ROWG, rmask, FAST)
+            codes = tl.load(wq + rows * (I // 4) + k0 // 4 + gi * GW + wi, mask=rmask, other=0)
+            grp = rows * ROWG + k0 // GS + gi
+            # byte [r, k] holds rows r, r + R, ... (high bits first); 8-bit: row r
+            a0 += _int_group_dot(codes, BITS, 0, ha, hb, sh, hn, sc, zr, grp, rmask, GS, FAST)
+            if P >= 2:
+                a1 += _int_group_dot(codes, BITS, 1, ha, hb, sh, hn, sc, zr, grp + R * ROWG, rmask, GS, FAST)
+            if P == 4:
+                a2 += _int_group_dot(codes, BITS, 2, ha, hb, sh, hn, sc, zr, grp + 2 * R * ROWG, rmask, GS, FAST)
+                a3 += _int_group_dot(codes, BITS, 3, ha, hb, sh, hn, sc, zr, grp + 3 * R * ROWG, rmask, GS, FAST)
+        a0 = _row_sums(a0)
+        a1 = _row_sums(a1)
+        a2 = _row_sums(a2)
+        a3 = _row_sums(a3)
         orow = out_ptr + t * H + j
         tl.atomic_add(orow, weight * a0, mask=jm, sem="relaxed")
         if P >= 2:
