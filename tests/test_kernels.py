@@ -179,6 +179,25 @@ def test_activations_quantize_to_int16_per_group_in_the_kernels_word_order():
         assert torch.equal(part.cpu()[1], full[1])
 
 
+def test_down_splits_its_k_in_whole_chunks_until_the_call_fills_the_gpu():
+    # ~4 programs per SM over the call's slots, by the smallest divisor of down's K chunks that gets
+    # there (or all of them): one slot of a 2-bit Mixtral expert has 64 programs of 16 packed rows,
+    # split 14 ways (of 28 chunks of 512); more slots need fewer splits
+    sms = 132
+    for bits in (16, 8, 4, 2):
+        layout = expert_layout(4096, 14336, bits, torch.bfloat16, 64)
+        for slots in (1, 2, 3, 8, 64):
+            cfg = kernels._config(layout, False, sms, kernels._GPU_BLOCKS, slots)
+            chunks, split = 14336 // cfg["dn_k"], cfg["dn_split"]
+            programs = slots * -(-4096 // (1 if bits >= 8 else 8 // bits) // cfg["dn_j"])
+            assert chunks % split == 0, (bits, slots, split)
+            assert programs * split >= 4 * sms or split == chunks, (bits, slots, split)
+            assert all(programs * d < 4 * sms for d in range(1, split) if chunks % d == 0), (bits, slots, split)
+    layout = expert_layout(4096, 14336, 2, torch.bfloat16, 64)
+    assert [kernels._config(layout, False, sms, kernels._GPU_BLOCKS, n)["dn_split"] for n in (1, 2, 4, 8)] == [14, 7, 4, 2]
+    assert kernels._config(layout, True)["dn_split"] == 1  # the interpreter: one program per matrix
+
+
 def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch):
     # kernel_blocks.json: per GPU name, blocks by precision over the defaults, and "bits@n" for calls of
     # exactly n slots; malformed keys and entries are ignored, a corrupt file leaves the defaults
