@@ -12,7 +12,7 @@ A tree is a directory holding the packages, e.g. an earlier commit's Python file
 
 Each run has its tree as working directory (so `python -m` imports the tree's packages, which is
 checked first) and the tree first on PYTHONPATH; paths among the command's arguments must be
-absolute. --out gets every run's rows, with their tree and round.
+absolute. --out gets every run's rows, with their tree and tree_round.
 """
 
 from __future__ import annotations
@@ -58,15 +58,20 @@ def run_all(trees: dict[str, Path], command: list[str], csv_flag: str, rounds: i
                 if done.returncode != 0 or not csv.exists():
                     raise SystemExit(f"tree {name}, round {rnd}: the command exited {done.returncode}"
                                      + ("" if csv.exists() else f" without writing {csv_flag}"))
-                frames.append(pd.read_csv(csv).assign(tree=name, round=rnd))
+                rows = pd.read_csv(csv)
+                if "tree" in rows.columns:
+                    raise SystemExit("the command's CSV has a column tree, which ab_trees adds")
+                frames.append(rows.assign(tree=name, tree_round=rnd))
     return pd.concat(frames, ignore_index=True)
 
 
 def compare(runs: pd.DataFrame, trees: list[str], key: list[str], value: str) -> pd.DataFrame:
-    """Median of `value` per key and tree, one column per tree, and each tree's ratio to the first."""
+    """Median of `value` per key and tree, one column per tree, and each tree's ratio to the first.
+    Rows without a key column's value (a part of the command's table that lacks it) keep "" there."""
     missing = [c for c in key + [value] if c not in runs.columns]
     if missing:
         raise SystemExit(f"the command's CSV has no column {', '.join(missing)} (it has {', '.join(runs.columns)})")
+    runs = runs.assign(**{c: runs[c].fillna("") for c in key if runs[c].isna().any()})
     table = runs.pivot_table(index=key, columns="tree", values=value, aggfunc="median")[trees]
     for name in trees[1:]:
         table[f"{name}/{trees[0]}"] = table[name] / table[trees[0]]
@@ -81,7 +86,7 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--key", required=True, help="the CSV columns that name a row, comma-separated")
     parser.add_argument("--value", required=True, help="the CSV column compared (its median over rounds)")
     parser.add_argument("--csv-flag", default="--csv", help="the command's option for its CSV path (default --csv)")
-    parser.add_argument("--out", help="CSV of every run's rows, with tree and round")
+    parser.add_argument("--out", help="CSV of every run's rows, with tree and tree_round")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the module and its arguments")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -104,6 +109,7 @@ def main(argv=None) -> pd.DataFrame:
     check_imports(trees, command[0])
     runs = run_all(trees, command, args.csv_flag, args.rounds)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         runs.to_csv(args.out, index=False)
     table = compare(runs, list(trees), args.key.split(","), args.value)
     print(f"\nmedian {args.value} over {args.rounds} rounds, and the ratio to tree {next(iter(trees))}:")

@@ -16,7 +16,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--bits", default="4,2")
 parser.add_argument("--csv")
 args = parser.parse_args()
-pd.DataFrame([dict(bits=int(b), path="fused", ms=MS * int(b)) for b in args.bits.split(",")]).to_csv(args.csv)
+rows = [dict(bits=int(b), path="fused", ms=MS * int(b)) for b in args.bits.split(",")]
+pd.DataFrame(rows + [dict(bits=16, ms=MS * 10)]).to_csv(args.csv)  # (a part without a path)
 """
 
 
@@ -34,11 +35,11 @@ def test_each_tree_runs_its_own_code_and_rows_compare_as_ratios(tmp_path, capsys
     out = tmp_path / "runs.csv"
     table = ab_trees.main(["--tree", f"base={base}", "--tree", f"new={new}", "--rounds", "2", "--key", "bits,path",
                            "--value", "ms", "--out", str(out), "--", "fakebench", "--bits", "4,2"])
-    assert table.set_index("bits")["base"].to_dict() == {2: 4.0, 4: 8.0}
-    assert table.set_index("bits")["new"].to_dict() == {2: 3.0, 4: 6.0}
-    assert table["new/base"].tolist() == [0.75, 0.75]
+    assert table.set_index("bits")["base"].to_dict() == {2: 4.0, 4: 8.0, 16: 20.0}
+    assert table.set_index("bits")["new"].to_dict() == {2: 3.0, 4: 6.0, 16: 15.0}
+    assert table["new/base"].tolist() == [0.75, 0.75, 0.75]
     runs = pd.read_csv(out)
-    assert len(runs) == 8 and set(runs["round"]) == {0, 1}
+    assert len(runs) == 12 and set(runs["tree_round"]) == {0, 1}
     # the order rotates: round 0 runs base first, round 1 new first
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== round")]
     assert [line.split()[4].rstrip(":") for line in printed] == ["base", "new", "new", "base"]
