@@ -530,38 +530,39 @@ def _int_group_dot(words, BITS: tl.constexpr, IDX: tl.constexpr, xa, xb, sx, xn,
 
 
 # A K chunk of the quantized slot kernels: rows x NG groups x GS/4 int32 words, as a 4D tile whose
-# words are (q, v), word 4q + v of its group. A load's 16-byte vectors run along v; Triton spreads
-# threads over the other dims in an order it picks among equals (by index up to 3.6, reversed from
-# 3.7), so q goes where it comes last: it then repeats in each thread's registers, which hold whole
-# groups. A group's words then sum in-thread, and the per-group scale applies in the load's own
-# layout: no shuffles, no layout conversions through shared memory (a third fewer instructions per
-# weight for sm_90 than words spread over threads).
+# words are (q, v), word 4q + v of its group. A load's 16-byte vectors run along v, and Triton
+# spreads threads over the other dims in an order it picks among equals: by index up to 3.6,
+# reversed from 3.7. The dims are placed so that q comes last and the groups first: q then repeats in
+# each thread's registers, which hold whole groups, and the threads run along the groups as in the
+# loads of the groups' scales. A group's words sum in-thread and its scale applies in the load's own
+# layout: no shuffles and no layout conversions through shared memory in the K loop (for sm_90 a
+# third fewer instructions per weight than words spread over threads, with either order).
 _Q_FIRST = _constexpr(triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7))
 
 
 @_jit
 def _tile(j, NG: tl.constexpr, GS: tl.constexpr):
-    """Index tensors of a tile for rows j: rows, groups, words in the group; [1, BJ, NG, 4] with q
-    first (_Q_FIRST: q, rows, groups, v), else [BJ, NG, 4, 4] (rows, groups, q, v), broadcast."""
+    """Index tensors of a tile for rows j: rows, groups, words in the group, broadcast to
+    [GS/16, BJ, NG, 4] (_Q_FIRST: q, rows, groups, v) or [NG, BJ, GS/16, 4] (groups, rows, q, v)."""
     q = tl.arange(0, GS // 16)
     v = tl.arange(0, 4)[None, None, None, :]
     g = tl.arange(0, NG)
     if _Q_FIRST:
         return j[None, :, None, None], g[None, None, :, None], q[:, None, None, None] * 4 + v
     else:
-        return j[:, None, None, None], g[None, :, None, None], q[None, None, :, None] * 4 + v
+        return j[None, :, None, None], g[:, None, None, None], q[None, None, :, None] * 4 + v
 
 
 @_jit
 def _group_sums(words):
-    """A tile's words summed over their group: one per group ([1, BJ, NG, 1] or [BJ, NG, 1, 1])."""
+    """A tile's words summed over their group: one per group ([1, BJ, NG, 1] or [NG, BJ, 1, 1])."""
     return tl.sum(tl.sum(words, 3, keep_dims=True), 0 if _Q_FIRST else 2, keep_dims=True)
 
 
 @_jit
 def _row_sums(acc):
     """Per-group terms summed per row: [BJ]."""
-    return tl.sum(tl.sum(tl.sum(acc, 3), 2), 0 if _Q_FIRST else 1)
+    return tl.sum(tl.sum(tl.sum(acc, 3), 2), 0)
 
 
 @_jit

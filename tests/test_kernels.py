@@ -541,7 +541,7 @@ def test_quantized_slot_kernels_spend_few_instructions_per_weight_in_their_k_loo
     cost = {(kind, int(bits)): float(c) for kind, bits, c in (line.split() for line in out.splitlines()
                                                               if line.startswith(("gate_up", "down")))}
     assert set(cost) == {("gate_up", 4), ("gate_up", 2), ("down", 4), ("down", 2)}, out
-    # (1.27-1.51 with Triton 3.9, 1.31-1.54 with 3.6)
+    # (1.25-1.51 with Triton 3.9 and with 3.6)
     assert all(c < 1.65 for c in cost.values()), cost
     assert cost["gate_up", 2] < 1.4 and cost["down", 2] < 1.4, cost
 
