@@ -194,8 +194,8 @@ class KernelTables:
 # them breaks the interpreter; the kernels use only builtins and these. _sum_combine as the reduce's
 # combine function keeps the interpreter's numpy fast path (it checks for that function).
 @_jit
-def _rsum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
+def _rsum(x, axis: tl.constexpr, keep_dims: tl.constexpr = False):
+    return tl.reduce(x, axis, tl.standard._sum_combine, keep_dims=keep_dims)
 
 
 @_jit
@@ -556,13 +556,13 @@ def _tile(j, NG: tl.constexpr, GS: tl.constexpr):
 @_jit
 def _group_sums(words):
     """A tile's words summed over their group: one per group ([1, BJ, NG, 1] or [NG, BJ, 1, 1])."""
-    return tl.sum(tl.sum(words, 3, keep_dims=True), 0 if _Q_FIRST else 2, keep_dims=True)
+    return _rsum(_rsum(words, 3, True), 0 if _Q_FIRST else 2, True)
 
 
 @_jit
 def _row_sums(acc):
     """Per-group terms summed per row: [BJ]."""
-    return tl.sum(tl.sum(tl.sum(acc, 3), 2), 0)
+    return _rsum(_rsum(_rsum(acc, 3), 2), 0)
 
 
 @_jit
