@@ -460,6 +460,37 @@ def _idot(codes, xa, xb, FAST: tl.constexpr):
                 + _ubyte(codes, 2) * ((xb << 16) >> 16) + _ubyte(codes, 3) * (xb >> 16))
 
 
+# _idot of four words (inputs xa, xb, codes of word 0, then of 1, 2, 3) in one chain of dp2a, each
+# accumulating into the next: no adds of the words' sums
+_ASM_IDOT4 = _constexpr("{.reg .s32 t; mov.s32 t, 0; " + " ".join(
+    f"dp2a.lo.s32.u32 t, ${3 * i + 1}, ${3 * i + 3}, t; dp2a.hi.s32.u32 {'$0' if i == 3 else 't'}, ${3 * i + 2}, "
+    f"${3 * i + 3}, t;" for i in range(4)) + "}")
+
+
+@_jit
+def _quarters(w):
+    """The four slices of w along its last dim (size 4, a thread's vector: free to split)."""
+    a, b = tl.split(tl.reshape(w, w.shape[:-1] + [2, 2]))
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
+
+
+@_jit
+def _idot4(codes, xa, xb, FAST: tl.constexpr):
+    """_idot summed over the last dim (4 words): w.shape[:-1]."""
+    c0, c1, c2, c3 = _quarters(codes)
+    a0, a1, a2, a3 = _quarters(xa)
+    b0, b1, b2, b3 = _quarters(xb)
+    if FAST:
+        return tl.inline_asm_elementwise(_ASM_IDOT4, "=r" + ",r" * 12,
+                                         [a0, b0, c0, a1, b1, c1, a2, b2, c2, a3, b3, c3],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (_idot(c0, a0, b0, False) + _idot(c1, a1, b1, False) + _idot(c2, a2, b2, False)
+                + _idot(c3, a3, b3, False))
+
+
 @_jit
 def _round(v):
     return tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
@@ -521,7 +552,7 @@ def _int_group_dot(words, BITS: tl.constexpr, IDX: tl.constexpr, xa, xb, sx, xn,
         codes = (words.to(tl.uint32, bitcast=True) & (FIELD << SHIFT)).to(tl.int32, bitcast=True)
     else:
         codes = (words >> SHIFT) & FIELD
-    qx = _group_sums(_idot(codes, xa, xb, FAST)).to(tl.float32)
+    qx = _group_sums(_idot4(codes, xa, xb, FAST)).to(tl.float32)
     if IN_PLACE and SHIFT > 0:
         qx = qx * (1.0 / (1 << SHIFT))
     s = tl.load(scale_ptr + grp, mask=rmask, other=0.0).to(tl.float32)
@@ -554,9 +585,10 @@ def _tile(j, NG: tl.constexpr, GS: tl.constexpr):
 
 
 @_jit
-def _group_sums(words):
-    """A tile's words summed over their group: one per group ([1, BJ, NG, 1] or [NG, BJ, 1, 1])."""
-    return _rsum(_rsum(words, 3, True), 0 if _Q_FIRST else 2, True)
+def _group_sums(vectors):
+    """A tile's sums per 16-byte vector (the tile less its last dim, v) summed over their group: one
+    per group, [1, BJ, NG, 1] or [NG, BJ, 1, 1]."""
+    return _rsum(vectors[:, :, :, None], 0 if _Q_FIRST else 2, True)
 
 
 @_jit

@@ -547,7 +547,7 @@ def test_quantized_slot_kernels_spend_few_instructions_per_weight_in_their_k_loo
     rows = [line.split() for line in out.splitlines() if line.startswith(("gate_up", "down"))]
     cost = {(kind, int(bits)): float(c) for kind, bits, c, _ in rows}
     assert set(cost) == {("gate_up", 4), ("gate_up", 2), ("down", 4), ("down", 2)}, out
-    # (1.21-1.41 with Triton 3.9 and with 3.6)
+    # (1.13-1.31 with Triton 3.9 and with 3.6)
     assert all(c < 1.55 for c in cost.values()), cost
     assert cost["gate_up", 2] < 1.35 and cost["down", 2] < 1.35, cost
     assert all(sync == "0" for *_, sync in rows), out  # nothing waits on other threads inside the loop
