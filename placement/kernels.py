@@ -13,7 +13,8 @@ decode step can be captured in a CUDA graph.
   a float and multiplying it had cost about three instructions per weight and bound these kernels.
   Measured on an H200 (experiments/bench_dp4a.py at ec88c02, one Mixtral expert, one slot / the two
   slots of a decode token, ms): 4-bit 0.048 -> 0.041 / 0.087 -> 0.066, 2-bit 0.043 -> 0.041 /
-  0.071 -> 0.054, against bf16 0.088 / 0.172.
+  0.071 -> 0.054, against bf16 0.088 / 0.172. Each thread holds whole quantization groups of a K
+  chunk (_tile), so the K loop sums and scales them without shuffles, shared memory or barriers.
 
 - kernel 1, grid (slot, row block): h = silu(x @ gate.T) * (x @ up.T) for a block of I rows, into
   an fp32 scratch [S, I]. hqq's 4-bit packing puts gate row j and up row j in the two nibbles of
