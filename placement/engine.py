@@ -22,7 +22,6 @@ Without CUDA the accelerator is the CPU: the same code paths run and bytes are s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -90,12 +89,13 @@ def grouping_thresholds(device_name: str | None, path: Path = TUNED_GROUPING) ->
     thresholds = dict(GROUPED_MIN_TOKENS_PER_EXPERT)
     if device_name is None:
         return thresholds
+    entry = kernels.gpu_entry(path, device_name, "grouping thresholds")
     try:
-        entry = json.loads(path.read_text()).get(device_name, {})
-        thresholds.update({int(bits): float(v) for bits, v in entry.items() if int(bits) in thresholds})
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        if not isinstance(e, FileNotFoundError):
-            log.warning("ignoring %s (%s): the default grouping thresholds apply", path, e)
+        tuned = {int(bits): float(v) for bits, v in entry.items()}
+    except (ValueError, TypeError) as e:
+        log.warning("ignoring %s (%s): the default grouping thresholds apply", path, e)
+        return thresholds
+    thresholds.update({bits: v for bits, v in tuned.items() if bits in thresholds})
     return thresholds
 
 

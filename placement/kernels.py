@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -56,6 +57,8 @@ import torch.nn.functional as F
 from placement.experts import expert_forward
 from placement.packed import Layout, expert_layout
 from placement.tiers import in_kernels, leaves_kernels
+
+log = logging.getLogger(__name__)
 
 BITS = (16, 8, 4, 2)  # precisions with a kernel; 3-bit (10 values per int32) falls back to eager
 
@@ -1197,15 +1200,28 @@ _GPU_BLOCKS = {
 TUNED_BLOCKS = Path(__file__).with_name("kernel_blocks.json")
 
 
+def gpu_entry(path: Path, device_name: str, what: str) -> dict:
+    """The entry for `device_name` in a JSON file of per-GPU choices (tuned once per GPU model, read
+    at start): {} where the file or the entry is missing; a file that cannot be read is reported
+    (naming what falls back to its defaults) and ignored."""
+    try:
+        entry = json.loads(path.read_text()).get(device_name, {})
+        if not isinstance(entry, dict):
+            raise ValueError(f"the entry for {device_name!r} is not an object")
+        return entry
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("ignoring %s (%s): the default %s apply", path, e, what)
+        return {}
+
+
 def tuned_blocks(device_name: str) -> dict[int | tuple[int, int], tuple[int, ...]]:
     """The slot kernels' blocks for a GPU: kernel_blocks.json's entry for `device_name` over the
     defaults (precisions it lacks keep theirs); its "bits@n" keys as (bits, n): blocks for calls of
     n slots."""
     blocks: dict = dict(_GPU_BLOCKS)
-    try:
-        entry = json.loads(TUNED_BLOCKS.read_text()).get(device_name, {})
-    except (OSError, ValueError):
-        entry = {}
+    entry = gpu_entry(TUNED_BLOCKS, device_name, "kernel blocks")
     for key, v in entry.items():
         bits, at, slots = key.partition("@")
         if bits.isdigit() and int(bits) in _GPU_BLOCKS and (not at or slots.isdigit()) and len(v) in (6, 7):

@@ -198,7 +198,7 @@ def test_down_splits_its_k_in_whole_chunks_until_the_call_fills_the_gpu():
     assert kernels._config(layout, True)["dn_split"] == 1  # the interpreter: one program per matrix
 
 
-def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch):
+def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch, caplog):
     # kernel_blocks.json: per GPU name, blocks by precision over the defaults, and "bits@n" for calls of
     # exactly n slots; malformed keys and entries are ignored, a corrupt file leaves the defaults
     path = tmp_path / "kernel_blocks.json"
@@ -215,7 +215,9 @@ def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch):
         cfg = kernels._config(layout, False, 132, blocks, slots)
         assert (cfg["gu_j"], cfg["gu_k"], cfg["gu_warps"]) == tuple(want[:3]), slots
     path.write_text("{not json")
-    assert kernels.tuned_blocks("GPU A") == kernels._GPU_BLOCKS
+    with caplog.at_level("WARNING"):
+        assert kernels.tuned_blocks("GPU A") == kernels._GPU_BLOCKS
+    assert "the default kernel blocks apply" in caplog.text  # a corrupt file is reported, not silently ignored
 
 
 def test_default_slots_are_the_tokens_and_out_starts_at_zero():
