@@ -1282,10 +1282,11 @@ def _config(layout: Layout, interpret: bool, sms: int = 132, blocks: dict | None
     gu_j, gu_cap, gu_warps, dn_j, dn_cap, dn_warps, *stages = blocks.get((bits, slots), blocks[bits])
     gu_k = max(_pow2_block(hidden, gu_cap), kmin)
     dn_k = max(_pow2_block(inter, dn_cap), kmin)
-    # down has only H (or H/2, H/4 packed) rows per slot: split its K (atomic adds) until the call
-    # has ~4 programs per SM, in whole K chunks (I = 14336 is 28 chunks of 512: splits of 7 and 14,
-    # not only powers of two; one slot of 2-bit 4096 rows has 64 programs of 16 packed rows)
-    programs = slots * -(-hidden // (1 if bits >= 8 else 8 // bits) // dn_j)
+    # down has only H (or H/2, H/4 packed) rows per slot: split its K (atomic adds) until one slot
+    # has ~4 programs per SM (a call's other slots may be empty: another precision's experts), in
+    # whole K chunks (I = 14336 is 28 chunks of 512: splits of 7 and 14, not only powers of two; a
+    # 2-bit slot of 4096 rows has 64 programs of 16 packed rows)
+    programs = -(-hidden // (1 if bits >= 8 else 8 // bits) // dn_j)
     chunks = inter // dn_k
     dn_split = next(d for d in range(1, chunks + 1) if chunks % d == 0 and (programs * d >= 4 * sms or d == chunks))
     return dict(gu_j=gu_j, gu_k=gu_k, gu_warps=gu_warps, dn_j=dn_j, dn_k=dn_k, dn_split=dn_split,

@@ -179,23 +179,24 @@ def test_activations_quantize_to_int16_per_group_in_the_kernels_word_order():
         assert torch.equal(part.cpu()[1], full[1])
 
 
-def test_down_splits_its_k_in_whole_chunks_until_the_call_fills_the_gpu():
-    # ~4 programs per SM over the call's slots, by the smallest divisor of down's K chunks that gets
-    # there (or all of them): one slot of a 2-bit Mixtral expert has 64 programs of 16 packed rows,
-    # split 14 ways (of 28 chunks of 512); more slots need fewer splits
+def test_down_splits_its_k_in_whole_chunks_until_one_slot_fills_the_gpu():
+    # ~4 programs per SM for one slot (the call's others may be empty), by the smallest divisor of
+    # down's K chunks that gets there (or all of them): a 2-bit Mixtral slot has 64 programs of 16
+    # packed rows, split 14 ways (of 28 chunks of 512), 4-bit 128 programs 7 ways, 16-bit 512 two ways
     sms = 132
     for bits in (16, 8, 4, 2):
         layout = expert_layout(4096, 14336, bits, torch.bfloat16, 64)
-        for slots in (1, 2, 3, 8, 64):
+        for slots in (1, 2, 8):
             cfg = kernels._config(layout, False, sms, kernels._GPU_BLOCKS, slots)
             chunks, split = 14336 // cfg["dn_k"], cfg["dn_split"]
-            programs = slots * -(-4096 // (1 if bits >= 8 else 8 // bits) // cfg["dn_j"])
+            programs = -(-4096 // (1 if bits >= 8 else 8 // bits) // cfg["dn_j"])
             assert chunks % split == 0, (bits, slots, split)
             assert programs * split >= 4 * sms or split == chunks, (bits, slots, split)
             assert all(programs * d < 4 * sms for d in range(1, split) if chunks % d == 0), (bits, slots, split)
-    layout = expert_layout(4096, 14336, 2, torch.bfloat16, 64)
-    assert [kernels._config(layout, False, sms, kernels._GPU_BLOCKS, n)["dn_split"] for n in (1, 2, 4, 8)] == [14, 7, 4, 2]
-    assert kernels._config(layout, True)["dn_split"] == 1  # the interpreter: one program per matrix
+    splits = {bits: kernels._config(expert_layout(4096, 14336, bits, torch.bfloat16, 64), False, sms,
+                                    kernels._GPU_BLOCKS, 2)["dn_split"] for bits in (16, 4, 2)}
+    assert splits == {16: 2, 4: 7, 2: 14}
+    assert kernels._config(expert_layout(4096, 14336, 2, torch.bfloat16, 64), True)["dn_split"] == 1  # interpreter
 
 
 def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch, caplog):
