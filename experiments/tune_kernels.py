@@ -26,8 +26,9 @@ import torch
 from placement import kernels
 from placement.packed import expert_layout
 
-GATE_UP = list(itertools.product((8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8)))
-DOWN = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))
+# (4 rows: more programs at one slot; a program's threads then need 2,048 columns of groups to fill)
+GATE_UP = list(itertools.product((4, 8, 16, 32, 64), (256, 512, 1024, 2048), (4, 8)))
+DOWN = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))
 # a candidate replaces the incumbent only if it is this much faster: timings of equal blocks differ by
 # about 1%, and a choice won by noise at two slots can be 20% slower at other slot counts (H100,
 # 16-bit: 0.6% faster at two slots, 21% slower at four tokens of one expert)
