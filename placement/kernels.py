@@ -482,7 +482,7 @@ def _quarters(w):
 
 @_jit
 def _idot4(codes, xa, xb, FAST: tl.constexpr):
-    """_idot summed over the last dim (4 words): w.shape[:-1]."""
+    """_idot summed over the last dim (a thread's 4 words): codes.shape[:-1]."""
     c0, c1, c2, c3 = _quarters(codes)
     a0, a1, a2, a3 = _quarters(xa)
     b0, b1, b2, b3 = _quarters(xb)
@@ -1224,7 +1224,8 @@ def tuned_blocks(device_name: str) -> dict[int | tuple[int, int], tuple[int, ...
     entry = gpu_entry(TUNED_BLOCKS, device_name, "kernel blocks")
     for key, v in entry.items():
         bits, at, slots = key.partition("@")
-        if bits.isdigit() and int(bits) in _GPU_BLOCKS and (not at or slots.isdigit()) and len(v) in (6, 7):
+        if (bits.isdigit() and int(bits) in _GPU_BLOCKS and (not at or slots.isdigit()) and isinstance(v, list)
+                and len(v) in (6, 7) and all(isinstance(b, int) and b > 0 for b in v)):
             blocks[(int(bits), int(slots)) if slots else int(bits)] = tuple(v)
     return blocks
 

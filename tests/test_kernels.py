@@ -205,7 +205,7 @@ def test_tuned_blocks_by_gpu_and_slot_count(tmp_path, monkeypatch, caplog):
     path = tmp_path / "kernel_blocks.json"
     one_slot, tuned = [8, 1024, 4, 16, 512, 4, 2], [32, 512, 8, 16, 512, 4]
     path.write_text(json.dumps({"GPU A": {"2": tuned, "2@1": one_slot, "x@1": one_slot, "4@": one_slot,
-                                          "4": [1, 2]}}))
+                                          "4": [1, 2], "8": 5, "16": [8, 256, 8, 8, "512", 4]}}))
     monkeypatch.setattr(kernels, "TUNED_BLOCKS", path)
     blocks = kernels.tuned_blocks("GPU A")
     assert blocks[2] == tuple(tuned) and blocks[(2, 1)] == tuple(one_slot)
