@@ -86,7 +86,9 @@ def test_slot_kernels_loop_over_k_chunks_row_blocks_and_k_splits(bits, q_first, 
     # rows in blocks (the last one masked: 2-bit has I/2 = 48 gate rows per program family) and
     # split down's K (atomic adds); the quantized kernels' tiles in both dim orders (the one a
     # Triton version runs is chosen by its version)
-    if q_first is not None:
+    if q_first is not None and q_first != kernels._Q_FIRST:
+        if DEVICE == "cuda":
+            pytest.skip("compiled kernels keep their Triton version's tile order")
         monkeypatch.setattr(kernels, "_Q_FIRST", kernels.tl.constexpr(q_first))
     config = kernels._config
     monkeypatch.setattr(kernels, "_config", lambda layout, *args, **kwargs: {
