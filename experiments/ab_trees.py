@@ -39,7 +39,8 @@ def check_imports(trees: dict[str, Path], module: str) -> None:
         done = subprocess.run([sys.executable, "-c", f"import {package}; print({package}.__file__)"], cwd=tree,
                               env=_env(tree), capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"tree {name} ({tree}): cannot import {package}: {done.stderr.strip().splitlines()[-1:]}")
+            last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+            raise SystemExit(f"tree {name} ({tree}): cannot import {package}: {last}")
         where = Path(done.stdout.strip()).resolve()
         if tree not in where.parents:
             raise SystemExit(f"tree {name} ({tree}) imports {package} from {where}, not from the tree")

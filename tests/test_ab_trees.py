@@ -59,7 +59,7 @@ def test_bad_trees_and_commands_are_named(tmp_path):
                        "--key", "bits", "--value", "speed", "--", "fakebench"])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="tree empty .* cannot import fakebench"):
+    with pytest.raises(SystemExit, match="tree empty .* cannot import fakebench: ModuleNotFoundError"):
         ab_trees.main(["--tree", f"base={base}", "--tree", f"empty={empty}", "--key", "bits", "--value", "ms",
                        "--", "fakebench"])
 
