@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -493,69 +494,32 @@ def test_dequantizing_grouped_kernels_compile_for_sm90_with_their_dots_in_flight
     assert all(int(w[0]) > 0 and w[-1] == "0" for w in waits.values()), out
 
 
-# The quantized slot kernels' K loop in sm_90 machine code (nvdisasm, from Triton's NVIDIA backend):
-# instructions each thread issues per weight, at the H200's blocks for one slot. A tile whose
-# threads hold whole quantization groups (kernels._tile) sums them in-thread and scales them in
-# place, its activations loaded in its layout; spread over threads (before), the loop spent 1.9-2.1
+# The quantized slot kernels' K loop in sm_90 machine code (experiments.kernel_sass: cross-compiled,
+# disassembled with Triton's nvdisasm), at the H200's one-slot blocks. A tile whose threads hold
+# whole quantization groups (kernels._tile) sums them in-thread and scales them in place, its
+# activations loaded in its layout; spread over threads (before), the loop spent 1.9-2.1
 # instructions per weight, with shuffles, layout conversions through shared memory and barriers,
 # and shifts now masked in place.
-_LOOP_COST = r"""
-import re, subprocess, tempfile
-from pathlib import Path
-import torch
-torch.cuda.is_available = lambda: True
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from placement import kernels as K
-
-def loop(fn, pointers, constexprs):
-    sig = {**pointers, **{n: "constexpr" for n in constexprs}}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-    cubin = Path(tempfile.mkdtemp()) / "k.cubin"
-    cubin.write_bytes(k.asm["cubin"])
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    labels, code = {}, []
-    for line in subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout.splitlines():
-        if m := re.match(r"\s*(\.L_x_\d+):", line):
-            labels[m.group(1)] = len(code)
-        elif m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line):
-            code.append(m.group(1))
-    # the K loop: the longest span back to a label
-    start, end = max(((labels[m.group(1)], i) for i, c in enumerate(code)
-                      if (m := re.search(r"BRA `?\(?(\.L_x_\d+)", c)) and labels.get(m.group(1), i) < i),
-                     key=lambda span: span[1] - span[0])
-    return code[start:end + 1]
-
-act = {"qa_ptr": "*i32", "qb_ptr": "*i32", "qs_ptr": "*fp32", "qn_ptr": "*i32"}
-slot = {"ptr_tab": "*i64", "idx_tab": "*i64", "tok_tab": "*i64"}
-expert = dict(H=4096, I=14336, GS=64, DTYPE=K.tl.bfloat16, W_OFF=0, S_OFF=64, Z_OFF=128, FAST=True, PDL=True,
-              INDEXED=True, TOKEN_DIV=2)
-for bits in (4, 2):
-    # per kernel: instructions per weight (128 threads; rows x K bytes of 8 // bits codes), and the
-    # loop's shuffles, shared memory accesses and barriers
-    for kind, fn, ptrs, blocks in (
-            ("gate_up", K._gate_up_int_kernel, {"cnt_ptr": "*i64", "out_ptr": "*fp32", "h_ptr": "*fp32"},
-             dict(BLOCK_J=8, BLOCK_K=1024, COUNT=True, ZERO_BLOCK=4)),
-            ("down", K._down_int_kernel, {"wt_tab": "*fp32", "out_ptr": "*fp32"}, dict(BLOCK_J=16, BLOCK_K=512, SPLIT_K=4))):
-        code = loop(fn, {**act, **slot, **ptrs}, dict(expert, BITS=bits, **blocks))
-        sync = sum(c.split()[0].split(".")[0] in ("SHFL", "BAR", "LDS", "STS") for c in code)
-        print(kind, bits, len(code) * 128 / (blocks["BLOCK_J"] * blocks["BLOCK_K"] * (8 // bits)), sync)
-print("compiled")
-"""
-
-
-def test_quantized_slot_kernels_spend_few_instructions_per_weight_in_their_k_loop(cross_compile):
-    out = cross_compile(_LOOP_COST)
-    rows = [line.split() for line in out.splitlines() if line.startswith(("gate_up", "down"))]
-    cost = {(kind, int(bits)): float(c) for kind, bits, c, _ in rows}
-    assert set(cost) == {("gate_up", 4), ("gate_up", 2), ("down", 4), ("down", 2)}, out
+def test_quantized_slot_kernels_spend_few_instructions_per_weight_in_their_k_loop(cross_compile, tmp_path):
+    out = tmp_path / "sass.csv"
+    cross_compile(f"from experiments import kernel_sass\nkernel_sass.main(['--bits', '4,2', '--out', {str(out)!r}])\n"
+                  "print('compiled')")
+    table = pd.read_csv(out).set_index(["kernel", "bits"])
+    assert set(table.index) == {("gate_up", 4), ("gate_up", 2), ("down", 4), ("down", 2)}
     # (1.13-1.31 with Triton 3.9 and with 3.6)
-    assert all(c < 1.55 for c in cost.values()), cost
-    assert cost["gate_up", 2] < 1.35 and cost["down", 2] < 1.35, cost
-    assert all(sync == "0" for *_, sync in rows), out  # nothing waits on other threads inside the loop
+    assert (table["per_weight"] < 1.55).all(), table
+    assert table.loc[("gate_up", 2), "per_weight"] < 1.35 and table.loc[("down", 2), "per_weight"] < 1.35, table
+    assert (table["cross_thread"] == 0).all(), table  # nothing waits on other threads inside the loop
+    assert (table["stack_bytes"] == 0).all(), table  # no spills
+
+
+def test_kernel_sass_refuses_what_it_cannot_cost(capsys):
+    from experiments import kernel_sass
+
+    for argv, message in ((["--bits", "16"], "--bits must be among 8, 4, 2"), (["--down", "16,512"], "--down takes")):
+        with pytest.raises(SystemExit):
+            kernel_sass.main(argv)
+        assert message in capsys.readouterr().err
 
 
 def _run_ptx(asm: str, word: int) -> list[float]:
