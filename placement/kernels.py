@@ -451,21 +451,16 @@ def _ubyte(w, i: tl.constexpr):
 
 
 @_jit
-def _idot(codes, xa, xb, FAST: tl.constexpr):
+def _idot(codes, xa, xb):
     """Per int32 word of 4 codes (unsigned bytes; column 4w + i in byte i): the codes times their
     columns' int16 activations (xa: columns 4w, 4w + 1 in its low and high half; xb: 4w + 2, 4w + 3),
-    summed in int32. FAST: dp2a.lo and dp2a.hi (GPU); else integer ops."""
-    if FAST:
-        return tl.inline_asm_elementwise(
-            "{.reg .s32 t; mov.s32 t, 0; dp2a.lo.s32.u32 t, $1, $3, t; dp2a.hi.s32.u32 $0, $2, $3, t;}",
-            "=r,r,r,r", [xa, xb, codes], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        return (_ubyte(codes, 0) * ((xa << 16) >> 16) + _ubyte(codes, 1) * (xa >> 16)
-                + _ubyte(codes, 2) * ((xb << 16) >> 16) + _ubyte(codes, 3) * (xb >> 16))
+    summed in int32, by integer ops (the interpreter's form of a dp2a.lo and a dp2a.hi)."""
+    return (_ubyte(codes, 0) * ((xa << 16) >> 16) + _ubyte(codes, 1) * (xa >> 16)
+            + _ubyte(codes, 2) * ((xb << 16) >> 16) + _ubyte(codes, 3) * (xb >> 16))
 
 
-# _idot of four words (inputs xa, xb, codes of word 0, then of 1, 2, 3) in one chain of dp2a, each
-# accumulating into the next: no adds of the words' sums
+# _idot of four words summed (inputs xa, xb, codes of word 0, then of 1, 2, 3) in one chain of
+# dp2a, each accumulating into the next: no adds of the words' sums
 _ASM_IDOT4 = _constexpr("{.reg .s32 t; mov.s32 t, 0; " + " ".join(
     f"dp2a.lo.s32.u32 t, ${3 * i + 1}, ${3 * i + 3}, t; dp2a.hi.s32.u32 {'$0' if i == 3 else 't'}, ${3 * i + 2}, "
     f"${3 * i + 3}, t;" for i in range(4)) + "}")
@@ -482,17 +477,17 @@ def _quarters(w):
 
 @_jit
 def _idot4(codes, xa, xb, FAST: tl.constexpr):
-    """_idot summed over the last dim (a thread's 4 words): codes.shape[:-1]."""
-    c0, c1, c2, c3 = _quarters(codes)
-    a0, a1, a2, a3 = _quarters(xa)
-    b0, b1, b2, b3 = _quarters(xb)
+    """_idot summed over a tile's last dim (a thread's 4 words): codes.shape[:-1]. FAST: one dp2a
+    chain (GPU); else integer ops."""
     if FAST:
+        c0, c1, c2, c3 = _quarters(codes)
+        a0, a1, a2, a3 = _quarters(xa)
+        b0, b1, b2, b3 = _quarters(xb)
         return tl.inline_asm_elementwise(_ASM_IDOT4, "=r" + ",r" * 12,
                                          [a0, b0, c0, a1, b1, c1, a2, b2, c2, a3, b3, c3],
                                          dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return (_idot(c0, a0, b0, False) + _idot(c1, a1, b1, False) + _idot(c2, a2, b2, False)
-                + _idot(c3, a3, b3, False))
+        return _rsum(_idot(codes, xa, xb), 3)
 
 
 @_jit
