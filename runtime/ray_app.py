@@ -592,10 +592,21 @@ def local_cluster(**init_kwargs):
         _warn_once("local Ray cluster without token auth (RAY_AUTH_MODE=disabled): each Serve replica's gRPC "
                    "port listens on all interfaces and runs what any host sends it while the cluster lives")
     saved = None if "_node_ip_address" in init_kwargs else _single_machine()
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    temps = []
     try:
-        ray.init(address="local", namespace=NAMESPACE, _temp_dir=temp, include_dashboard=False,
-                 log_to_driver=False, **init_kwargs)
+        # Ray gives its raylet a fixed 30 s to register; a loaded 2-core machine has missed that
+        # once (CI): a node that timed out at startup is started once more, from a fresh folder
+        for attempt in (1, 2):
+            temps.append(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+            try:
+                ray.init(address="local", namespace=NAMESPACE, _temp_dir=temps[-1], include_dashboard=False,
+                         log_to_driver=False, **init_kwargs)
+                break
+            except Exception as e:
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                log.warning("the local Ray node timed out at startup (%s); starting it again", e)
+                ray.shutdown()
         try:
             yield
         finally:
@@ -603,6 +614,7 @@ def local_cluster(**init_kwargs):
                 serve.shutdown()
             ray.shutdown()
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
         if saved is not None:
             _restore(saved)

@@ -262,3 +262,34 @@ def test_a_local_cluster_without_token_auth_says_so_once(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="no cluster"), ray_app.local_cluster():
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_a_local_cluster_that_timed_out_at_startup_is_started_once_more(monkeypatch, caplog):
+    """Ray gives the raylet a fixed 30 s to register (a loaded CI machine missed it once): local_cluster
+    starts the node again, once, from a fresh folder; any other failure, or a second timeout, is
+    raised (ray.init is stubbed: no cluster starts)."""
+    from runtime import ray_app
+
+    calls, shutdowns = [], []
+
+    def init(*args, fail=("timeout",), **kwargs):
+        calls.append(kwargs["_temp_dir"])
+        if len(calls) <= len(fail):
+            raise Exception({"timeout": "The current node timed out during startup. This could happen ...",
+                             "other": "something else"}[fail[len(calls) - 1]])
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setattr(ray_app.serve, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_app.ray, "init", init)
+    with caplog.at_level("WARNING"), ray_app.local_cluster():
+        pass
+    assert len(calls) == 2 and calls[0] != calls[1] and len(shutdowns) == 2  # after the timeout, and at exit
+    assert "timed out at startup" in caplog.text and not any(os.path.exists(t) for t in calls)
+    for fail in (("timeout", "timeout"), ("other",)):
+        calls.clear()
+        monkeypatch.setattr(ray_app.ray, "init", lambda *a, fail=fail, **k: init(*a, fail=fail, **k))
+        with pytest.raises(Exception, match="timed out during startup" if fail[0] == "timeout" else "something"):
+            with ray_app.local_cluster():
+                pass
+        assert len(calls) == len(fail)
