@@ -1,8 +1,8 @@
 """What the quantized slot kernels' K loop costs in sm_90 machine code, without a GPU: the kernels
 cross-compiled for an H100/H200 by Triton's NVIDIA backend (its ptxas), disassembled with its
 nvdisasm. Per kernel and precision: the loop's instructions per weight per thread, its commonest
-instructions, its cross-thread waits (shuffles, shared memory accesses, barriers), registers and
-stack (spills) per thread.
+instructions, its cross-thread waits (shuffles, shared memory accesses, barriers) and spill
+accesses, registers and stack per thread.
 
     python -m experiments.kernel_sass --out experiments/results/kernel_sass.csv
     PYTHONPATH=/tmp/triton36 python -m experiments.kernel_sass   # with another Triton (pip install --target)
@@ -23,10 +23,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-# the H200's one-slot blocks (kernel_blocks.json "2@1", "4@1"): rows, K chunk, warps
-GATE_UP = (8, 1024, 4)
-DOWN = (16, 512, 4)
+GPU = "NVIDIA H200"  # whose one-slot blocks (kernel_blocks.json "bits@1") are costed by default
 CROSS_THREAD = ("SHFL", "BAR", "LDS", "STS")
+SPILLS = ("LDL", "STL")
 
 
 def _tools():
@@ -97,7 +96,8 @@ def measure(kind: str, bits: int, blocks: tuple[int, int, int]) -> dict:
     stack = re.search(r"STACK:(\d+)", usage)
     return dict(triton=triton.__version__, kernel=kind, bits=bits, rows=rows, k_chunk=k_chunk, warps=warps,
                 loop_instructions=len(code), per_weight=len(code) * 32 * warps / weights,
-                cross_thread=sum(ops[o] for o in CROSS_THREAD), registers=int(regs.group(1)) if regs else None,
+                cross_thread=sum(ops[o] for o in CROSS_THREAD), shuffles=ops["SHFL"],
+                loop_spills=sum(ops[o] for o in SPILLS), registers=int(regs.group(1)) if regs else None,
                 stack_bytes=int(stack.group(1)) if stack else None,
                 top=" ".join(f"{o}:{n}" for o, n in ops.most_common(8)))
 
@@ -105,16 +105,16 @@ def measure(kind: str, bits: int, blocks: tuple[int, int, int]) -> dict:
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(prog="python -m experiments.kernel_sass", description=__doc__.split("\n\n")[0])
     p.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[4, 2])
-    p.add_argument("--gate-up", type=lambda s: tuple(int(v) for v in s.split(",")), default=GATE_UP,
-                   help="rows,K chunk,warps (default %(default)s)")
-    p.add_argument("--down", type=lambda s: tuple(int(v) for v in s.split(",")), default=DOWN,
-                   help="rows,K chunk,warps (default %(default)s)")
+    p.add_argument("--gate-up", type=lambda s: tuple(int(v) for v in s.split(",")),
+                   help=f"rows,K chunk,warps (default: the {GPU}'s one-slot blocks per precision)")
+    p.add_argument("--down", type=lambda s: tuple(int(v) for v in s.split(",")),
+                   help=f"rows,K chunk,warps (default: the {GPU}'s one-slot blocks per precision)")
     p.add_argument("--out", help="CSV of the table")
     args = p.parse_args(argv)
     if bad := [b for b in args.bits if b not in (8, 4, 2)]:
         p.error(f"--bits must be among 8, 4, 2 (the integer kernels), got {bad}")
     for name, blocks in (("--gate-up", args.gate_up), ("--down", args.down)):
-        if len(blocks) != 3 or min(blocks) < 1:
+        if blocks is not None and (len(blocks) != 3 or min(blocks) < 1):
             p.error(f"{name} takes rows,K chunk,warps, got {blocks}")
     _tools()
     torch.cuda.is_available = lambda: True  # so placement.kernels defines its kernels with triton.jit
@@ -123,8 +123,14 @@ def main(argv=None) -> pd.DataFrame:
     if kernels._INTERPRET:
         raise SystemExit("placement.kernels runs in Triton's interpreter here (TRITON_INTERPRET=1, or imported "
                          "before): run kernel_sass in a fresh process without TRITON_INTERPRET")
-    table = pd.DataFrame([measure(kind, bits, blocks) for bits in args.bits
-                          for kind, blocks in (("gate_up", args.gate_up), ("down", args.down))])
+    tuned = kernels.tuned_blocks(GPU)
+
+    def blocks(kind: str, bits: int) -> tuple[int, int, int]:
+        given = args.gate_up if kind == "gate_up" else args.down
+        b = tuned.get((bits, 1), tuned[bits])
+        return given or (b[:3] if kind == "gate_up" else b[3:6])
+
+    table = pd.DataFrame([measure(kind, bits, blocks(kind, bits)) for bits in args.bits for kind in ("gate_up", "down")])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
