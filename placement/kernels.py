@@ -565,8 +565,8 @@ def _int_group_dot(words, BITS: tl.constexpr, IDX: tl.constexpr, xa, xb, sx, xn,
 # reversed from 3.7. The dims are placed so that q comes last and the groups first: q then repeats in
 # each thread's registers, which hold whole groups, and the threads run along the groups as in the
 # loads of the groups' scales. A group's words sum in-thread and its scale applies in the load's own
-# layout: no shuffles and no layout conversions through shared memory in the K loop (for sm_90 a
-# third fewer instructions per weight than words spread over threads, with either order).
+# layout: no shuffles, and shared memory only to broadcast the activations (_load_act); for sm_90
+# about a third fewer instructions per weight than words spread over threads, with either order.
 _Q_FIRST = _constexpr(triton is not None and tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7))
 
 
