@@ -248,6 +248,7 @@ def moe_qos_plans(total: int) -> list[tuple[str, Knobs, dict]]:
         ("16-bit, all on GPU, no fused kernels / graphs", Knobs(), {"use_kernels": False}),
         ("4-bit, all on GPU", Knobs(quantized=total, bits=4), {}),
         ("4-bit, all on GPU, HQQ dequantize + matmul", Knobs(quantized=total, bits=4), {"use_kernels": False}),
+        ("4-bit, all on GPU, 4-bit attention", Knobs(quantized=total, bits=4, attn_bits=4), {}),
         ("2-bit, all on GPU", Knobs(quantized=total, bits=2), {}),
         ("half 4-bit half 16-bit, all on GPU", Knobs(quantized=half, bits=4), {}),
         ("16-bit, 1/4 on GPU, fetch", Knobs(gpu_experts=quarter), {}),

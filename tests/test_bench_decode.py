@@ -170,3 +170,16 @@ def test_window_counts_routing_inside_cuda_graphs_and_cuda_bandwidths():
     bw = measure("cuda", nbytes=64 * MiB, h2d_bytes=16 * MiB, repeats=3)
     assert bw.device == torch.cuda.get_device_name() and bw.accel_read_gbps > bw.h2d_gbps > 0
     assert bw.host_read_gbps > 0 and "pinned host-to-GPU copy" in bw.describe()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_the_4_bit_attention_row_counts_its_projections_at_4_bits_in_the_bound(tmp_path):
+    out = tmp_path / "bench.csv"
+    bench_decode.main(["--model", "tiny-random", "--layers", "2", "--prompt-tokens", "8", "--new-tokens", "5",
+                       "--bandwidth-mib", "4", "--only", "4-bit, all on GPU", "--out", str(out)])
+    by = pd.read_csv(out).set_index("system")
+    bf16_attn, attn4 = by.loc["moe-qos: 4-bit, all on GPU"], by.loc["moe-qos: 4-bit, all on GPU, 4-bit attention"]
+    assert attn4["decode_tok_s"] > 0
+    assert bf16_attn["dense_gb_per_token"] == pytest.approx(235072 / 1e9)
+    assert attn4["dense_gb_per_token"] < bf16_attn["dense_gb_per_token"]  # q, k, v, o packed at 4 bits
+    assert attn4["expert_gb_per_token"] == pytest.approx(bf16_attn["expert_gb_per_token"])
