@@ -23,8 +23,9 @@ q/k/v are fused without a copy of the weights: the three nn.Linear weights (and 
 of one [q+k+v, H] tensor, so the model's own modules (prefill, perplexity) read the same memory.
 When the engine swaps the projections (Plan.attn_bits: quantized ones, or the 16-bit ones put
 back as separate tensors), `ready()` notices: quantized projections (qlinear.QuantLinear, their own
-Triton kernels) are called as they are between three compiled pieces per layer (norm; rotary, cache
-and attention; o_proj's residual, norm and router), 16-bit ones are fused again.
+Triton kernels) are called between three compiled pieces per layer (norm; rotary, cache and
+attention; o_proj's residual, norm and router), q/k/v as one launch (qlinear.QuantGroup); 16-bit
+ones are fused again.
 
 Modes: "compile" (inductor, extern cuBLAS matrix products but the router's at batch 1, a
 reduction inductor writes; the router's top-k as max passes fused with its softmax),
@@ -41,6 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from placement.qlinear import QuantGroup
 
 MODES = ("compile", "compile-reduce", "compile-autotune", "eager")
 # Module classes whose forward the functions below reproduce (transformers 5.x); anything else
@@ -339,6 +342,8 @@ class FastLayers:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # per layer: the fused (q/k/v weight, bias), or None where the projections are other modules
         self.qkv: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(layers)
+        # per layer where the projections are quantized: q/k/v as one kernel launch (qlinear.QuantGroup)
+        self.quant_qkv: list[QuantGroup | None] = [None] * len(layers)
         self.reason: str | None = None  # why the last ready() said no
 
     # --- weights ---------------------------------------------------------------------------
@@ -352,13 +357,16 @@ class FastLayers:
             attn = layer.self_attn
             mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
             if all(type(m) is nn.Linear for m in mods):
-                self.qkv[i] = self._fused(attn)
+                self.qkv[i], self.quant_qkv[i] = self._fused(attn), None
                 continue
             bad = next((type(m).__name__ for m in mods if not hasattr(m, "in_features")), None)
             if bad is not None:  # not a projection we know the shape of
                 self.reason = f"layer {i}'s attention projections are {bad}, not linear layers"
                 return False
             self.qkv[i] = None
+            group = self.quant_qkv[i]
+            if group is None or not group.current(mods[:3]):
+                self.quant_qkv[i] = QuantGroup.of(mods[:3])
         self.reason = None
         return True
 
@@ -419,7 +427,8 @@ class FastLayers:
                 out = fns["moe_layer" if moe else "dense_layer"](*args)
             else:  # the projections' own modules between compiled pieces
                 h, x = fns["pre"](h, d1, d2, ln1)
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                group = self.quant_qkv[i]
+                q, k, v = group(x) if group is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
                 if compiled:
                     _mark_dynamic(q, k, v)
                 o = attn.o_proj(fns["core"](q, k, v, *norms, *cache))

@@ -7,14 +7,20 @@ hqq packs the [G, group_size] code matrix (G = N*K/group_size groups, row n's gr
 that, viewed as bytes [N/P, K] (P codes per byte): 8-bit byte [n, k] is W[n, k]; 4-bit byte [j, k]
 holds W[j, k] in its high nibble and W[j + N/2, k] in its low one. One byte load feeds P rows.
 
-Two Triton kernels, fp32 accumulation, both reading the packed buffer and dequantizing in registers
-with the group-sum trick sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)) (scale and zero cost one
-multiply per group, not per weight):
-- `_rows_kernel`, for a few tokens (decode): grid (row block, token, K split), a matrix-vector
-  product per token, as the expert slot kernels (kernels.py) do;
+Two Triton kernels, fp32 accumulation, both reading the packed buffer, with the group-sum trick
+sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)) (scale and zero cost one multiply per group, not
+per weight):
+- `_int_kernel`, for one or two tokens (decode; a group: up to four): the expert slot kernels' integer form (kernels.py:
+  x quantized per group to int16 once per call, codes times activations in dp2a, each thread holding
+  whole groups), grid (row block, token, K split). It takes up to three matrices of one input (a
+  layer's q, k and v: `QuantGroup`, `qlinear_many`) in one launch.
 - `_mma_kernel`, for more tokens (continuous batching, prefill chunks): grid (token block, row
   block, K split), the codes of one group times a token block with tl.dot (transposed, rows x
   tokens, as the grouped expert kernels do), so W is read once per block of BLOCK_M tokens.
+H200, Mixtral-8x7B's projections at one token (`python -m placement.qlinear`,
+experiments/results/qlinear_h200.csv): 4-bit q/k/v in one launch 0.0081 ms against F.linear's
+0.0160 on the fused 16-bit weight, o 0.0074 against 0.0126. The float-code kernel these replaced took
+0.0214 (q/k/v, three launches) and 0.0088 (o) (qlinear_h200_float_codes.csv).
 K splits add atomically into an fp32 output (zeroed); without a split the result is stored in the
 output's dtype directly. Longer inputs (prefill past `KERNEL_MAX_TOKENS`, perplexity) dequantize W
 and call F.linear: compute-bound there anyway. Without CUDA the kernels run in Triton's interpreter
@@ -35,13 +41,19 @@ from torch import nn
 from placement.packed import QLINEAR_BITS, Layout, linear_layout, pack_linear
 
 KERNEL_MAX_TOKENS = 64  # rows of x up to which the kernels run (the engine's decode/prefill-chunk limit)
-ROWS_MAX_TOKENS = 4  # up to this many rows the matrix-vector kernel, above it the tl.dot one (see bench)
+# Up to these many rows the integer kernel (it reads W once per token), above them tl.dot: for one
+# matrix, and for a group in one launch (against three tl.dot ones). H200, 4-bit (qlinear_h200.csv):
+# o at 2 tokens 0.0086 ms against tl.dot's 0.0119, at 4 tokens 0.0174 against 0.0119; q/k/v at 4
+# tokens 0.0192 against 0.0276.
+INT_MAX_TOKENS = 2
+GROUP_MAX_TOKENS = 4
 
 # Triton, its CPU interpreter and the helpers the expert kernels use (reductions that work in the
-# interpreter, the code unpacking of kernels._fcodes, tl.dot with a per-group scale): shared.
+# interpreter, the integer group products and their tiles, tl.dot with a per-group scale): shared.
 from placement.kernels import (  # noqa: E402
-    _FAST_CODES, _MAGIC_OFF, _TL_DTYPES, _codes4, _fcodes, _group_mma, _jit, _pow2_block, _put, _qdot,
-    _rsum, _sm_count, available, tl, triton,
+    _MAGIC_OFF, _TL_DTYPES, TUNED_BLOCKS, _can_overlap, _codes4, _gdc_launch, _gdc_wait, _group_mma, _int_group_dot,
+    _jit, _load_act, _pow2_block, _put, _row_sums, _rsum, _sm_count, _tile, available, gpu_entry,
+    quantize_activations, tl, triton,
 )
 
 
@@ -68,42 +80,52 @@ def supports(layout: Layout) -> bool:
 
 # --- kernels ----------------------------------------------------------------------------------------
 @_jit
-def _rows_kernel(
-    x_ptr, wq_ptr, scale_ptr, zero_ptr, out_ptr,
-    N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
+def _int_kernel(
+    qa_ptr, qb_ptr, qs_ptr, qn_ptr, tab_ptr, out_ptr, R0, R1, R2,
+    K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr, OUT_N: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[m, rows] (+)= x[m] @ W[rows].T for byte rows j of program_id(0)'s block (4-bit: W rows j
-    and j + N/2), token m = program_id(1), K split program_id(2)."""
-    P: tl.constexpr = 8 // BITS if BITS < 8 else 1
-    R: tl.constexpr = N // P  # byte rows
-    ROWG: tl.constexpr = K // GS  # groups per row
+    """out[m, cols] (+)= x[m] @ W.T for up to three matrices of one input (a layer's q, k, v), x as
+    kernels._quantize_kernel wrote it, in the expert kernels' integer form (_int_group_dot: int16
+    activations, dp2a). Matrix i has R_i byte rows (4-bit: rows j and j + R_i in one byte; 0: absent),
+    its codes, scales and zeros at the addresses of tab_ptr[i] (int64 [3]) and its columns of out
+    after those of the matrices before it. Grid (row blocks of all matrices, token, K split)."""
+    _gdc_wait(PDL)
+    _gdc_launch(PDL)
+    P: tl.constexpr = 8 // BITS
+    ROWG: tl.constexpr = K // GS
     NG: tl.constexpr = BLOCK_K // GS
+    GW: tl.constexpr = GS // 4
     KS: tl.constexpr = K // SPLIT_K
+    b1 = (R0 + BLOCK_J - 1) // BLOCK_J  # the first block of matrix 1, then of matrix 2
+    b2 = b1 + (R1 + BLOCK_J - 1) // BLOCK_J
+    b = tl.program_id(0)
+    mi = (b >= b1).to(tl.int32) + (b >= b2).to(tl.int32)
+    R = tl.where(mi == 0, R0, tl.where(mi == 1, R1, R2))
+    j = (b - tl.where(mi == 0, 0, tl.where(mi == 1, b1, b2))) * BLOCK_J + tl.arange(0, BLOCK_J)
+    col0 = P * tl.where(mi == 0, 0, tl.where(mi == 1, R0, R0 + R1))
+    wq = tl.multiple_of(tl.load(tab_ptr + 3 * mi).to(tl.pointer_type(tl.uint8)), 16).to(tl.pointer_type(tl.int32),
+                                                                                       bitcast=True)
+    sc = tl.load(tab_ptr + 3 * mi + 1).to(tl.pointer_type(DTYPE))
+    zr = tl.load(tab_ptr + 3 * mi + 2).to(tl.pointer_type(DTYPE))
     m = tl.program_id(1)
-    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     jm = j < R
-    rmask = jm[:, None]
-    wmask = rmask[:, :, None]
-    cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # [NG, GS]
-    a0 = tl.full([BLOCK_N], 0.0, tl.float32)
-    a1 = tl.full([BLOCK_N], 0.0, tl.float32)
+    rows, gi, wi = _tile(j, NG, GS)
+    rmask = rows < R
+    a0 = (rows + gi) * 0.0  # per-group terms, summed per row after the loop
+    a1 = (rows + gi) * 0.0
     kstart = tl.program_id(2) * KS
     for k0 in range(kstart, kstart + KS, BLOCK_K):
-        x = tl.load(x_ptr + m * K + k0 + cols).to(tl.float32)  # [NG, GS]
-        xs = _rsum(x, 1)  # [NG]
-        b = tl.load(wq_ptr + j[:, None, None] * K + k0 + cols[None, :, :], mask=wmask, other=0)  # uint8
-        grp = j[:, None] * ROWG + k0 // GS + tl.arange(0, NG)[None, :]  # [BN, NG]
-        if BITS == 8:
-            a0 += _qdot(_fcodes(b, 8, FAST), x, xs, scale_ptr, zero_ptr, grp, rmask, BITS, FAST)
-        else:  # byte [j, k] = W[j, k] << 4 | W[j + N/2, k]
-            hi, lo = _fcodes(b, 4, FAST)
-            a0 += _qdot(hi, x, xs, scale_ptr, zero_ptr, grp, rmask, BITS, FAST)
-            a1 += _qdot(lo, x, xs, scale_ptr, zero_ptr, grp + R * ROWG, rmask, BITS, FAST)
-    orow = out_ptr + m * N + j
-    _put(orow, a0, jm, SPLIT_K > 1)
+        xa, xb, sx, xn = _load_act(qa_ptr, qb_ptr, qs_ptr, qn_ptr, m, K, k0, gi, wi, GS)
+        codes = tl.load(wq + rows * (K // 4) + k0 // 4 + gi * GW + wi, mask=rmask, other=0)
+        grp = rows * ROWG + k0 // GS + gi
+        a0 += _int_group_dot(codes, BITS, 0, xa, xb, sx, xn, sc, zr, grp, rmask, GS, FAST)
+        if P == 2:  # byte [j, k] = W[j, k] << 4 | W[j + R, k]
+            a1 += _int_group_dot(codes, BITS, 1, xa, xb, sx, xn, sc, zr, grp + R * ROWG, rmask, GS, FAST)
+    orow = out_ptr + m * OUT_N + col0 + j
+    _put(orow, _row_sums(a0), jm, SPLIT_K > 1)
     if P == 2:
-        _put(orow + R, a1, jm, SPLIT_K > 1)
+        _put(orow + R, _row_sums(a1), jm, SPLIT_K > 1)
 
 
 @_jit
@@ -147,47 +169,151 @@ def _mma_kernel(
 
 
 # --- launch -----------------------------------------------------------------------------------------
-# GPU blocks, first guesses after the expert kernels' H100/H200 tuning (few rows, long K chunks for
-# the matrix-vector kernel; 64 rows, one warpgroup, for tl.dot): `python -m placement.qlinear` checks them.
-_GPU = dict(rows_n={8: 8, 4: 16}, rows_k=1024, rows_warps=4, mma_n=64, mma_warps=4, mma_stages=3)
+# The integer kernel's GPU blocks per precision: (rows per program, K chunk cap, warps, programs per SM
+# that K splits aim for), first guesses; `python -m placement.qlinear --sweep --write` times SWEEP's
+# and records the fastest per GPU in kernel_blocks.json (read once, as the expert kernels' blocks).
+_INT_GPU = {8: (8, 512, 4, 4), 4: (16, 512, 4, 4)}
+# tl.dot kernel: 64 rows, one warpgroup, after the grouped expert kernels' tuning
+_MMA_GPU = dict(rows=64, warps=4, stages=3)
+
+
+def int_blocks(device_name: str) -> dict[int, tuple[int, ...]]:
+    """The integer kernel's blocks per precision for a GPU: kernel_blocks.json's "qlinear" entry for
+    `device_name` over _INT_GPU (malformed entries are ignored)."""
+    blocks = dict(_INT_GPU)
+    entry = gpu_entry(TUNED_BLOCKS, device_name, "kernel blocks").get("qlinear", {})
+    for bits, v in (entry.items() if isinstance(entry, dict) else ()):
+        if bits.isdigit() and int(bits) in blocks and isinstance(v, list) and len(v) == 4 and all(
+                isinstance(b, int) and b > 0 for b in v):
+            blocks[int(bits)] = tuple(v)
+    return blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _device_int_blocks(index: int) -> dict[int, tuple[int, ...]]:
+    return int_blocks(torch.cuda.get_device_name(index))
+
+
+def _split_until(programs: int, per_sm: int, sms: int, K: int, chunk: int) -> int:
+    """K splits (atomic adds; powers of two up to 16, whole chunks each) until `programs` times the
+    split keep about `per_sm` programs busy on each of `sms` SMs."""
+    split = 1
+    while programs * split < per_sm * sms and split < 16 and K % (chunk * split * 2) == 0:
+        split *= 2
+    return split
+
+
+def _int_config(layouts, M: int, interpret: bool, sms: int, blocks=None) -> tuple[int, int, int, int]:
+    """(rows per program, K chunk, warps, K split) of _int_kernel for these matrices and M tokens:
+    shapes only. `blocks`: (rows, K chunk cap, warps, programs per SM), default _INT_GPU's. The
+    interpreter takes the biggest blocks (each program is Python overhead) and no split."""
+    (_, (_, K)), = layouts[0].matrices
+    gs, bits = layouts[0].group_size, layouts[0].bits
+    R = [lay.matrices[0][1][0] // (8 // bits) for lay in layouts]
+    if interpret:
+        return min(triton.next_power_of_2(max(R)), 64), max(_pow2_block(K, 1024), gs), 4, 1
+    bj, cap, warps, per_sm = blocks or _INT_GPU[bits]
+    bk = max(_pow2_block(K, cap), gs)
+    return bj, bk, warps, _split_until(sum(triton.cdiv(r, bj) for r in R) * M, per_sm, sms, K, bk)
 
 
 @functools.lru_cache(maxsize=4096)  # asked for on every call: prefill runs it per projection and layer
-def _config(layout: Layout, M: int, path: str, interpret: bool, sms: int) -> dict:
-    """Block sizes from shapes only (the grid never depends on data). K is split (atomic adds) up to
-    16 ways until about 4 programs per SM could be busy; the interpreter takes the biggest blocks
-    (each program is Python overhead)."""
+def _mma_config(layout: Layout, M: int, interpret: bool, sms: int) -> tuple[int, int, int]:
+    """(tokens per program, byte rows per program, K split) of _mma_kernel: shapes only."""
     (_, (N, K)), = layout.matrices
-    gs = layout.group_size
-    R = N // (8 // layout.bits if layout.bits < 8 else 1)
-    if path == "rows":
-        bn = min(triton.next_power_of_2(R), 256) if interpret else _GPU["rows_n"][layout.bits]
-        bk = max(_pow2_block(K, 1024 if interpret else _GPU["rows_k"]), gs)
-        programs = triton.cdiv(R, bn) * M
-        chunk = bk
-    else:
-        bm = 16 if M <= 16 or interpret else 32
-        bn = min(triton.next_power_of_2(R), 256) if interpret else _GPU["mma_n"]
-        programs = triton.cdiv(R, bn) * triton.cdiv(M, bm)
-        chunk = gs
-    split = 1
-    while not interpret and programs * split < 4 * sms and split < 16 and K % (chunk * split * 2) == 0:
-        split *= 2
-    cfg = dict(bn=bn, split=split)
-    if path == "rows":
-        cfg["bk"] = bk
-    else:
-        cfg["bm"] = bm
-    return cfg
+    R = N // (8 // layout.bits)
+    bm = 16 if M <= 16 or interpret else 32
+    if interpret:
+        return bm, min(triton.next_power_of_2(R), 256), 1
+    bn = _MMA_GPU["rows"]
+    return bm, bn, _split_until(triton.cdiv(R, bn) * triton.cdiv(M, bm), 4, sms, K, layout.group_size)
+
+
+def _output(x: torch.Tensor, M: int, N: int, split: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where a kernel writes [M, N]. A K split adds atomically: fp32 zeros, cast afterwards. Without
+    one the kernel stores in the output's dtype (rounding to nearest), except in the interpreter,
+    whose store to bf16 truncates: fp32 there, rounded by torch."""
+    if split > 1:
+        return torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    return torch.empty(M, N, dtype=out_dtype if x.device.type == "cuda" else torch.float32, device=x.device)
+
+
+def _check_split(split: int | None, K: int, group_size: int) -> None:
+    if split is not None and (split < 1 or K % (group_size * split)):
+        raise ValueError(f"split={split} does not cut K={K} into whole groups of {group_size}")
+
+
+def supports_int(layout: Layout) -> bool:
+    """Whether the integer kernel runs matrices of `layout` (else tl.dot's): a group's sum of codes
+    times int16 activations must fit int32 (8-bit: groups of up to 256)."""
+    return supports(layout) and ((1 << layout.bits) - 1) * 32767 * layout.group_size < 2 ** 31
+
+
+def field_table(mats, device) -> torch.Tensor:
+    """int64 [n, 3] on `device`: the addresses of the codes, scales and zeros of each packed matrix
+    in `mats` ((buf, layout) pairs), as _int_kernel reads them. Made once per place of the buffers
+    (a host-to-device copy: not during CUDA-graph capture)."""
+    addrs = []
+    for buf, layout in mats:
+        v = layout.views(buf)
+        addrs.append([v[f"weight.{f}"].data_ptr() for f in ("W_q", "scale", "zero")])
+        if addrs[-1][0] % 16:
+            raise ValueError("a packed matrix's codes must start 16-byte aligned")
+    return torch.tensor(addrs, dtype=torch.int64, device=device)
+
+
+def qlinear_many(x: torch.Tensor, layouts, table: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+                 split: int | None = None, blocks=None) -> torch.Tensor:
+    """x [M, K] times up to three packed matrices of the same K, bits, groups and dtype (a layer's q,
+    k and v) in one launch of the integer kernel, after one quantization of x: [M, N_1 + N_2 + ...],
+    the matrices' outputs side by side. table: field_table of their buffers. `split`: K splits
+    instead of the configured ones; `blocks`: as _int_config takes them (benchmarks). No host syncs."""
+    if not 1 <= len(layouts) <= 3 or len(table) != len(layouts):
+        raise ValueError(f"qlinear_many takes one to three matrices and a table row for each; got "
+                         f"{len(layouts)} and {len(table)}")
+    first = layouts[0]
+    (_, (_, K)), = first.matrices
+    if any((lay.bits, lay.group_size, lay.dtype, lay.matrices[0][1][1]) != (first.bits, first.group_size, first.dtype, K)
+           for lay in layouts):
+        raise ValueError("qlinear_many's matrices must share K, bits, group size and dtype")
+    if not supports_int(first):
+        raise ValueError(f"no integer kernel for {first.bits}-bit matrices of {K} columns in groups of "
+                         f"{first.group_size} ({first.dtype})")
+    M, k_in = x.shape
+    if k_in != K:
+        raise ValueError(f"x has {k_in} columns but the quantized matrices have {K}")
+    _check_split(split, K, first.group_size)
+    Ns = [lay.matrices[0][1][0] for lay in layouts]
+    out_dtype = out_dtype or x.dtype
+    if M == 0:
+        return torch.empty(0, sum(Ns), dtype=out_dtype, device=x.device)
+    on_gpu = x.device.type == "cuda"
+    index = x.device.index or 0
+    if on_gpu and blocks is None:
+        blocks = _device_int_blocks(index)[first.bits]
+    bj, bk, warps, auto = _int_config(tuple(layouts), M, not on_gpu, _sm_count(index) if on_gpu else 132, blocks)
+    if split is not None:
+        bk = math.gcd(bk, K // split)  # a chunk holds whole groups and fits in one split
+    split = auto if split is None else split
+    out = _output(x, M, sum(Ns), split, out_dtype)
+    pdl = on_gpu and _can_overlap(index)
+    R = [n // (8 // first.bits) for n in Ns] + [0] * (3 - len(Ns))
+    _int_kernel[(sum(triton.cdiv(r, bj) for r in R), M, split)](
+        *quantize_activations(x.contiguous(), first.group_size, pdl=pdl), table, out, *R, K=K, BITS=first.bits,
+        GS=first.group_size, DTYPE=_TL_DTYPES[first.dtype], OUT_N=sum(Ns), BLOCK_J=bj, BLOCK_K=bk, SPLIT_K=split,
+        FAST=on_gpu, PDL=pdl, **(dict(num_warps=warps) if on_gpu else {}), **({"launch_pdl": True} if pdl else {}))
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | None = None,
-            out_dtype: torch.dtype | None = None, split: int | None = None, views: dict | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, split: int | None = None, views: dict | None = None,
+            table: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] for W packed in `buf` (uint8, `layout`), through the kernels. `path`:
-    "rows" (matrix-vector per token) or "mma" (tl.dot over token blocks); default by M (ROWS_MAX_TOKENS).
-    `out_dtype`: of the result (default x's). `split`: K splits instead of the configured ones (tests:
-    the interpreter never splits by itself). `views`: layout.views(buf), if the caller keeps them. No
-    host syncs; the grid depends on shapes only."""
+    "int" (integer activations, per token) or "mma" (tl.dot over token blocks); default "int" up to
+    INT_MAX_TOKENS rows (where the layout has it), else "mma". `out_dtype`: of the result (default
+    x's). `split`: K splits instead of the configured ones (tests: the interpreter never splits by
+    itself). `views`: layout.views(buf), `table`: field_table([(buf, layout)]), if the caller keeps
+    them. No host syncs; the grid depends on shapes only."""
     (_, (N, K)), = layout.matrices
     M, k_in = x.shape
     if k_in != K:
@@ -196,44 +322,28 @@ def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | N
         raise ValueError(f"no kernel for a {N}x{K} matrix at {layout.bits} bits, group size {layout.group_size}, "
                          f"{layout.dtype}")
     if path is None:
-        path = "rows" if M <= ROWS_MAX_TOKENS else "mma"
-    if path not in ("rows", "mma"):
-        raise ValueError(f"path={path!r} is not a kernel; choose rows or mma")
+        path = "int" if M <= INT_MAX_TOKENS and supports_int(layout) else "mma"
+    if path not in ("int", "mma"):
+        raise ValueError(f"path={path!r} is not a kernel; choose int or mma")
+    if path == "int":
+        return qlinear_many(x, [layout], field_table([(buf, layout)], x.device) if table is None else table,
+                            out_dtype=out_dtype, split=split)
+    _check_split(split, K, layout.group_size)
     out_dtype = out_dtype or x.dtype
     if M == 0:
         return torch.empty(0, N, dtype=out_dtype, device=x.device)
     on_gpu = x.device.type == "cuda"
-    cfg = dict(_config(layout, M, path, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132))
+    bm, bn, auto = _mma_config(layout, M, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
+    split = auto if split is None else split
+    out = _output(x, M, N, split, out_dtype)
     v = layout.views(buf) if views is None else views
-    wq, scale, zero = v["weight.W_q"], v["weight.scale"], v["weight.zero"]
-    x = x.contiguous()
-    if split is not None:
-        if split < 1 or K % (layout.group_size * split):
-            raise ValueError(f"split={split} does not cut K={K} into whole groups of {layout.group_size}")
-        if path == "rows":  # a chunk holds whole groups and fits in one split
-            cfg["bk"] = math.gcd(cfg["bk"], K // split)
-    split = cfg["split"] if split is None else split
-    # A K split adds atomically: an fp32 output of zeros, cast afterwards. Without one the kernel
-    # stores in the output's dtype (rounding to nearest), except in the interpreter, whose store to
-    # bf16 truncates: fp32 there, rounded by torch.
-    if split > 1:
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(M, N, dtype=out_dtype if on_gpu else torch.float32, device=x.device)
-    R = N // (8 // layout.bits if layout.bits < 8 else 1)
-    common = dict(N=N, K=K, BITS=layout.bits, GS=layout.group_size, BLOCK_N=cfg["bn"], SPLIT_K=split)
-    if path == "rows":
-        launch = {"num_warps": _GPU["rows_warps"]} if on_gpu else {}
-        fast = _FAST_CODES[layout.bits] if on_gpu else 0  # codes unpacked by inline PTX (kernels._fcodes)
-        _rows_kernel[(triton.cdiv(R, cfg["bn"]), M, split)](x, wq, scale, zero, out, BLOCK_K=cfg["bk"], FAST=fast,
-                                                             **common, **launch)
-    else:
-        dot = _TL_DTYPES[layout.dtype] if on_gpu else tl.float32  # (the interpreter's dot: fp32)
-        launch = {"num_warps": _GPU["mma_warps"], "num_stages": _GPU["mma_stages"]} if on_gpu else {}
-        fast = on_gpu and dot == tl.bfloat16 and layout.bits == 4  # bf16 codes by inline PTX (kernels._codes4)
-        _mma_kernel[(triton.cdiv(M, cfg["bm"]), triton.cdiv(R, cfg["bn"]), split)](
-            x, wq, scale, zero, out, M, BLOCK_M=cfg["bm"], DOT=dot, IEEE=dot == tl.float32, FAST=fast,
-            OFF=_MAGIC_OFF if fast else 0.0, **common, **launch)
+    dot = _TL_DTYPES[layout.dtype] if on_gpu else tl.float32  # (the interpreter's dot: fp32)
+    launch = {"num_warps": _MMA_GPU["warps"], "num_stages": _MMA_GPU["stages"]} if on_gpu else {}
+    fast = on_gpu and dot == tl.bfloat16 and layout.bits == 4  # bf16 codes by inline PTX (kernels._codes4)
+    _mma_kernel[(triton.cdiv(M, bm), triton.cdiv(N // (8 // layout.bits), bn), split)](
+        x.contiguous(), v["weight.W_q"], v["weight.scale"], v["weight.zero"], out, M, N=N, K=K, BITS=layout.bits,
+        GS=layout.group_size, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, DOT=dot, IEEE=dot == tl.float32, FAST=fast,
+        OFF=_MAGIC_OFF if fast else 0.0, **launch)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -255,12 +365,23 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.kernel_ok = supports(layout) and available(buf.device)
         self.use_kernel = use_kernel
-        self._views: tuple[int, dict] | None = None  # (data_ptr, views of `packed`): made once per place
+        # (data_ptr, views of `packed`, their field_table): made here, again if `packed` moves
+        self._views: tuple[int, dict, torch.Tensor | None] | None = None
+        self.views()
 
     def views(self) -> dict:
+        return self._placed()[1]
+
+    def table(self) -> torch.Tensor | None:
+        """field_table of `packed` (None where the integer kernel does not run it)."""
+        return self._placed()[2]
+
+    def _placed(self):
         if self._views is None or self._views[0] != self.packed.data_ptr():  # (moved since)
-            self._views = (self.packed.data_ptr(), self.layout.views(self.packed))
-        return self._views[1]
+            table = (field_table([(self.packed, self.layout)], self.packed.device)
+                     if self.kernel_ok and supports_int(self.layout) else None)
+            self._views = (self.packed.data_ptr(), self.layout.views(self.packed), table)
+        return self._views
 
     @property
     def bits(self) -> int:
@@ -273,7 +394,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.use_kernel and self.kernel_ok and x2.shape[0] <= KERNEL_MAX_TOKENS:
-            y = qlinear(x2, self.packed, self.layout, views=self.views())
+            y = qlinear(x2, self.packed, self.layout, views=self.views(), table=self.table())
         else:
             y = F.linear(x2, self.weight_dequantized())
         if self.bias is not None:
@@ -283,6 +404,56 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.layout.group_size}, bias={self.bias is not None}")
+
+
+class QuantGroup:
+    """Quantized projections of one input called as one (a layer's q, k and v): up to GROUP_MAX_TOKENS
+    rows, one quantization of x and one launch of the integer kernel for all of them, in place of
+    two launches each; more rows, each module as it is. `of` makes one where the modules allow it;
+    `current` says whether it still describes them (the engine swaps and moves projections)."""
+
+    def __init__(self, mods):
+        self.mods = tuple(mods)
+        self.layouts = [m.layout for m in self.mods]
+        self.key = self._key(self.mods)
+        self.table = torch.cat([m.table() for m in self.mods])  # (made outside CUDA-graph capture: ready())
+        biases = [m.bias for m in self.mods]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(m.out_features, dtype=m.layout.dtype, device=m.packed.device)
+             for b, m in zip(biases, self.mods)])
+        self.sizes = [m.out_features for m in self.mods]
+
+    @staticmethod
+    def _key(mods):
+        return tuple((id(m), m.packed.data_ptr(), m.use_kernel) for m in mods)
+
+    @classmethod
+    def of(cls, mods) -> "QuantGroup | None":
+        """A group of `mods` (QuantLinear modules of one input), or None where one launch cannot run
+        them: other modules, no integer kernel, or different K, bits, groups or dtype."""
+        if not 1 <= len(mods) <= 3 or not all(isinstance(m, QuantLinear) and m.use_kernel and m.table() is not None
+                                               for m in mods):
+            return None
+        first = mods[0].layout
+        if any((m.layout.bits, m.layout.group_size, m.layout.dtype, m.in_features, m.packed.device)
+               != (first.bits, first.group_size, first.dtype, mods[0].in_features, mods[0].packed.device)
+               for m in mods):
+            return None
+        return cls(mods)
+
+    def current(self, mods) -> bool:
+        return self._key(tuple(mods)) == self.key
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each module's output for x [..., K] (views of one tensor where the kernel ran)."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.mods[0].in_features)
+        if x2.shape[0] > GROUP_MAX_TOKENS:
+            return [m(x) for m in self.mods]
+        y = qlinear_many(x2, self.layouts, self.table)
+        if self.bias is not None:
+            y = y + self.bias
+        return [part.reshape(*lead, n) for part, n in zip(y.split(self.sizes, dim=-1), self.sizes)]
 
 
 def quantize_linear(weight: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype, quantizer, device,
@@ -307,57 +478,140 @@ def random_packed(layout: Layout, device, generator=None) -> torch.Tensor:
     return buf
 
 
-# Mixtral-8x7B's attention projections (hidden 4096, 8 KV heads of 128): q and o, then k and v
-BENCH_SHAPES = ((4096, 4096), (1024, 4096))
+# Mixtral-8x7B's attention projections (hidden 4096, 8 KV heads of 128): a layer's q, k and v (one
+# input: one group), then o
+BENCH_GROUPS = (((4096, 4096), (1024, 4096), (1024, 4096)), ((4096, 4096),))
 BENCH_TOKENS = (1, 4, 16, 64)
 
 
-def bench(shapes=BENCH_SHAPES, tokens=BENCH_TOKENS, group_size: int = 64, iters: int = 200,
-          dtype=torch.bfloat16, csv_path: str | None = None) -> list[dict]:
-    """Time each [N, K] projection at 16 bits (F.linear), and at 8 and 4 bits through qlinear's
-    two kernels and the dequantize-then-F.linear path, for M tokens in `tokens`. Prints a table
-    (GB/s: the matrix's bytes over the time, as if read once) and returns it, also written to
-    `csv_path` if given. Each variant cycles through enough copies to exceed twice the L2 cache, so
-    every call reads its weights from HBM, as at decode."""
+def _bench_sets(dims, bits, group_size, dtype, dev, gen):
+    """Enough sets of packed matrices `dims` (with their field tables) to exceed twice the L2 cache,
+    so that each call, taking the next set, reads its weights from HBM as at decode."""
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    layouts = [linear_layout(N, K, bits, dtype, group_size) for N, K in dims]
+    nbytes = sum(lay.nbytes for lay in layouts)
+    sets = []
+    for _ in range(max(2, -(-2 * l2 // nbytes) + 1)):
+        bufs = [random_packed(lay, dev, gen) for lay in layouts]
+        sets.append((bufs, field_table(list(zip(bufs, layouts)), dev)))
+    return layouts, nbytes, sets
+
+
+def bench(groups=BENCH_GROUPS, tokens=BENCH_TOKENS, group_size: int = 64, iters: int = 200,
+          dtype=torch.bfloat16, csv_path: str | None = None, device="cuda") -> list[dict]:
+    """Time each group of projections (matrices of one input: q/k/v, then o) at 16 bits (F.linear of
+    their concatenated weight, as fast layers call it) and at 8 and 4 bits: the integer kernel over
+    the whole group in one launch ("int group"), and per matrix the integer kernel ("int"), tl.dot
+    ("mma") and dequantize-then-F.linear, for M tokens in `tokens`. Prints a
+    table (GB/s: the matrices' bytes over the time, as if read once; ratio: time over F.linear's at
+    the same M) and returns it, also written to `csv_path` if given. Each call reads its weights from
+    HBM (sets cycling past twice the L2 cache)."""
     from placement.kernels import gpu_time_ms, write_rows  # (the expert kernels' timer: one CUDA graph of `iters` calls)
 
-    dev = torch.device("cuda")
-    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
+    it = iter(range(1 << 62))  # each call (captured ones too) takes the next set
 
-    def record(name, N, K, bits, M, nbytes, fn):
-        ms = gpu_time_ms(fn, iters)
-        rows.append(dict(path=name, n=N, k=K, bits=bits, tokens=M, mb=nbytes / 1e6, ms=ms, gbps=nbytes / ms / 1e6))
-
-    for N, K in shapes:
+    for dims in groups:
+        K = dims[0][1]
+        name = "+".join(f"{N}" for N, _ in dims) + f"x{K}"
         for M in tokens:
             x = torch.randn(M, K, device=dev, dtype=dtype, generator=gen)
-            nbytes = N * K * dtype.itemsize
+
+            def record(path, bits, nbytes, fn):  # (F.linear's row first: the others' ratios are to it)
+                ms = gpu_time_ms(fn, iters)
+                base = ms if path == "F.linear" else rows[-1]["ms"] / rows[-1]["ratio"]
+                rows.append(dict(path=path, matrices=name, bits=bits, tokens=M, mb=nbytes / 1e6, ms=ms,
+                                 gbps=nbytes / ms / 1e6, ratio=ms / base))
+
+            nbytes = sum(N * K for N, _ in dims) * dtype.itemsize
+            l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
             copies = max(2, -(-2 * l2 // nbytes) + 1)
-            ws = [torch.randn(N, K, device=dev, dtype=dtype, generator=gen) * 0.02 for _ in range(copies)]
-            it = iter(range(1 << 62))  # each call (captured ones too) takes the next copy
-            record("F.linear", N, K, 16, M, nbytes, lambda: F.linear(x, ws[next(it) % copies]))
-            del ws
+            ws = [torch.randn(sum(N for N, _ in dims), K, device=dev, dtype=dtype, generator=gen) * 0.02
+                  for _ in range(copies)]
+            record("F.linear", 16, nbytes, lambda: F.linear(x, ws[next(it) % copies]))
+            ws = None
             for bits in QLINEAR_BITS:
-                layout = linear_layout(N, K, bits, dtype, group_size)
-                copies = max(2, -(-2 * l2 // layout.nbytes) + 1)
-                bufs = [random_packed(layout, dev, gen) for _ in range(copies)]
-                for path in ("rows", "mma"):
-                    record(f"qlinear {path}", N, K, bits, M, layout.nbytes,
-                           lambda: qlinear(x, bufs[next(it) % copies], layout, path=path))
-                record("dequantize+F.linear", N, K, bits, M, layout.nbytes,
-                       lambda: F.linear(x, dequantize(layout, bufs[next(it) % copies])))
-                del bufs
+                layouts, nbytes, sets = _bench_sets(dims, bits, group_size, dtype, dev, gen)
+                n = len(sets)
+                if M <= GROUP_MAX_TOKENS:
+                    record("int group", bits, nbytes, lambda: qlinear_many(x, layouts, sets[next(it) % n][1]))
+                for path in ("int", "mma") if M <= GROUP_MAX_TOKENS else ("mma",):
+                    record(path, bits, nbytes, lambda: [
+                        qlinear(x, b, lay, path=path, table=tab[i:i + 1]) for bufs, tab in [sets[next(it) % n]]
+                        for i, (b, lay) in enumerate(zip(bufs, layouts))])
+                record("dequantize+F.linear", bits, nbytes, lambda: [
+                    F.linear(x, dequantize(lay, b)) for bufs, _ in [sets[next(it) % n]] for b, lay in zip(bufs, layouts)])
+                sets = None
             torch.cuda.empty_cache()
     print(f"attention projections, gs={group_size} {dtype}, {torch.cuda.get_device_name(dev)}")
-    print(f"{'path':22s} {'N':>5s} {'K':>5s} {'bits':>4s} {'tokens':>6s} {'MB':>7s} {'ms':>8s} {'GB/s':>7s}")
+    print(f"{'path':20s} {'matrices':>20s} {'bits':>4s} {'tokens':>6s} {'MB':>7s} {'ms':>8s} {'GB/s':>7s} {'ratio':>6s}")
     for r in rows:
-        print(f"{r['path']:22s} {r['n']:5d} {r['k']:5d} {r['bits']:4d} {r['tokens']:6d} {r['mb']:7.2f} "
-              f"{r['ms']:8.4f} {r['gbps']:7.0f}")
+        print(f"{r['path']:20s} {r['matrices']:>20s} {r['bits']:4d} {r['tokens']:6d} {r['mb']:7.2f} {r['ms']:8.4f} "
+              f"{r['gbps']:7.0f} {r['ratio']:6.3f}")
     if csv_path:
         write_rows(rows, csv_path)
     return rows
+
+
+# the integer kernel's blocks swept by --sweep: rows per program, K chunk cap, warps, programs per SM
+SWEEP = dict(rows=(4, 8, 16, 32), chunk=(256, 512, 1024), warps=(2, 4, 8), per_sm=(1, 2, 4, 8))
+
+
+def sweep(groups=BENCH_GROUPS, group_size: int = 64, iters: int = 200, dtype=torch.bfloat16,
+          csv_path: str | None = None, write: bool = False, device="cuda") -> dict[int, tuple[int, ...]]:
+    """Time the integer kernel at one token over SWEEP's blocks (those giving each thread 4 to 32
+    words of codes per K chunk) for each precision, a layer's calls as decode makes them (each group
+    of `groups`, one launch each), and return the fastest blocks per precision by the layer's total
+    time; `write`: also record them for this GPU in kernel_blocks.json ("qlinear"), which
+    _int_config reads at start."""
+    from placement.kernels import gpu_time_ms, write_rows
+
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    it = iter(range(1 << 62))
+    rows, best = [], {}
+    for bits in QLINEAR_BITS:
+        data = []
+        for dims in groups:
+            layouts, _, sets = _bench_sets(dims, bits, group_size, dtype, dev, gen)
+            data.append((layouts, sets, torch.randn(1, dims[0][1], device=dev, dtype=dtype, generator=gen)))
+        totals = {}
+        for bj in SWEEP["rows"]:
+            for cap in SWEEP["chunk"]:
+                for warps in SWEEP["warps"]:
+                    words = bj * cap // 4 // (32 * warps)  # per thread, at K chunks of `cap`
+                    if not 4 <= words <= 32:
+                        continue
+                    for per_sm in SWEEP["per_sm"]:
+                        blocks = (bj, cap, warps, per_sm)
+                        total = 0.0
+                        for layouts, sets, x in data:
+                            n = len(sets)
+                            ms = gpu_time_ms(lambda: qlinear_many(x, layouts, sets[next(it) % n][1], blocks=blocks),
+                                             iters)
+                            split = _int_config(tuple(layouts), 1, False, _sm_count(dev.index or 0), blocks)[3]
+                            rows.append(dict(bits=bits, matrices=len(layouts), rows=bj, chunk=cap, warps=warps,
+                                             per_sm=per_sm, split=split, ms=ms))
+                            total += ms
+                        totals[blocks] = total
+        best[bits] = min(totals, key=totals.get)
+        first = _INT_GPU[bits]
+        print(f"{bits}-bit: fastest blocks {best[bits]} ({totals[best[bits]] * 1e3:.1f} us a layer); "
+              f"first guess {first} ({totals.get(first, float('nan')) * 1e3:.1f} us)")
+        del data
+        torch.cuda.empty_cache()
+    if csv_path:
+        write_rows(rows, csv_path)
+    if write:
+        import json
+        name = torch.cuda.get_device_name(dev)
+        table = json.loads(TUNED_BLOCKS.read_text()) if TUNED_BLOCKS.exists() else {}
+        table.setdefault(name, {})["qlinear"] = {str(b): list(v) for b, v in best.items()}
+        TUNED_BLOCKS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # (as tune_kernels writes it)
+        print(f"wrote the blocks for {name} to {TUNED_BLOCKS}")
+    return best
 
 
 def main(argv=None) -> None:
@@ -369,14 +623,23 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=200, help="calls timed per row (default 200)")
     parser.add_argument("--tokens", default=",".join(map(str, BENCH_TOKENS)), metavar="M,M,...",
                         help="rows of x to time (default %(default)s)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the integer kernel's blocks at one token instead, and report the fastest")
+    parser.add_argument("--write", action="store_true", help="with --sweep: record the fastest blocks for this GPU "
+                        "in placement/kernel_blocks.json")
     args = parser.parse_args(argv)
     try:
         tokens = tuple(int(t) for t in args.tokens.split(","))
     except ValueError:
         parser.error(f"--tokens {args.tokens!r} is not a comma-separated list of integers")
+    if args.write and not args.sweep:
+        parser.error("--write records what --sweep finds; give both")
     if not torch.cuda.is_available():
         raise SystemExit("python -m placement.qlinear times the kernels on a CUDA GPU; this machine has none")
-    bench(tokens=tokens, iters=args.iters, csv_path=args.csv)
+    if args.sweep:
+        sweep(iters=args.iters, csv_path=args.csv, write=args.write)
+    else:
+        bench(tokens=tokens, iters=args.iters, csv_path=args.csv)
 
 
 if __name__ == "__main__":

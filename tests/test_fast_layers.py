@@ -167,8 +167,9 @@ def test_qkv_are_fused_as_views_and_swapped_projections_are_followed(fresh):
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_quantized_attention_runs_its_own_modules_between_compiled_pieces(fresh, mode):
-    """Plan.attn_bits 4: the engine's QuantLinear projections are called as they are (each layer in
-    three compiled pieces around them); back at 16 bits the model's weights are fused again."""
+    """Plan.attn_bits 4: the engine's QuantLinear projections are called between three compiled
+    pieces per layer, q/k/v as one kernel launch (a QuantGroup); back at 16 bits the model's weights
+    are fused again."""
     model, _ = fresh()
     engine = Engine(model)
     engine.apply(build_plan(engine.spec, Knobs()))
@@ -177,14 +178,21 @@ def test_quantized_attention_runs_its_own_modules_between_compiled_pieces(fresh,
         prefill(d, PROMPTS)
     assert fast.fast.ready()
     engine.apply(build_plan(engine.spec, Knobs(attn_bits=4)))
-    for B, kv_len in [(1, 128), (4, 128)]:
-        want = step_logits(ref, B, kv_len)
-        torch.testing.assert_close(step_logits(fast, B, kv_len), want, rtol=1e-4, atol=1e-5)
-        assert fast.fast_reason is None and fast.fast.qkv == [None] * len(fast.fast.qkv)
+    # kernels off (the CPU's default: dequantize + matmul, each module) and on (CUDA's default; on
+    # the CPU Triton's interpreter): then q/k/v are one group of the integer kernel
+    for kernels_on in (engine.use_kernels, not engine.use_kernels):
+        engine.configure(use_kernels=kernels_on)
+        for B, kv_len in [(1, 128), (4, 128)]:
+            want = step_logits(ref, B, kv_len)
+            torch.testing.assert_close(step_logits(fast, B, kv_len), want, rtol=1e-4, atol=1e-5)
+            assert fast.fast_reason is None and fast.fast.qkv == [None] * len(fast.fast.qkv)
+            assert all((g is not None and g.current([a.q_proj, a.k_proj, a.v_proj])) == kernels_on
+                       for g, a in zip(fast.fast.quant_qkv, (layer.self_attn for layer in model.model.layers)))
     engine.apply(build_plan(engine.spec, Knobs()))
     want = step_logits(ref, 4, 128)
     torch.testing.assert_close(step_logits(fast, 4, 128), want, rtol=1e-4, atol=1e-5)
     assert fast.fast_reason is None and all(qkv is not None for qkv in fast.fast.qkv)
+    assert fast.fast.quant_qkv == [None] * len(fast.fast.qkv)
 
 
 def test_the_switch_defaults_on_with_cuda_only_and_refuses_what_it_cannot_run(fresh, monkeypatch):

@@ -6,7 +6,6 @@ Without CUDA the kernels run in Triton's CPU interpreter, asked for before trito
 import ast
 import json
 import os
-import random
 import warnings
 
 import torch
@@ -521,45 +520,3 @@ def test_kernel_sass_refuses_what_it_cannot_cost(capsys):
         assert message in capsys.readouterr().err
 
 
-def _run_ptx(asm: str, word: int) -> list[float]:
-    """Interpret the PTX that kernels._asm_fcodes / _asm_qcodes write, on one 32-bit input."""
-    import re
-    import struct
-
-    def f32(bits: int) -> float:
-        return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-    out, reg = {}, {}
-    last = max(int(n) for n in re.findall(r"\$(\d+)", asm))
-    reg[f"${last}"] = word
-    for line in (l.strip() for l in asm.split("\n")):
-        if m := re.fullmatch(r"(shl\.b32|shr\.u32) (t|hi), (\$\d+), (\d+);", line):
-            n = int(m.group(4))
-            v = reg[m.group(3)]
-            reg[m.group(2)] = (v << n) & 0xFFFFFFFF if m.group(1) == "shl.b32" else v >> n
-        elif m := re.fullmatch(r"lop3\.b32 (\$\d+|t), (t|hi|\$\d+), (0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+), 0xEA;", line):
-            v = (reg[m.group(2)] & int(m.group(3), 16)) | int(m.group(4), 16)  # LUT 0xEA: (a & b) | c
-            reg[m.group(1)] = v
-            if m.group(1) != "t":
-                out[int(m.group(1)[1:])] = f32(v)
-        elif m := re.fullmatch(r"sub\.f32 \$(\d+), t, 0f([0-9A-F]{8});", line):
-            out[int(m.group(1))] = f32(reg["t"]) - f32(int(m.group(2), 16))  # (exact: both fp32, Sterbenz)
-        else:
-            assert line in ("{", "}", ".reg .b32 t;", ".reg .b32 t, hi;") or line.startswith("shr.u32 hi"), line
-    return [out[i] for i in range(len(out))]
-
-
-@pytest.mark.parametrize("bits, mode", sorted(kernels._FAST_CODES.items()))
-def test_ptx_codes_unpack_every_code_in_order(bits, mode):
-    """The GPU's inline-PTX unpacking (never run on the CPU) gives, for every code q of 4 packed
-    bytes, 1 + q / 2^bits (mode 1) or q (mode 2), in the order the kernels unpack: codes from the
-    high bits down, bytes low first (for the precisions and modes the quantized projections use)."""
-    from placement.kernels import _asm_fcodes, _asm_qcodes
-
-    rng = random.Random(bits)
-    per = 8 // bits
-    for _ in range(100):
-        data = [rng.randrange(256) for _ in range(4)]
-        got = _run_ptx((_asm_fcodes if mode == 1 else _asm_qcodes)(bits), int.from_bytes(bytes(data), "little"))
-        codes = [(data[b] >> (8 - bits * (i + 1))) & ((1 << bits) - 1) for i in range(per) for b in range(4)]
-        assert got == ([1 + q / 2 ** bits for q in codes] if mode == 1 else [float(q) for q in codes])
