@@ -9,17 +9,17 @@ holds W[j, k] in its high nibble and W[j + N/2, k] in its low one. One byte load
 
 Two Triton kernels, fp32 accumulation, both reading the packed buffer, with the group-sum trick
 sum((q - z) * s * x) = s * (sum(q * x) - z * sum(x)) (scale and zero cost one multiply per group, not
-per weight):
-- `_int_kernel`, for one or two tokens (decode; a group: up to four): the expert slot kernels' integer form (kernels.py:
-  x quantized per group to int16 once per call, codes times activations in dp2a, each thread holding
-  whole groups), grid (row block, token, K split). It takes up to three matrices of one input (a
-  layer's q, k and v: `QuantGroup`, `qlinear_many`) in one launch.
+per weight), and both taking up to three matrices of one input (a layer's q, k and v: `QuantGroup`,
+`qlinear_many`) in one launch:
+- `_int_kernel`, for one or two tokens (decode): the expert slot kernels' integer form (kernels.py:
+  x quantized per group to int16 once per call, codes times activations in dp2a, each thread
+  holding whole groups), grid (row block, token, K split);
 - `_mma_kernel`, for more tokens (continuous batching, prefill chunks): grid (token block, row
   block, K split), the codes of one group times a token block with tl.dot (transposed, rows x
   tokens, as the grouped expert kernels do), so W is read once per block of BLOCK_M tokens.
 H200, Mixtral-8x7B's projections at one token (`python -m placement.qlinear`,
 experiments/results/qlinear_h200.csv): 4-bit q/k/v in one launch 0.0081 ms against F.linear's
-0.0160 on the fused 16-bit weight, o 0.0074 against 0.0126. The float-code kernel these replaced took
+0.0160 on the fused 16-bit weight, o 0.0075 against 0.0126. The float-code kernel these replaced took
 0.0214 (q/k/v, three launches) and 0.0088 (o) (qlinear_h200_float_codes.csv).
 K splits add atomically into an fp32 output (zeroed); without a split the result is stored in the
 output's dtype directly. Longer inputs (prefill past `KERNEL_MAX_TOKENS`, perplexity) dequantize W
@@ -41,12 +41,10 @@ from torch import nn
 from placement.packed import QLINEAR_BITS, Layout, linear_layout, pack_linear
 
 KERNEL_MAX_TOKENS = 64  # rows of x up to which the kernels run (the engine's decode/prefill-chunk limit)
-# Up to these many rows the integer kernel (it reads W once per token), above them tl.dot: for one
-# matrix, and for a group in one launch (against three tl.dot ones). H200, 4-bit (qlinear_h200.csv):
-# o at 2 tokens 0.0086 ms against tl.dot's 0.0119, at 4 tokens 0.0174 against 0.0119; q/k/v at 4
-# tokens 0.0192 against 0.0276.
+# Up to these many rows the integer kernel (it reads W once per token), above them tl.dot. H200,
+# 4-bit (qlinear_h200.csv), ms: o at 2 tokens 0.0088 against tl.dot's 0.0122, at 4 tokens 0.0169
+# against 0.0123; q/k/v in one launch at 2 tokens 0.0109 against 0.0174, at 4 0.0192 against 0.0174.
 INT_MAX_TOKENS = 2
-GROUP_MAX_TOKENS = 4
 
 # Triton, its CPU interpreter and the helpers the expert kernels use (reductions that work in the
 # interpreter, the integer group products and their tiles, tl.dot with a per-group scale): shared.
@@ -79,17 +77,42 @@ def supports(layout: Layout) -> bool:
 
 
 # --- kernels ----------------------------------------------------------------------------------------
+# Both kernels take up to three matrices of one input (a layer's q, k, v) in one launch: matrix i has
+# R_i byte rows (4-bit: rows j and j + R_i in one byte; 0: absent), its codes, scales and zeros at the
+# addresses of tab_ptr[i] (int64 [3], field_table) and its columns of out after those of the
+# matrices before it (out's rows OUT_N long). A program's row block picks its matrix (_block). One
+# matrix (TABLE off) comes as the pointers wq_ptr, sc_ptr, zr_ptr, as kernel arguments.
+
+
+@_jit
+def _block(b, R0, R1, R2, tab_ptr, wq_ptr, sc_ptr, zr_ptr, BLOCK: tl.constexpr, P: tl.constexpr,
+           DTYPE: tl.constexpr, TABLE: tl.constexpr):
+    """Row block b of the matrices' blocks laid end to end: (its matrix's byte rows R, the block's
+    byte rows j [BLOCK], the matrix's first column of out, its codes (uint8), scales, zeros)."""
+    if TABLE:
+        b1 = (R0 + BLOCK - 1) // BLOCK  # the first block of matrix 1, then of matrix 2
+        b2 = b1 + (R1 + BLOCK - 1) // BLOCK
+        mi = (b >= b1).to(tl.int32) + (b >= b2).to(tl.int32)
+        R = tl.where(mi == 0, R0, tl.where(mi == 1, R1, R2))
+        j = (b - tl.where(mi == 0, 0, tl.where(mi == 1, b1, b2))) * BLOCK + tl.arange(0, BLOCK)
+        col0 = P * tl.where(mi == 0, 0, tl.where(mi == 1, R0, R0 + R1))
+        wq = tl.multiple_of(tl.load(tab_ptr + 3 * mi).to(tl.pointer_type(tl.uint8)), 16)
+        sc = tl.load(tab_ptr + 3 * mi + 1).to(tl.pointer_type(DTYPE))
+        zr = tl.load(tab_ptr + 3 * mi + 2).to(tl.pointer_type(DTYPE))
+        return R, j, col0, wq, sc, zr
+    else:
+        return R0, b * BLOCK + tl.arange(0, BLOCK), 0, wq_ptr, sc_ptr, zr_ptr
+
+
 @_jit
 def _int_kernel(
-    qa_ptr, qb_ptr, qs_ptr, qn_ptr, tab_ptr, out_ptr, R0, R1, R2,
+    qa_ptr, qb_ptr, qs_ptr, qn_ptr, tab_ptr, wq_ptr, sc_ptr, zr_ptr, out_ptr, R0, R1, R2,
     K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr, OUT_N: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
+    TABLE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """out[m, cols] (+)= x[m] @ W.T for up to three matrices of one input (a layer's q, k, v), x as
-    kernels._quantize_kernel wrote it, in the expert kernels' integer form (_int_group_dot: int16
-    activations, dp2a). Matrix i has R_i byte rows (4-bit: rows j and j + R_i in one byte; 0: absent),
-    its codes, scales and zeros at the addresses of tab_ptr[i] (int64 [3]) and its columns of out
-    after those of the matrices before it. Grid (row blocks of all matrices, token, K split)."""
+    """out[m, cols] (+)= x[m] @ W.T, x as kernels._quantize_kernel wrote it, in the expert kernels'
+    integer form (_int_group_dot: int16 activations, dp2a). Grid (row blocks, token, K split)."""
     _gdc_wait(PDL)
     _gdc_launch(PDL)
     P: tl.constexpr = 8 // BITS
@@ -97,17 +120,9 @@ def _int_kernel(
     NG: tl.constexpr = BLOCK_K // GS
     GW: tl.constexpr = GS // 4
     KS: tl.constexpr = K // SPLIT_K
-    b1 = (R0 + BLOCK_J - 1) // BLOCK_J  # the first block of matrix 1, then of matrix 2
-    b2 = b1 + (R1 + BLOCK_J - 1) // BLOCK_J
-    b = tl.program_id(0)
-    mi = (b >= b1).to(tl.int32) + (b >= b2).to(tl.int32)
-    R = tl.where(mi == 0, R0, tl.where(mi == 1, R1, R2))
-    j = (b - tl.where(mi == 0, 0, tl.where(mi == 1, b1, b2))) * BLOCK_J + tl.arange(0, BLOCK_J)
-    col0 = P * tl.where(mi == 0, 0, tl.where(mi == 1, R0, R0 + R1))
-    wq = tl.multiple_of(tl.load(tab_ptr + 3 * mi).to(tl.pointer_type(tl.uint8)), 16).to(tl.pointer_type(tl.int32),
-                                                                                       bitcast=True)
-    sc = tl.load(tab_ptr + 3 * mi + 1).to(tl.pointer_type(DTYPE))
-    zr = tl.load(tab_ptr + 3 * mi + 2).to(tl.pointer_type(DTYPE))
+    R, j, col0, wb, sc, zr = _block(tl.program_id(0), R0, R1, R2, tab_ptr, wq_ptr, sc_ptr, zr_ptr, BLOCK_J, P, DTYPE,
+                                    TABLE)
+    wq = wb.to(tl.pointer_type(tl.int32), bitcast=True)
     m = tl.program_id(1)
     jm = j < R
     rows, gi, wi = _tile(j, NG, GS)
@@ -130,21 +145,21 @@ def _int_kernel(
 
 @_jit
 def _mma_kernel(
-    x_ptr, wq_ptr, scale_ptr, zero_ptr, out_ptr, M,
-    N: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    x_ptr, tab_ptr, wq_ptr, sc_ptr, zr_ptr, out_ptr, M, R0, R1, R2,
+    K: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, DTYPE: tl.constexpr, OUT_N: tl.constexpr,
+    TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr, OFF: tl.constexpr,
 ):
-    """out[tokens, rows] (+)= x[tokens] @ W[rows].T for token block program_id(0), byte-row block
-    program_id(1) (4-bit: W rows j and j + N/2), K split program_id(2); one group per K step. The
-    product is computed transposed (rows x tokens): the unpacked weight tile is tl.dot's left operand."""
-    P: tl.constexpr = 8 // BITS if BITS < 8 else 1
-    R: tl.constexpr = N // P
+    """out[tokens, cols] (+)= x[tokens] @ W.T for token block program_id(0), row block program_id(1),
+    K split program_id(2); one group per K step. The product is computed transposed (rows x tokens):
+    the unpacked weight tile is tl.dot's left operand."""
+    P: tl.constexpr = 8 // BITS
     ROWG: tl.constexpr = K // GS
     KS: tl.constexpr = K // SPLIT_K
+    R, j, col0, wq, sc, zr = _block(tl.program_id(1), R0, R1, R2, tab_ptr, wq_ptr, sc_ptr, zr_ptr, BLOCK_N, P, DTYPE,
+                                    TABLE)
     t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] tokens
     tm = t < M
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] byte rows
     jm = j < R
     kk = tl.arange(0, GS)
     a0 = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
@@ -153,15 +168,15 @@ def _mma_kernel(
     for k0 in range(kstart, kstart + KS, GS):
         xt = tl.load(x_ptr + t[None, :] * K + k0 + kk[:, None], mask=tm[None, :], other=0.0).to(DOT)  # [GS, BM]
         xs = _rsum(xt.to(tl.float32), 0)  # [BM]
-        b = tl.load(wq_ptr + j[:, None] * K + k0 + kk[None, :], mask=jm[:, None], other=0)  # [BN, GS] uint8
+        b = tl.load(wq + j[:, None] * K + k0 + kk[None, :], mask=jm[:, None], other=0)  # [BN, GS] uint8
         grp = j * ROWG + k0 // GS  # [BN]
         if BITS == 8:
-            a0 += _group_mma(b.to(DOT), xt, xs, scale_ptr, zero_ptr, grp, jm, 0.0, IEEE)
+            a0 += _group_mma(b.to(DOT), xt, xs, sc, zr, grp, jm, 0.0, IEEE)
         else:
             hi, lo = _codes4(b, DOT, FAST)
-            a0 += _group_mma(hi, xt, xs, scale_ptr, zero_ptr, grp, jm, OFF, IEEE)
-            a1 += _group_mma(lo, xt, xs, scale_ptr, zero_ptr, grp + R * ROWG, jm, OFF, IEEE)
-    orow = out_ptr + t[None, :] * N + j[:, None]  # [BN, BM]
+            a0 += _group_mma(hi, xt, xs, sc, zr, grp, jm, OFF, IEEE)
+            a1 += _group_mma(lo, xt, xs, sc, zr, grp + R * ROWG, jm, OFF, IEEE)
+    orow = out_ptr + t[None, :] * OUT_N + col0 + j[:, None]  # [BN, BM]
     omask = jm[:, None] & tm[None, :]
     _put(orow, a0, omask, SPLIT_K > 1)
     if P == 2:
@@ -203,6 +218,7 @@ def _split_until(programs: int, per_sm: int, sms: int, K: int, chunk: int) -> in
     return split
 
 
+@functools.lru_cache(maxsize=4096)  # asked for on every call: prefill runs it per projection and layer
 def _int_config(layouts, M: int, interpret: bool, sms: int, blocks=None) -> tuple[int, int, int, int]:
     """(rows per program, K chunk, warps, K split) of _int_kernel for these matrices and M tokens:
     shapes only. `blocks`: (rows, K chunk cap, warps, programs per SM), default _INT_GPU's. The
@@ -217,16 +233,17 @@ def _int_config(layouts, M: int, interpret: bool, sms: int, blocks=None) -> tupl
     return bj, bk, warps, _split_until(sum(triton.cdiv(r, bj) for r in R) * M, per_sm, sms, K, bk)
 
 
-@functools.lru_cache(maxsize=4096)  # asked for on every call: prefill runs it per projection and layer
-def _mma_config(layout: Layout, M: int, interpret: bool, sms: int) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=4096)
+def _mma_config(layouts, M: int, interpret: bool, sms: int) -> tuple[int, int, int]:
     """(tokens per program, byte rows per program, K split) of _mma_kernel: shapes only."""
-    (_, (N, K)), = layout.matrices
-    R = N // (8 // layout.bits)
+    (_, (_, K)), = layouts[0].matrices
+    R = [lay.matrices[0][1][0] // (8 // lay.bits) for lay in layouts]
     bm = 16 if M <= 16 or interpret else 32
     if interpret:
-        return bm, min(triton.next_power_of_2(R), 256), 1
+        return bm, min(triton.next_power_of_2(max(R)), 256), 1
     bn = _MMA_GPU["rows"]
-    return bm, bn, _split_until(triton.cdiv(R, bn) * triton.cdiv(M, bm), 4, sms, K, layout.group_size)
+    programs = sum(triton.cdiv(r, bn) for r in R) * triton.cdiv(M, bm)
+    return bm, bn, _split_until(programs, 4, sms, K, layouts[0].group_size)
 
 
 def _output(x: torch.Tensor, M: int, N: int, split: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -251,7 +268,7 @@ def supports_int(layout: Layout) -> bool:
 
 def field_table(mats, device) -> torch.Tensor:
     """int64 [n, 3] on `device`: the addresses of the codes, scales and zeros of each packed matrix
-    in `mats` ((buf, layout) pairs), as _int_kernel reads them. Made once per place of the buffers
+    in `mats` ((buf, layout) pairs), as the kernels read them. Made once per place of the buffers
     (a host-to-device copy: not during CUDA-graph capture)."""
     addrs = []
     for buf, layout in mats:
@@ -262,26 +279,41 @@ def field_table(mats, device) -> torch.Tensor:
     return torch.tensor(addrs, dtype=torch.int64, device=device)
 
 
-def qlinear_many(x: torch.Tensor, layouts, table: torch.Tensor, *, out_dtype: torch.dtype | None = None,
-                 split: int | None = None, blocks=None) -> torch.Tensor:
-    """x [M, K] times up to three packed matrices of the same K, bits, groups and dtype (a layer's q,
-    k and v) in one launch of the integer kernel, after one quantization of x: [M, N_1 + N_2 + ...],
-    the matrices' outputs side by side. table: field_table of their buffers. `split`: K splits
-    instead of the configured ones; `blocks`: as _int_config takes them (benchmarks). No host syncs."""
-    if not 1 <= len(layouts) <= 3 or len(table) != len(layouts):
-        raise ValueError(f"qlinear_many takes one to three matrices and a table row for each; got "
-                         f"{len(layouts)} and {len(table)}")
+def qlinear_many(x: torch.Tensor, layouts, table: torch.Tensor | None = None, *, fields=None,
+                 path: str | None = None, out_dtype: torch.dtype | None = None, split: int | None = None,
+                 blocks=None) -> torch.Tensor:
+    """x [M, K] times one to three packed matrices of the same K, bits, groups and dtype (a layer's
+    q, k and v) in one kernel launch: [M, N_1 + N_2 + ...], the matrices' outputs side by side.
+    table: field_table of their buffers; or, for one matrix, `fields`: its codes, scales and zeros
+    (layout.views' tensors), passed to the kernel as they are. `path`: "int" (integer activations,
+    per token: x quantized once for all) or "mma" (tl.dot over token blocks); default "int" up to
+    INT_MAX_TOKENS rows (where the layout has it), else "mma". `out_dtype`: of the result (default
+    x's). `split`: K splits instead of the configured ones (tests: the interpreter never splits by
+    itself); `blocks`: the integer kernel's, as _int_config takes them (benchmarks). No host syncs;
+    the grid depends on shapes only."""
+    if (table is None) == (fields is None) or not 1 <= len(layouts) <= 3 or (
+            len(table) != len(layouts) if fields is None else len(layouts) != 1):
+        raise ValueError(f"qlinear_many takes one to three matrices and a table row for each, or one matrix and "
+                         f"its fields; got {len(layouts)} matrices, "
+                         f"{'fields' if fields is not None else 'no table' if table is None else len(table)}")
     first = layouts[0]
-    (_, (_, K)), = first.matrices
+    (_, (N, K)), = first.matrices
     if any((lay.bits, lay.group_size, lay.dtype, lay.matrices[0][1][1]) != (first.bits, first.group_size, first.dtype, K)
            for lay in layouts):
         raise ValueError("qlinear_many's matrices must share K, bits, group size and dtype")
-    if not supports_int(first):
-        raise ValueError(f"no integer kernel for {first.bits}-bit matrices of {K} columns in groups of "
-                         f"{first.group_size} ({first.dtype})")
     M, k_in = x.shape
     if k_in != K:
-        raise ValueError(f"x has {k_in} columns but the quantized matrices have {K}")
+        what = f"quantized matrix is {N}x{K}" if len(layouts) == 1 else f"quantized matrices have {K}"
+        raise ValueError(f"x has {k_in} columns but the {what}")
+    if not supports(first):
+        raise ValueError(f"no kernel for a {N}x{K} matrix at {first.bits} bits, group size {first.group_size}, "
+                         f"{first.dtype}")
+    if path is None:
+        path = "int" if M <= INT_MAX_TOKENS and supports_int(first) else "mma"
+    if path not in ("int", "mma"):
+        raise ValueError(f"path={path!r} is not a kernel; choose int or mma")
+    if path == "int" and not supports_int(first):
+        raise ValueError(f"no integer kernel for {first.bits}-bit groups of {first.group_size} (int32 sums)")
     _check_split(split, K, first.group_size)
     Ns = [lay.matrices[0][1][0] for lay in layouts]
     out_dtype = out_dtype or x.dtype
@@ -289,62 +321,46 @@ def qlinear_many(x: torch.Tensor, layouts, table: torch.Tensor, *, out_dtype: to
         return torch.empty(0, sum(Ns), dtype=out_dtype, device=x.device)
     on_gpu = x.device.type == "cuda"
     index = x.device.index or 0
-    if on_gpu and blocks is None:
-        blocks = _device_int_blocks(index)[first.bits]
-    bj, bk, warps, auto = _int_config(tuple(layouts), M, not on_gpu, _sm_count(index) if on_gpu else 132, blocks)
-    if split is not None:
-        bk = math.gcd(bk, K // split)  # a chunk holds whole groups and fits in one split
-    split = auto if split is None else split
-    out = _output(x, M, sum(Ns), split, out_dtype)
-    pdl = on_gpu and _can_overlap(index)
+    sms = _sm_count(index) if on_gpu else 132
     R = [n // (8 // first.bits) for n in Ns] + [0] * (3 - len(Ns))
-    _int_kernel[(sum(triton.cdiv(r, bj) for r in R), M, split)](
-        *quantize_activations(x.contiguous(), first.group_size, pdl=pdl), table, out, *R, K=K, BITS=first.bits,
-        GS=first.group_size, DTYPE=_TL_DTYPES[first.dtype], OUT_N=sum(Ns), BLOCK_J=bj, BLOCK_K=bk, SPLIT_K=split,
-        FAST=on_gpu, PDL=pdl, **(dict(num_warps=warps) if on_gpu else {}), **({"launch_pdl": True} if pdl else {}))
+    common = dict(K=K, BITS=first.bits, GS=first.group_size, DTYPE=_TL_DTYPES[first.dtype], OUT_N=sum(Ns),
+                  TABLE=fields is None)
+    x = x.contiguous()
+    # the kernels' matrices: from the table, or one as pointers (the unused ones: any tensor)
+    mats = (table, table, table, table) if fields is None else (fields[0], *fields)
+    if path == "int":
+        if on_gpu and blocks is None:
+            blocks = _device_int_blocks(index)[first.bits]
+        bj, bk, warps, auto = _int_config(tuple(layouts), M, not on_gpu, sms, blocks)
+        if split is not None:
+            bk = math.gcd(bk, K // split)  # a chunk holds whole groups and fits in one split
+        split = auto if split is None else split
+        out = _output(x, M, sum(Ns), split, out_dtype)
+        pdl = on_gpu and _can_overlap(index)
+        _int_kernel[(sum(triton.cdiv(r, bj) for r in R), M, split)](
+            *quantize_activations(x, first.group_size, pdl=pdl), *mats, out, *R, BLOCK_J=bj, BLOCK_K=bk,
+            SPLIT_K=split, FAST=on_gpu, PDL=pdl, **common, **(dict(num_warps=warps) if on_gpu else {}),
+            **({"launch_pdl": True} if pdl else {}))
+    else:
+        bm, bn, auto = _mma_config(tuple(layouts), M, not on_gpu, sms)
+        split = auto if split is None else split
+        out = _output(x, M, sum(Ns), split, out_dtype)
+        dot = _TL_DTYPES[first.dtype] if on_gpu else tl.float32  # (the interpreter's dot: fp32)
+        fast = on_gpu and dot == tl.bfloat16 and first.bits == 4  # bf16 codes by inline PTX (kernels._codes4)
+        _mma_kernel[(triton.cdiv(M, bm), sum(triton.cdiv(r, bn) for r in R), split)](
+            x, *mats, out, M, *R, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, DOT=dot, IEEE=dot == tl.float32, FAST=fast,
+            OFF=_MAGIC_OFF if fast else 0.0, **common,
+            **(dict(num_warps=_MMA_GPU["warps"], num_stages=_MMA_GPU["stages"]) if on_gpu else {}))
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def qlinear(x: torch.Tensor, buf: torch.Tensor, layout: Layout, *, path: str | None = None,
-            out_dtype: torch.dtype | None = None, split: int | None = None, views: dict | None = None,
-            table: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] for W packed in `buf` (uint8, `layout`), through the kernels. `path`:
-    "int" (integer activations, per token) or "mma" (tl.dot over token blocks); default "int" up to
-    INT_MAX_TOKENS rows (where the layout has it), else "mma". `out_dtype`: of the result (default
-    x's). `split`: K splits instead of the configured ones (tests: the interpreter never splits by
-    itself). `views`: layout.views(buf), `table`: field_table([(buf, layout)]), if the caller keeps
-    them. No host syncs; the grid depends on shapes only."""
-    (_, (N, K)), = layout.matrices
-    M, k_in = x.shape
-    if k_in != K:
-        raise ValueError(f"x has {k_in} columns but the quantized matrix is {N}x{K}")
-    if not supports(layout):
-        raise ValueError(f"no kernel for a {N}x{K} matrix at {layout.bits} bits, group size {layout.group_size}, "
-                         f"{layout.dtype}")
-    if path is None:
-        path = "int" if M <= INT_MAX_TOKENS and supports_int(layout) else "mma"
-    if path not in ("int", "mma"):
-        raise ValueError(f"path={path!r} is not a kernel; choose int or mma")
-    if path == "int":
-        return qlinear_many(x, [layout], field_table([(buf, layout)], x.device) if table is None else table,
-                            out_dtype=out_dtype, split=split)
-    _check_split(split, K, layout.group_size)
-    out_dtype = out_dtype or x.dtype
-    if M == 0:
-        return torch.empty(0, N, dtype=out_dtype, device=x.device)
-    on_gpu = x.device.type == "cuda"
-    bm, bn, auto = _mma_config(layout, M, not on_gpu, _sm_count(x.device.index or 0) if on_gpu else 132)
-    split = auto if split is None else split
-    out = _output(x, M, N, split, out_dtype)
+            out_dtype: torch.dtype | None = None, split: int | None = None, views: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] for W packed in `buf` (uint8, `layout`): qlinear_many of one matrix,
+    its fields passed as pointers. `views`: layout.views(buf), if the caller keeps them."""
     v = layout.views(buf) if views is None else views
-    dot = _TL_DTYPES[layout.dtype] if on_gpu else tl.float32  # (the interpreter's dot: fp32)
-    launch = {"num_warps": _MMA_GPU["warps"], "num_stages": _MMA_GPU["stages"]} if on_gpu else {}
-    fast = on_gpu and dot == tl.bfloat16 and layout.bits == 4  # bf16 codes by inline PTX (kernels._codes4)
-    _mma_kernel[(triton.cdiv(M, bm), triton.cdiv(N // (8 // layout.bits), bn), split)](
-        x.contiguous(), v["weight.W_q"], v["weight.scale"], v["weight.zero"], out, M, N=N, K=K, BITS=layout.bits,
-        GS=layout.group_size, BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, DOT=dot, IEEE=dot == tl.float32, FAST=fast,
-        OFF=_MAGIC_OFF if fast else 0.0, **launch)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    return qlinear_many(x, [layout], fields=(v["weight.W_q"], v["weight.scale"], v["weight.zero"]), path=path,
+                        out_dtype=out_dtype, split=split)
 
 
 # --- the module -------------------------------------------------------------------------------------
@@ -365,23 +381,23 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.kernel_ok = supports(layout) and available(buf.device)
         self.use_kernel = use_kernel
-        # (data_ptr, views of `packed`, their field_table): made here, again if `packed` moves
-        self._views: tuple[int, dict, torch.Tensor | None] | None = None
-        self.views()
+        # (data_ptr, views of `packed`, their field_table): made here (not in a CUDA-graph capture),
+        # again if `packed` moves
+        self._placed: tuple[int, dict, torch.Tensor | None] | None = None
+        self.table()
 
     def views(self) -> dict:
-        return self._placed()[1]
+        return self._place()[1]
 
     def table(self) -> torch.Tensor | None:
-        """field_table of `packed` (None where the integer kernel does not run it)."""
-        return self._placed()[2]
+        """field_table of `packed`, for groups (QuantGroup); None where the kernels do not run it."""
+        return self._place()[2]
 
-    def _placed(self):
-        if self._views is None or self._views[0] != self.packed.data_ptr():  # (moved since)
-            table = (field_table([(self.packed, self.layout)], self.packed.device)
-                     if self.kernel_ok and supports_int(self.layout) else None)
-            self._views = (self.packed.data_ptr(), self.layout.views(self.packed), table)
-        return self._views
+    def _place(self):
+        if self._placed is None or self._placed[0] != self.packed.data_ptr():  # (moved since)
+            table = field_table([(self.packed, self.layout)], self.packed.device) if self.kernel_ok else None
+            self._placed = (self.packed.data_ptr(), self.layout.views(self.packed), table)
+        return self._placed
 
     @property
     def bits(self) -> int:
@@ -394,7 +410,7 @@ class QuantLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.use_kernel and self.kernel_ok and x2.shape[0] <= KERNEL_MAX_TOKENS:
-            y = qlinear(x2, self.packed, self.layout, views=self.views(), table=self.table())
+            y = qlinear(x2, self.packed, self.layout, views=self.views())
         else:
             y = F.linear(x2, self.weight_dequantized())
         if self.bias is not None:
@@ -407,10 +423,12 @@ class QuantLinear(nn.Module):
 
 
 class QuantGroup:
-    """Quantized projections of one input called as one (a layer's q, k and v): up to GROUP_MAX_TOKENS
-    rows, one quantization of x and one launch of the integer kernel for all of them, in place of
-    two launches each; more rows, each module as it is. `of` makes one where the modules allow it;
-    `current` says whether it still describes them (the engine swaps and moves projections)."""
+    """Quantized projections of one input called as one (a layer's q, k and v): up to
+    KERNEL_MAX_TOKENS rows one kernel launch for all of them (qlinear_many: up to INT_MAX_TOKENS the
+    integer kernel after one quantization of x, above it tl.dot's), in place of a launch or two
+    each; more rows, each module as it is (dequantize and F.linear). `of` makes one where the
+    modules allow it; `current` says whether it still describes them (the engine swaps and moves
+    projections)."""
 
     def __init__(self, mods):
         self.mods = tuple(mods)
@@ -430,7 +448,7 @@ class QuantGroup:
     @classmethod
     def of(cls, mods) -> "QuantGroup | None":
         """A group of `mods` (QuantLinear modules of one input), or None where one launch cannot run
-        them: other modules, no integer kernel, or different K, bits, groups or dtype."""
+        them: other modules, modules without kernels, or different K, bits, groups or dtype."""
         if not 1 <= len(mods) <= 3 or not all(isinstance(m, QuantLinear) and m.use_kernel and m.table() is not None
                                                for m in mods):
             return None
@@ -448,7 +466,7 @@ class QuantGroup:
         """Each module's output for x [..., K] (views of one tensor where the kernel ran)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.mods[0].in_features)
-        if x2.shape[0] > GROUP_MAX_TOKENS:
+        if x2.shape[0] > KERNEL_MAX_TOKENS:
             return [m(x) for m in self.mods]
         y = qlinear_many(x2, self.layouts, self.table)
         if self.bias is not None:
@@ -500,9 +518,11 @@ def _bench_sets(dims, bits, group_size, dtype, dev, gen):
 def bench(groups=BENCH_GROUPS, tokens=BENCH_TOKENS, group_size: int = 64, iters: int = 200,
           dtype=torch.bfloat16, csv_path: str | None = None, device="cuda") -> list[dict]:
     """Time each group of projections (matrices of one input: q/k/v, then o) at 16 bits (F.linear of
-    their concatenated weight, as fast layers call it) and at 8 and 4 bits: the integer kernel over
-    the whole group in one launch ("int group"), and per matrix the integer kernel ("int"), tl.dot
-    ("mma") and dequantize-then-F.linear, for M tokens in `tokens`. Prints a
+    their concatenated weight, as fast layers call it) and at 8 and 4 bits: each kernel over the
+    whole group in one launch ("int group", "mma group"), and per matrix ("int", "mma"), and
+    dequantize-then-F.linear, for M tokens in `tokens` (the integer kernel up to 4, past where it
+    gives way).
+    Prints a
     table (GB/s: the matrices' bytes over the time, as if read once; ratio: time over F.linear's at
     the same M) and returns it, also written to `csv_path` if given. Each call reads its weights from
     HBM (sets cycling past twice the L2 cache)."""
@@ -532,15 +552,17 @@ def bench(groups=BENCH_GROUPS, tokens=BENCH_TOKENS, group_size: int = 64, iters:
                   for _ in range(copies)]
             record("F.linear", 16, nbytes, lambda: F.linear(x, ws[next(it) % copies]))
             ws = None
+            paths = ("int", "mma") if M <= 4 else ("mma",)
             for bits in QLINEAR_BITS:
                 layouts, nbytes, sets = _bench_sets(dims, bits, group_size, dtype, dev, gen)
                 n = len(sets)
-                if M <= GROUP_MAX_TOKENS:
-                    record("int group", bits, nbytes, lambda: qlinear_many(x, layouts, sets[next(it) % n][1]))
-                for path in ("int", "mma") if M <= GROUP_MAX_TOKENS else ("mma",):
+                for path in paths:  # (one matrix: its pointers from a table, against "int"/"mma" below)
+                    record(f"{path} group", bits, nbytes,
+                           lambda: qlinear_many(x, layouts, sets[next(it) % n][1], path=path))
+                for path in paths:
                     record(path, bits, nbytes, lambda: [
-                        qlinear(x, b, lay, path=path, table=tab[i:i + 1]) for bufs, tab in [sets[next(it) % n]]
-                        for i, (b, lay) in enumerate(zip(bufs, layouts))])
+                        qlinear(x, b, lay, path=path) for bufs, _ in [sets[next(it) % n]]
+                        for b, lay in zip(bufs, layouts)])
                 record("dequantize+F.linear", bits, nbytes, lambda: [
                     F.linear(x, dequantize(lay, b)) for bufs, _ in [sets[next(it) % n]] for b, lay in zip(bufs, layouts)])
                 sets = None

@@ -73,9 +73,9 @@ def test_kernel_equals_dequantize_then_matmul(bits, M, path):
 @needs_triton
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_group_of_projections_is_one_launch_equal_to_each_module(bits):
-    """QuantGroup (a layer's q, k, v): one quantization of x and one kernel launch give what the
-    integer kernel gives each matrix on its own; more rows than a group takes go through the modules;
-    groups the kernel cannot take are refused."""
+    """QuantGroup (a layer's q, k, v): one kernel launch gives what the same kernel gives each matrix
+    on its own (the integer one up to INT_MAX_TOKENS rows, tl.dot above); past KERNEL_MAX_TOKENS
+    the modules dequantize; groups the kernels cannot take are refused."""
     dtype = torch.bfloat16
     mods = []
     for seed, n in enumerate((96, 32, 32)):  # q and the smaller k, v: blocks of three sizes in one grid
@@ -86,23 +86,23 @@ def test_a_group_of_projections_is_one_launch_equal_to_each_module(bits):
     assert group is not None and group.current(mods)
     launches = []
     real = ql.qlinear_many
-    for shape in ((1, 256), (ql.GROUP_MAX_TOKENS, 256), (1, ql.GROUP_MAX_TOKENS + 1, 256)):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEV)
+    for M in (1, ql.INT_MAX_TOKENS, ql.INT_MAX_TOKENS + 1, ql.KERNEL_MAX_TOKENS + 1):
+        x = torch.randn(1, M, 256, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEV)
         try:
             ql.qlinear_many = lambda *a, **k: launches.append((a[0].shape[0], len(a[1]))) or real(*a, **k)
             got = group(x)
         finally:
             ql.qlinear_many = real
-        x2 = x.reshape(-1, 256)
+        path = "int" if M <= ql.INT_MAX_TOKENS else "mma"
         for g, m in zip(got, mods):
-            assert g.shape == m(x).shape
-            if x2.shape[0] <= ql.GROUP_MAX_TOKENS:  # the integer kernel, as for the matrix alone
-                alone = ql.qlinear(x2, m.packed, m.layout, path="int")
+            assert g.shape == m(x).shape == (1, M, m.out_features)
+            if M <= ql.KERNEL_MAX_TOKENS:  # the same kernel as for the matrix alone
+                alone = ql.qlinear(x[0], m.packed, m.layout, path=path)
                 alone = alone if m.bias is None else alone + m.bias
-                torch.testing.assert_close(g, alone.reshape(g.shape), rtol=0, atol=0)
+                torch.testing.assert_close(g[0], alone, rtol=0, atol=0)
             torch.testing.assert_close(g, m(x), rtol=2 ** -7, atol=2 ** -7 * m(x).abs().max().item())
-    # one launch for all three up to GROUP_MAX_TOKENS rows; beyond, the modules' own (tl.dot) kernels
-    assert launches == [(1, 3), (ql.GROUP_MAX_TOKENS, 3)]
+    # one launch for all three up to KERNEL_MAX_TOKENS rows; beyond, each module dequantizes
+    assert launches == [(1, 3), (ql.INT_MAX_TOKENS, 3), (ql.INT_MAX_TOKENS + 1, 3)]
     other, _ = _matrix(32, 128, bits, dtype, device=DEV)  # another K
     assert ql.QuantGroup.of([mods[0], ql.QuantLinear(other, _)]) is None
     assert ql.QuantGroup.of([mods[0], torch.nn.Linear(256, 32)]) is None
@@ -341,7 +341,7 @@ def test_compiled_kernels_equal_dequantize_then_matmul_on_cuda(bits, shape):
         x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
         want = x.float() @ w32.T
         for path in ("int", "mma", None):  # None: the configured path and K split
-            if path == "int" and M > ql.GROUP_MAX_TOKENS:
+            if path == "int" and M > ql.INT_MAX_TOKENS:
                 continue
             got = ql.qlinear(x, buf, layout, path=path)
             err = (got.float() - want).abs().max() / want.abs().max()
