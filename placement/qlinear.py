@@ -291,11 +291,13 @@ def qlinear_many(x: torch.Tensor, layouts, table: torch.Tensor | None = None, *,
     x's). `split`: K splits instead of the configured ones (tests: the interpreter never splits by
     itself); `blocks`: the integer kernel's, as _int_config takes them (benchmarks). No host syncs;
     the grid depends on shapes only."""
-    if (table is None) == (fields is None) or not 1 <= len(layouts) <= 3 or (
-            len(table) != len(layouts) if fields is None else len(layouts) != 1):
+    if fields is not None:
+        ok = table is None and len(layouts) == 1
+    else:
+        ok = table is not None and 1 <= len(layouts) <= 3 and len(table) == len(layouts)
+    if not ok:
         raise ValueError(f"qlinear_many takes one to three matrices and a table row for each, or one matrix and "
-                         f"its fields; got {len(layouts)} matrices, "
-                         f"{'fields' if fields is not None else 'no table' if table is None else len(table)}")
+                         f"its fields (got {len(layouts)} matrices)")
     first = layouts[0]
     (_, (N, K)), = first.matrices
     if any((lay.bits, lay.group_size, lay.dtype, lay.matrices[0][1][1]) != (first.bits, first.group_size, first.dtype, K)

@@ -179,7 +179,8 @@ def test_quantized_attention_runs_its_own_modules_between_compiled_pieces(fresh,
     assert fast.fast.ready()
     engine.apply(build_plan(engine.spec, Knobs(attn_bits=4)))
     # kernels off (the CPU's default: dequantize + matmul, each module) and on (CUDA's default; on
-    # the CPU Triton's interpreter): then q/k/v are one group of the integer kernel
+    # the CPU Triton's interpreter): then q/k/v are one group, one launch (integer kernel at batch 1,
+    # tl.dot at 4)
     for kernels_on in (engine.use_kernels, not engine.use_kernels):
         engine.configure(use_kernels=kernels_on)
         for B, kv_len in [(1, 128), (4, 128)]:
