@@ -209,6 +209,11 @@ def _device_int_blocks(index: int) -> dict[int, tuple[int, ...]]:
     return int_blocks(torch.cuda.get_device_name(index))
 
 
+def _byte_rows(layout: Layout) -> int:
+    """Rows of a packed matrix's bytes (4-bit: two weight rows per byte, j and j + N/2)."""
+    return layout.matrices[0][1][0] // (8 // layout.bits)
+
+
 def _split_until(programs: int, per_sm: int, sms: int, K: int, chunk: int) -> int:
     """K splits (atomic adds; powers of two up to 16, whole chunks each) until `programs` times the
     split keep about `per_sm` programs busy on each of `sms` SMs."""
@@ -225,7 +230,7 @@ def _int_config(layouts, M: int, interpret: bool, sms: int, blocks=None) -> tupl
     interpreter takes the biggest blocks (each program is Python overhead) and no split."""
     (_, (_, K)), = layouts[0].matrices
     gs, bits = layouts[0].group_size, layouts[0].bits
-    R = [lay.matrices[0][1][0] // (8 // bits) for lay in layouts]
+    R = [_byte_rows(lay) for lay in layouts]
     if interpret:
         return min(triton.next_power_of_2(max(R)), 64), max(_pow2_block(K, 1024), gs), 4, 1
     bj, cap, warps, per_sm = blocks or _INT_GPU[bits]
@@ -237,7 +242,7 @@ def _int_config(layouts, M: int, interpret: bool, sms: int, blocks=None) -> tupl
 def _mma_config(layouts, M: int, interpret: bool, sms: int) -> tuple[int, int, int]:
     """(tokens per program, byte rows per program, K split) of _mma_kernel: shapes only."""
     (_, (_, K)), = layouts[0].matrices
-    R = [lay.matrices[0][1][0] // (8 // lay.bits) for lay in layouts]
+    R = [_byte_rows(lay) for lay in layouts]
     bm = 16 if M <= 16 or interpret else 32
     if interpret:
         return bm, min(triton.next_power_of_2(max(R)), 256), 1
@@ -324,7 +329,7 @@ def qlinear_many(x: torch.Tensor, layouts, table: torch.Tensor | None = None, *,
     on_gpu = x.device.type == "cuda"
     index = x.device.index or 0
     sms = _sm_count(index) if on_gpu else 132
-    R = [n // (8 // first.bits) for n in Ns] + [0] * (3 - len(Ns))
+    R = [_byte_rows(lay) for lay in layouts] + [0] * (3 - len(layouts))  # (0: no matrix)
     common = dict(K=K, BITS=first.bits, GS=first.group_size, DTYPE=_TL_DTYPES[first.dtype], OUT_N=sum(Ns),
                   TABLE=fields is None)
     x = x.contiguous()
@@ -383,23 +388,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.kernel_ok = supports(layout) and available(buf.device)
         self.use_kernel = use_kernel
-        # (data_ptr, views of `packed`, their field_table): made here (not in a CUDA-graph capture),
-        # again if `packed` moves
-        self._placed: tuple[int, dict, torch.Tensor | None] | None = None
-        self.table()
+        self._views: tuple[int, dict] | None = None  # (data_ptr, views of `packed`): made once per place
 
     def views(self) -> dict:
-        return self._place()[1]
-
-    def table(self) -> torch.Tensor | None:
-        """field_table of `packed`, for groups (QuantGroup); None where the kernels do not run it."""
-        return self._place()[2]
-
-    def _place(self):
-        if self._placed is None or self._placed[0] != self.packed.data_ptr():  # (moved since)
-            table = field_table([(self.packed, self.layout)], self.packed.device) if self.kernel_ok else None
-            self._placed = (self.packed.data_ptr(), self.layout.views(self.packed), table)
-        return self._placed
+        if self._views is None or self._views[0] != self.packed.data_ptr():  # (moved since)
+            self._views = (self.packed.data_ptr(), self.layout.views(self.packed))
+        return self._views[1]
 
     @property
     def bits(self) -> int:
@@ -436,7 +430,8 @@ class QuantGroup:
         self.mods = tuple(mods)
         self.layouts = [m.layout for m in self.mods]
         self.key = self._key(self.mods)
-        self.table = torch.cat([m.table() for m in self.mods])  # (made outside CUDA-graph capture: ready())
+        # (a host-to-device copy: made outside CUDA-graph capture, in FastLayers.ready())
+        self.table = field_table([(m.packed, m.layout) for m in self.mods], self.mods[0].packed.device)
         biases = [m.bias for m in self.mods]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else torch.zeros(m.out_features, dtype=m.layout.dtype, device=m.packed.device)
@@ -451,7 +446,7 @@ class QuantGroup:
     def of(cls, mods) -> "QuantGroup | None":
         """A group of `mods` (QuantLinear modules of one input), or None where one launch cannot run
         them: other modules, modules without kernels, or different K, bits, groups or dtype."""
-        if not 1 <= len(mods) <= 3 or not all(isinstance(m, QuantLinear) and m.use_kernel and m.table() is not None
+        if not 1 <= len(mods) <= 3 or not all(isinstance(m, QuantLinear) and m.use_kernel and m.kernel_ok
                                                for m in mods):
             return None
         first = mods[0].layout
@@ -504,14 +499,19 @@ BENCH_GROUPS = (((4096, 4096), (1024, 4096), (1024, 4096)), ((4096, 4096),))
 BENCH_TOKENS = (1, 4, 16, 64)
 
 
-def _bench_sets(dims, bits, group_size, dtype, dev, gen):
-    """Enough sets of packed matrices `dims` (with their field tables) to exceed twice the L2 cache,
-    so that each call, taking the next set, reads its weights from HBM as at decode."""
+def _copies(dev, nbytes: int) -> int:
+    """How many copies of `nbytes` of weights exceed twice the L2 cache: calls cycling through them
+    read their weights from HBM, as at decode."""
     l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
+    return max(2, -(-2 * l2 // nbytes) + 1)
+
+
+def _bench_sets(dims, bits, group_size, dtype, dev, gen):
+    """_copies sets of packed matrices `dims`, each with its field table."""
     layouts = [linear_layout(N, K, bits, dtype, group_size) for N, K in dims]
     nbytes = sum(lay.nbytes for lay in layouts)
     sets = []
-    for _ in range(max(2, -(-2 * l2 // nbytes) + 1)):
+    for _ in range(_copies(dev, nbytes)):
         bufs = [random_packed(lay, dev, gen) for lay in layouts]
         sets.append((bufs, field_table(list(zip(bufs, layouts)), dev)))
     return layouts, nbytes, sets
@@ -523,11 +523,9 @@ def bench(groups=BENCH_GROUPS, tokens=BENCH_TOKENS, group_size: int = 64, iters:
     their concatenated weight, as fast layers call it) and at 8 and 4 bits: each kernel over the
     whole group in one launch ("int group", "mma group"), and per matrix ("int", "mma"), and
     dequantize-then-F.linear, for M tokens in `tokens` (the integer kernel up to 4, past where it
-    gives way).
-    Prints a
-    table (GB/s: the matrices' bytes over the time, as if read once; ratio: time over F.linear's at
-    the same M) and returns it, also written to `csv_path` if given. Each call reads its weights from
-    HBM (sets cycling past twice the L2 cache)."""
+    gives way). Prints a table (GB/s: the matrices' bytes over the time, as if read once; ratio: time
+    over F.linear's at the same M) and returns it, also written to `csv_path` if given. Each call
+    reads its weights from HBM (copies cycling past twice the L2 cache: _copies)."""
     from placement.kernels import gpu_time_ms, write_rows  # (the expert kernels' timer: one CUDA graph of `iters` calls)
 
     dev = torch.device(device)
@@ -548,8 +546,7 @@ def bench(groups=BENCH_GROUPS, tokens=BENCH_TOKENS, group_size: int = 64, iters:
                                  gbps=nbytes / ms / 1e6, ratio=ms / base))
 
             nbytes = sum(N * K for N, _ in dims) * dtype.itemsize
-            l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20)
-            copies = max(2, -(-2 * l2 // nbytes) + 1)
+            copies = _copies(dev, nbytes)
             ws = [torch.randn(sum(N for N, _ in dims), K, device=dev, dtype=dtype, generator=gen) * 0.02
                   for _ in range(copies)]
             record("F.linear", 16, nbytes, lambda: F.linear(x, ws[next(it) % copies]))
